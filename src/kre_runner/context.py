@@ -1,0 +1,75 @@
+"""``ctx``: what a handler sees of the runner (paths, shared values, logger, data services)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from google.protobuf.message import Message
+
+__all__ = ["Context", "ServiceNotConfigured"]
+
+
+class ServiceNotConfigured(RuntimeError):
+    """A handler used a service whose settings were left out."""
+
+
+class _Unconfigured:
+    """Stands in for a service that is not configured and says which variable enables it."""
+
+    def __init__(self, name: str, hint: str) -> None:
+        self._name = name
+        self._hint = hint
+
+    def __getattr__(self, attr: str) -> Any:
+        if attr.startswith("_") or attr.isupper():
+            raise AttributeError(attr)
+        raise ServiceNotConfigured(f"ctx.{self._name}.{attr} is not available: {self._hint}")
+
+
+class Context:
+    """One per node, shared by ``init`` and every handler call.
+
+    Values stored with :meth:`set` (a model loaded in ``init``, say) are seen by every later call.
+    ``early_reply`` acts on the message whose handler is running, in whichever task or thread.
+    """
+
+    def __init__(
+        self,
+        *,
+        base_path: Path,
+        logger: logging.Logger,
+        db: Any = None,
+        measurement: Any = None,
+        prediction: Any = None,
+        early_reply: Callable[[Message], Awaitable[None]] | None = None,
+    ) -> None:
+        self.base_path = base_path
+        self.logger = logger
+        self.db = db or _Unconfigured("db", "set KRT_MONGO_URI (and optionally KRT_NATS_MONGO_WRITER)")
+        self.measurement = measurement or _Unconfigured("measurement", "set KRT_INFLUX_URI")
+        self.prediction = prediction or _Unconfigured("prediction", "set KRT_MONGO_URI or KRT_NATS_MONGO_WRITER")
+        self._early_reply = early_reply
+        self._values: dict[str, Any] = {}
+
+    def path(self, relative: str) -> str:
+        """``KRT_BASE_PATH`` joined with ``relative`` (where model files live)."""
+        return str(self.base_path / relative)
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self._values.get(key, default)
+
+    def set(self, key: str, value: Any) -> None:
+        self._values[key] = value
+
+    def early_reply(self, response: Message) -> Awaitable[None]:
+        """Answer the entrypoint now; the workflow goes on with ``replied`` set.
+
+        Call it from the handler of the message being answered. Awaiting the result is optional:
+        the input is acked only once the reply is stored either way.
+        """
+        if self._early_reply is None:
+            raise RuntimeError("early_reply is only available while a message is being handled")
+        return self._early_reply(response)

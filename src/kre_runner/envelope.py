@@ -1,0 +1,89 @@
+"""The workflow envelope (``KreNatsMessage``) on the wire: gzip framing, tracking, error envelopes.
+
+A serialized envelope larger than the publish limit is gzip-compressed whole; readers detect it
+by the gzip magic ``1f 8b`` (a protobuf envelope never starts with ``0x1f``: that would be field 3
+with wire type 7, which does not exist).
+"""
+
+from __future__ import annotations
+
+import gzip
+import zlib
+from datetime import datetime, timezone
+
+from .proto.kre_nats_msg_pb2 import KreNatsMessage
+
+__all__ = [
+    "GZIP_MAGIC",
+    "EnvelopeError",
+    "KreNatsMessage",
+    "decode",
+    "encode",
+    "now_iso",
+    "parse_iso",
+]
+
+GZIP_MAGIC = b"\x1f\x8b"
+# A compressed input may not inflate beyond this: a gzip bomb must not take the node down.
+MAX_INFLATED_SIZE = 256 * 1024 * 1024
+
+
+class EnvelopeError(ValueError):
+    """The bytes are not a ``KreNatsMessage`` (or not one that fits the limits)."""
+
+
+def decode(data: bytes) -> KreNatsMessage:
+    """Parse an envelope, gunzipping it first when it carries the gzip magic."""
+    if data[:2] == GZIP_MAGIC:
+        data = _gunzip(data)
+    envelope = KreNatsMessage()
+    try:
+        envelope.ParseFromString(data)
+    except Exception as exc:  # protobuf raises DecodeError, upb may raise others on garbage
+        raise EnvelopeError(f"not a KreNatsMessage ({len(data)} bytes): {exc}") from None
+    return envelope
+
+
+def encode(envelope: KreNatsMessage, limit: int) -> bytes:
+    """Serialize ``envelope``, gzip-compressed when it is larger than ``limit`` bytes."""
+    data = envelope.SerializeToString()
+    if len(data) <= limit:
+        return data
+    compressed = gzip.compress(data, compresslevel=6, mtime=0)
+    if len(compressed) > limit:
+        raise EnvelopeError(
+            f"message of {len(data)} bytes is {len(compressed)} bytes compressed, "
+            f"over the {limit}-byte limit of the server/stream"
+        )
+    return compressed
+
+
+def now_iso() -> str:
+    """Current time as the original's tracking timestamps: naive UTC ISO 8601 with microseconds."""
+    return datetime.now(timezone.utc).replace(tzinfo=None).isoformat()
+
+
+def parse_iso(value: str) -> datetime | None:
+    """A tracking timestamp as a naive UTC datetime, or None when it is missing or unreadable."""
+    if not value:
+        return None
+    try:
+        parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    if parsed.tzinfo is not None:
+        parsed = parsed.astimezone(timezone.utc).replace(tzinfo=None)
+    return parsed
+
+
+def _gunzip(data: bytes) -> bytes:
+    inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)
+    try:
+        out = inflater.decompress(data, MAX_INFLATED_SIZE)
+    except zlib.error as exc:
+        raise EnvelopeError(f"bad gzip data ({len(data)} bytes): {exc}") from None
+    if inflater.unconsumed_tail:
+        raise EnvelopeError(f"gzip data inflates beyond {MAX_INFLATED_SIZE} bytes")
+    if not inflater.eof:
+        raise EnvelopeError(f"truncated gzip data ({len(data)} bytes)")
+    return out
