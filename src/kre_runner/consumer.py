@@ -1,0 +1,515 @@
+"""The node's loop: pull → decode → handler → publish → ack. All ack/nak decisions live here.
+
+Design, top to bottom:
+
+* One durable **pull** consumer per node (``{KRT_VERSION}-{KRT_NODE_NAME}``), shared by every
+  replica: JetStream hands each message to exactly one puller, which gives queue semantics
+  without a push consumer's flow control.
+* **Continuous pull with credits.** Pull requests are sent ahead into one inbox subscription so the
+  server streams messages while earlier ones are still being handled. Credits are bounded so that
+  messages delivered-but-not-finished plus messages requested never exceed ``KRT_MAX_INFLIGHT``.
+* Each message becomes a ``_Job`` holding a reference count: one for the handler, one per publish
+  waiting for its PubAck (output, error envelope, early reply). When it drops to zero the input is
+  **acked only if every publish was stored**, otherwise nakked with a delay so it is retried. A
+  redelivered input republishes with the same ``Nats-Msg-Id``, so the stream drops the duplicate.
+* Sync handlers run inline on the event loop (fastest; set ``KRT_HANDLER_THREADS`` for handlers
+  that block), async handlers run as one task per message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime, timezone
+from typing import Any
+
+from google.protobuf.any_pb2 import Any as AnyProto
+from google.protobuf.message import Message
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+from nats.js import JetStreamContext
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+from nats.js.errors import NotFoundError
+
+from .config import Settings
+from .context import Context
+from .envelope import EnvelopeError, KreNatsMessage, decode, encode, now_iso
+from .handler import UserCode
+from .publisher import PubAckPublisher
+
+__all__ = ["Consumer", "SetupError", "early_reply"]
+
+_ACK = b"+ACK"
+_IN_PROGRESS = b"+WPI"
+_PULL_EXPIRES = 30.0  # seconds a pull request waits on the server
+_HEARTBEAT = 5.0  # server heartbeat on an open pull request; 3 missed => requests presumed lost
+_NAK_DELAYS = (0.5, 1, 2, 5, 10, 30)  # by delivery count, for inputs whose output was not stored
+_HEADER_ROOM = 512  # room left in max_payload for the Nats-Msg-Id header and protocol line
+
+# The job whose handler is running in this task/thread, and its consumer (read by ctx.early_reply).
+_current_job: contextvars.ContextVar[tuple[Consumer, _Job]] = contextvars.ContextVar("kre_current_job")
+
+
+class SetupError(RuntimeError):
+    """The stream or consumer this node needs is missing or incompatible."""
+
+
+class _Job:
+    """One input message from delivery to ack/nak."""
+
+    __slots__ = ("ack_subject", "delivered", "envelope", "failed", "msg_id", "refs", "replied", "seq", "task",
+                 "touched")
+
+    def __init__(self, ack_subject: str, seq: int, delivered: int, msg_id: str) -> None:
+        self.ack_subject = ack_subject
+        self.seq = seq
+        self.delivered = delivered
+        self.msg_id = msg_id
+        self.refs = 1  # the handler's own reference, released when it has published its results
+        self.failed: str | None = None
+        self.envelope: KreNatsMessage | None = None
+        self.replied = False
+        self.touched = time.monotonic()
+        self.task: asyncio.Task[None] | None = None
+
+
+class Consumer:
+    """Consumes the node's input until ``stop`` is set, then drains in-flight work and returns."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        code: UserCode,
+        nc: Client,
+        ctx: Context,
+        logger: logging.Logger,
+        *,
+        record_elapsed: Callable[[KreNatsMessage, datetime, float], None] | None = None,
+    ) -> None:
+        self._s = settings
+        self._code = code
+        self._nc = nc
+        self._js: JetStreamContext = nc.jetstream()
+        self._ctx = ctx
+        self._log = logger
+        self._record_elapsed = record_elapsed
+        self._publisher = PubAckPublisher(nc, settings.publish_timeout)
+        self._pool = ThreadPoolExecutor(settings.handler_threads, "kre-handler") if settings.handler_threads else None
+        self._error_subject = settings.entrypoint_subject or settings.output_subject
+        self._limit = 1024 * 1024 - _HEADER_ROOM
+        self._pull_subject = f"$JS.API.CONSUMER.MSG.NEXT.{settings.stream}.{settings.consumer_name}"
+        self._inbox = nc.new_inbox()
+        self._inbox_sub: Subscription | None = None
+        self._jobs: set[_Job] = set()
+        self._backlog: deque[Msg] = deque()  # delivered beyond KRT_MAX_INFLIGHT after a credit reset
+        self._requested = 0  # messages asked for and not yet delivered or expired
+        self._batch = max(1, settings.max_inflight // 4)
+        self._last_seen = time.monotonic()
+        self._pulling = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop_thread = threading.get_ident()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self.processed = 0
+        self.errors = 0
+
+    # ---------------------------------------------------------------- setup
+
+    async def setup(self) -> None:
+        """Check the stream, create or update the durable consumer, learn the publish limit."""
+        s = self._s
+        try:
+            stream = await self._js.stream_info(s.stream)
+        except NotFoundError:
+            raise SetupError(f"stream {s.stream!r} does not exist (KRT_NATS_STREAM): create it, "
+                             f"e.g. subjects [{s.stream}.*], before starting the node") from None
+        limits = [self._nc.max_payload]
+        out_stream = stream
+        if not _subject_in(s.output_subject, stream.config.subjects or []):
+            try:
+                name = await self._js.find_stream_name_by_subject(s.output_subject)
+                out_stream = await self._js.stream_info(name)
+            except NotFoundError:
+                self._log.warning("no stream captures KRT_NATS_OUTPUT=%s: outputs will fail until one does",
+                                  s.output_subject)
+        if out_stream.config.max_msg_size and out_stream.config.max_msg_size > 0:
+            limits.append(out_stream.config.max_msg_size)
+        self._limit = min(limits) - _HEADER_ROOM
+        await self._ensure_consumer()
+
+    async def _ensure_consumer(self) -> None:
+        s = self._s
+        config = ConsumerConfig(
+            durable_name=s.consumer_name,
+            filter_subject=s.input_subject,
+            ack_policy=AckPolicy.EXPLICIT,
+            deliver_policy=DeliverPolicy.ALL if s.deliver_policy == "all" else DeliverPolicy.NEW,
+            ack_wait=s.ack_wait,
+            max_deliver=-1,
+            # Each replica bounds itself with KRT_MAX_INFLIGHT; the consumer must not cap the sum.
+            max_ack_pending=-1,
+            max_waiting=512,
+        )
+        try:
+            existing = await self._js.consumer_info(s.stream, s.consumer_name)
+        except NotFoundError:
+            existing = None
+        if existing is not None and existing.config.deliver_subject:
+            raise SetupError(
+                f"consumer {s.consumer_name!r} on stream {s.stream!r} is a push consumer (left by the original "
+                f"runner?); kre-runner uses a pull consumer of that name. Delete it once its messages are "
+                f"processed: nats consumer rm {s.stream} {s.consumer_name}"
+            )
+        if existing is None:
+            await self._js.add_consumer(s.stream, config)
+        elif existing.config.ack_wait != s.ack_wait or existing.config.filter_subject != s.input_subject:
+            await self._js.update_consumer(s.stream, config)
+        self._log.info("consuming %s from stream %s with durable pull consumer %s (max in flight %d)",
+                       s.input_subject, s.stream, s.consumer_name, s.max_inflight)
+
+    # ---------------------------------------------------------------- run
+
+    async def run_init(self) -> None:
+        """The user's ``init(ctx)``, once, before the first pull; on the thread handlers will use."""
+        init = self._code.init
+        if init is None:
+            return
+        if self._code.init_is_async:
+            await init(self._ctx)
+        elif self._pool is not None:
+            await asyncio.get_running_loop().run_in_executor(self._pool, init, self._ctx)
+        else:
+            init(self._ctx)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Process messages until ``stop`` is set, then shut down without losing any."""
+        self._loop = asyncio.get_running_loop()
+        self._loop_thread = threading.get_ident()
+        await self._publisher.start()
+        self._inbox_sub = await self._nc.subscribe(self._inbox, cb=self._on_delivery, pending_msgs_limit=-1,
+                                                   pending_bytes_limit=-1)
+        self._pulling = True
+        await self._pull()
+        ticker = asyncio.create_task(self._tick())
+        try:
+            await stop.wait()
+        finally:
+            await self._shutdown()
+            ticker.cancel()
+            await asyncio.gather(ticker, return_exceptions=True)
+
+    async def on_reconnect(self) -> None:
+        """Pull requests may not have survived (a restarted server forgets them): ask again."""
+        self._requested = 0
+        await self._pull()
+
+    async def _shutdown(self) -> None:
+        grace = self._s.shutdown_grace
+        deadline = time.monotonic() + grace
+        self._pulling = False
+        if self._inbox_sub is not None:
+            # UNSUB ends our pull requests on the server; drain still runs what was already delivered.
+            try:
+                await asyncio.wait_for(self._inbox_sub.drain(), grace)
+            except Exception as exc:
+                self._log.warning("draining the input subscription failed: %s", exc)
+        for msg in list(self._backlog):  # never started: hand back at once
+            await self._safe_publish(msg.reply, b"-NAK")
+        self._backlog.clear()
+        if self._jobs:
+            self._log.info("stopping: waiting up to %.1fs for %d in-flight messages", grace, len(self._jobs))
+            try:
+                await asyncio.wait_for(self._idle.wait(), max(0.0, deadline - time.monotonic()))
+            except asyncio.TimeoutError:
+                pass
+        for job in list(self._jobs):
+            # Out of grace: let another replica take it now rather than after the ack wait.
+            self._log.warning("shutdown grace over: returning input seq %d for redelivery", job.seq)
+            await self._safe_publish(job.ack_subject, b"-NAK")
+            self._jobs.discard(job)
+            if job.task is not None:
+                job.task.cancel()
+        await self._publisher.close()
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+        try:
+            await self._nc.flush(timeout=2)
+        except Exception as exc:
+            self._log.warning("final flush failed: %s", exc)
+        self._log.info("stopped after %d messages (%d errors)", self.processed, self.errors)
+
+    # ---------------------------------------------------------------- pulling
+
+    async def _pull(self) -> None:
+        """Top the credit back up to KRT_MAX_INFLIGHT, in requests of at least a quarter of it."""
+        if not self._pulling:
+            return
+        busy = len(self._jobs) + len(self._backlog)
+        want = self._s.max_inflight - busy - self._requested
+        if want <= 0 or (want < self._batch and busy + self._requested > 0):
+            return
+        self._requested += want
+        request = b'{"batch":%d,"expires":%d,"idle_heartbeat":%d}' % (want, _PULL_EXPIRES * 1e9, _HEARTBEAT * 1e9)
+        try:
+            await self._nc.publish(self._pull_subject, request, reply=self._inbox)
+        except Exception as exc:
+            self._requested -= want
+            self._log.warning("pull request failed: %s", exc)
+
+    async def _tick(self) -> None:
+        """Once a second: PubAck timeouts, in-progress acks, lost pull requests."""
+        keepalive = self._s.ack_wait / 2
+        while True:
+            await asyncio.sleep(1.0)
+            try:
+                await self._publisher.expire()
+                now = time.monotonic()
+                for job in list(self._jobs):
+                    if now - job.touched > keepalive:
+                        job.touched = now
+                        await self._safe_publish(job.ack_subject, _IN_PROGRESS)
+                if self._pulling and self._requested and now - self._last_seen > 3 * _HEARTBEAT:
+                    self._log.warning("no heartbeat from the server for %.0fs: renewing pull requests",
+                                      now - self._last_seen)
+                    self._last_seen = now
+                    await self.on_reconnect()
+                elif self._pulling:
+                    await self._pull()
+            except Exception:  # the ticker must survive anything, or timeouts stop being enforced
+                self._log.exception("periodic maintenance failed")
+
+    def _on_status(self, msg: Msg) -> None:
+        headers = msg.headers or {}
+        status = headers.get("Status", "")
+        if status == "100":
+            return  # idle heartbeat
+        pending = headers.get("Nats-Pending-Messages")
+        if pending is not None:
+            # A request ended (expired, or the server could not fill it); return its unused credit.
+            self._requested = max(0, self._requested - int(pending))
+        elif status in ("408", "409"):
+            self._requested = 0
+        if status == "409" and "Exceeded" not in headers.get("Description", ""):
+            self._log.warning("pull request ended: %s %s", status, headers.get("Description", ""))
+
+    # ---------------------------------------------------------------- per message
+
+    async def _on_delivery(self, msg: Msg) -> None:
+        """Inbox callback: status messages, or one input message."""
+        self._last_seen = time.monotonic()
+        if not msg.reply:
+            self._on_status(msg)
+            await self._pull()
+            return
+        if self._requested > 0:
+            self._requested -= 1
+        if len(self._jobs) >= self._s.max_inflight:
+            self._backlog.append(msg)
+            return
+        await self._start(msg)
+
+    async def _start(self, msg: Msg) -> None:
+        stream, seq, delivered = _parse_ack_subject(msg.reply)
+        job = _Job(msg.reply, seq, delivered, f"{self._s.node_name}:{stream}:{seq}")
+        self._jobs.add(job)
+        self._idle.clear()
+        if delivered > 1:
+            self._log.info("input seq %d redelivered (delivery %d)", seq, delivered)
+        if self._code.handler_is_async or self._pool is not None:
+            job.task = asyncio.create_task(self._process(job, msg.data))
+        else:
+            await self._process(job, msg.data)
+
+    async def _process(self, job: _Job, data: bytes) -> None:
+        try:
+            envelope = decode(data)
+        except EnvelopeError as exc:
+            self._log.warning("input seq %d is not a valid envelope: %s", job.seq, exc)
+            await self._publish_error(job, KreNatsMessage(), f"invalid input message at seq {job.seq}: {exc}",
+                                      now_iso())
+            await self._release(job)
+            return
+        job.envelope = envelope
+        started = datetime.now(timezone.utc).replace(tzinfo=None)
+        start = started.isoformat()
+        began = time.perf_counter()
+        token = _current_job.set((self, job))
+        try:
+            result = await self._call_handler(envelope.payload)
+        except Exception as exc:
+            self._log.warning("handler failed on input seq %d: %s: %s", job.seq, type(exc).__name__, exc,
+                              exc_info=self._log.isEnabledFor(logging.DEBUG))
+            await self._publish_error(job, envelope, str(exc) or type(exc).__name__, start)
+            await self._release(job)
+            return
+        finally:
+            _current_job.reset(token)
+        elapsed_ms = (time.perf_counter() - began) * 1000.0
+        if self._record_elapsed is not None:
+            self._record_elapsed(envelope, started, elapsed_ms)
+        if result is not None and not (self._s.is_last_node and (envelope.replied or job.replied)):
+            await self._publish_output(job, envelope, result, start)
+        await self._release(job)
+
+    async def _call_handler(self, payload: AnyProto) -> Any:
+        code = self._code
+        if code.handler_is_async:
+            return await code.handler(self._ctx, payload)
+        if self._pool is not None:
+            call = contextvars.copy_context().run
+            return await asyncio.get_running_loop().run_in_executor(self._pool, call, code.handler, self._ctx,
+                                                                    payload)
+        return code.handler(self._ctx, payload)
+
+    async def _publish_output(self, job: _Job, envelope: KreNatsMessage, result: Any, start: str) -> None:
+        # The input envelope becomes the output: tracking_id, reply, replied and tracking carry over.
+        if isinstance(result, AnyProto):
+            envelope.payload.CopyFrom(result)
+        elif isinstance(result, Message):
+            envelope.payload.Pack(result)
+        else:
+            await self._publish_error(job, envelope, f"handler returned {type(result).__name__}; expected a "
+                                      f"protobuf message, google.protobuf.Any or None", start)
+            return
+        envelope.replied = envelope.replied or job.replied
+        _append_tracking(envelope, self._s.node_name, start)
+        try:
+            data = encode(envelope, self._limit)
+        except EnvelopeError as exc:
+            del envelope.tracking[-1]
+            await self._publish_error(job, envelope, str(exc), start)
+            return
+        await self._send(job, self._s.output_subject, data, job.msg_id)
+
+    async def _publish_error(self, job: _Job, envelope: KreNatsMessage, reason: str, start: str) -> None:
+        """An error envelope keeps tracking_id, reply and tracking so the entrypoint can match it."""
+        self.errors += 1
+        error = KreNatsMessage(
+            tracking_id=envelope.tracking_id,
+            reply=envelope.reply,
+            replied=envelope.replied or job.replied,
+            error=f"error in '{self._s.node_name}': {reason}",
+        )
+        error.tracking.extend(envelope.tracking)
+        _append_tracking(error, self._s.node_name, start)
+        # Same Nats-Msg-Id as an output: a redelivered input yields one result or one error, never both.
+        await self._send(job, self._error_subject, encode(error, self._limit), job.msg_id)
+
+    def _early_reply(self, job: _Job, response: Message) -> Awaitable[None]:
+        """The reply is one more publish of the job, so the input waits for its PubAck too."""
+        subject = self._s.entrypoint_subject
+        if subject is None:
+            raise RuntimeError("ctx.early_reply needs KRT_NATS_ENTRYPOINT_SUBJECT")
+        envelope = job.envelope
+        if envelope is None or envelope.replied or job.replied:
+            raise RuntimeError("an early reply was already sent for this request")
+        job.replied = True
+        reply = KreNatsMessage(tracking_id=envelope.tracking_id, reply=envelope.reply)
+        if isinstance(response, AnyProto):
+            reply.payload.CopyFrom(response)
+        else:
+            reply.payload.Pack(response)
+        data = encode(reply, self._limit)
+        job.refs += 1  # taken now, so the input cannot be acked before the reply is published
+        send = self._release_after(job, self._send(job, subject, data, f"{job.msg_id}:reply"))
+        if threading.get_ident() == self._loop_thread:
+            return asyncio.ensure_future(send)
+        # Called from a handler thread (KRT_HANDLER_THREADS): hop onto the event loop. The loop runs
+        # this before it sees the handler's return, so the reference is in place in time.
+        assert self._loop is not None
+        return asyncio.run_coroutine_threadsafe(send, self._loop)  # type: ignore[return-value]
+
+    async def _release_after(self, job: _Job, send: Awaitable[None]) -> None:
+        await send
+        await self._release(job)
+
+    async def _send(self, job: _Job, subject: str, data: bytes, msg_id: str) -> None:
+        job.refs += 1
+
+        async def stored(error: str | None) -> None:
+            if error is not None:
+                job.failed = f"{subject}: {error}"
+            await self._release(job)
+
+        await self._publisher.publish(subject, data, msg_id, stored)
+
+    async def _release(self, job: _Job) -> None:
+        """Drop one reference; the last one decides: ack only when every publish was stored."""
+        job.refs -= 1
+        if job.refs:
+            return
+        if job not in self._jobs:
+            return  # already handed back at the end of the shutdown grace
+        self._jobs.discard(job)
+        if job.failed is None:
+            self.processed += 1
+            await self._safe_publish(job.ack_subject, _ACK)
+        else:
+            delay = _NAK_DELAYS[min(job.delivered, len(_NAK_DELAYS)) - 1]
+            self._log.warning("input seq %d will be retried in %gs: %s", job.seq, delay, job.failed)
+            await self._safe_publish(job.ack_subject, b'-NAK {"delay": %d}' % int(delay * 1e9))
+        if self._backlog and len(self._jobs) < self._s.max_inflight:
+            await self._start(self._backlog.popleft())
+        if not self._jobs:
+            self._idle.set()
+        await self._pull()
+
+    async def _safe_publish(self, subject: str, data: bytes) -> None:
+        """Acks and naks: if one is lost, the ack wait redelivers and Nats-Msg-Id dedupes the output."""
+        try:
+            await self._nc.publish(subject, data)
+        except Exception as exc:
+            self._log.warning("could not send %s to %s: %s", data[:4].decode(), subject, exc)
+
+
+def early_reply(response: Message) -> Awaitable[None]:
+    """``ctx.early_reply``: answer the entrypoint for the message whose handler is running."""
+    current = _current_job.get(None)
+    if current is None:
+        raise RuntimeError("ctx.early_reply must be called from within a handler")
+    consumer, job = current
+    return consumer._early_reply(job, response)
+
+
+def _append_tracking(envelope: KreNatsMessage, node: str, start: str) -> None:
+    entry = envelope.tracking.add()
+    entry.node_name = node
+    entry.start = start
+    entry.end = now_iso()
+
+
+def _parse_ack_subject(reply: str) -> tuple[str, int, int]:
+    """(stream, stream sequence, delivery count) from a ``$JS.ACK`` reply subject (v1 or v2 form)."""
+    tokens = reply.split(".")
+    try:
+        if len(tokens) == 9:  # $JS.ACK.<stream>.<consumer>.<delivered>.<sseq>.<cseq>.<ts>.<pending>
+            return tokens[2], int(tokens[5]), int(tokens[4])
+        if len(tokens) >= 11:  # $JS.ACK.<domain>.<account>.<stream>.<consumer>.<delivered>.<sseq>...
+            return tokens[4], int(tokens[7]), int(tokens[6])
+    except ValueError:
+        pass
+    return "unknown", 0, 1
+
+
+def _subject_in(subject: str, patterns: list[str]) -> bool:
+    parts = subject.split(".")
+    for pattern in patterns:
+        pat = pattern.split(".")
+        for i, token in enumerate(pat):
+            if token == ">":
+                if len(parts) > i:
+                    return True
+                break
+            if i >= len(parts) or (token != "*" and token != parts[i]):
+                break
+        else:
+            if len(pat) == len(parts):
+                return True
+    return False
