@@ -1,0 +1,156 @@
+"""Helpers for tests: node environments, envelopes, running a node in-process or as a process."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+from google.protobuf.any_pb2 import Any as AnyProto
+from nats.js import JetStreamContext
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+from nats.js.errors import NotFoundError
+
+from kre_runner.config import Settings
+from kre_runner.consumer import Consumer
+from kre_runner.envelope import KreNatsMessage, decode
+from kre_runner.node import run_node
+
+HANDLERS = Path(__file__).parent / "handlers"
+sys.path.insert(0, str(HANDLERS))
+
+from greeter_pb2 import Request, Response  # noqa: E402
+
+STREAM = "demo-v1-wf"
+
+
+def node_env(nats_url: str, handler: str, node: str = "greeter", **overrides: str) -> dict[str, str]:
+    env = {
+        "KRT_WORKFLOW_NAME": "wf",
+        "KRT_RUNTIME_ID": "demo",
+        "KRT_VERSION_ID": "v1-id",
+        "KRT_VERSION": "v1",
+        "KRT_NODE_NAME": node,
+        "KRT_NATS_SERVER": nats_url,
+        "KRT_NATS_STREAM": STREAM,
+        "KRT_NATS_INPUT": f"{STREAM}.{node}",
+        "KRT_NATS_OUTPUT": f"{STREAM}.out",
+        "KRT_NATS_ENTRYPOINT_SUBJECT": f"{STREAM}.entrypoint",
+        "KRT_BASE_PATH": str(HANDLERS),
+        "KRT_HANDLER_PATH": handler,
+        "KRT_SHUTDOWN_GRACE": "10",
+    }
+    env.update(overrides)
+    return env
+
+
+def request_envelope(name: str, tracking_id: str | None = None, reply: str | None = None) -> KreNatsMessage:
+    """What the KRE entrypoint sends: one tracking entry and ``Any(Request{name})``."""
+    envelope = KreNatsMessage(tracking_id=tracking_id or str(uuid.uuid4()), reply=reply or f"reply-{name}")
+    envelope.tracking.add(node_name="entrypoint", start="2026-01-01T00:00:00.000001", end="2026-01-01T00:00:00.000002")
+    payload = AnyProto()
+    payload.Pack(Request(name=name))
+    envelope.payload.CopyFrom(payload)
+    return envelope
+
+
+def greeting(envelope: KreNatsMessage) -> str:
+    response = Response()
+    assert envelope.payload.Unpack(response), envelope.payload.type_url
+    return response.greeting
+
+
+class Collector:
+    """A durable-free consumer on a subject, created before inputs are sent (interest retention)."""
+
+    def __init__(self, js: JetStreamContext, subject: str) -> None:
+        self._js = js
+        self.subject = subject
+        self._sub = None
+        self.raw: list[bytes] = []
+
+    async def start(self) -> Collector:
+        self._sub = await self._js.pull_subscribe(
+            self.subject, config=ConsumerConfig(ack_policy=AckPolicy.NONE, deliver_policy=DeliverPolicy.ALL)
+        )
+        return self
+
+    async def take(self, count: int, timeout: float = 10.0) -> list[KreNatsMessage]:
+        """Exactly ``count`` envelopes, or fewer if ``timeout`` passes first."""
+        assert self._sub is not None
+        got: list[KreNatsMessage] = []
+        deadline = time.monotonic() + timeout
+        while len(got) < count and time.monotonic() < deadline:
+            with contextlib.suppress(asyncio.TimeoutError, Exception):
+                for msg in await self._sub.fetch(min(256, count - len(got)), timeout=0.5):
+                    self.raw.append(msg.data)
+                    got.append(decode(msg.data))
+        return got
+
+    async def nothing_more(self, wait: float = 0.5) -> bool:
+        assert self._sub is not None
+        try:
+            extra = await self._sub.fetch(1, timeout=wait)
+        except Exception:
+            return True
+        return not extra
+
+
+async def wait_ready(js: JetStreamContext, consumer: str, timeout: float = 15.0, replicas: int = 1) -> None:
+    """A node is consuming once its durable consumer has pull requests waiting."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(NotFoundError):
+            info = await js.consumer_info(STREAM, consumer)
+            if info.num_waiting >= replicas:
+                return
+        await asyncio.sleep(0.05)
+    raise TimeoutError(f"consumer {consumer} not ready")
+
+
+async def wait_settled(js: JetStreamContext, consumer: str, timeout: float = 10.0) -> None:
+    """Until the consumer has nothing pending and nothing unacked."""
+    deadline = time.monotonic() + timeout
+    info = None
+    while time.monotonic() < deadline:
+        info = await js.consumer_info(STREAM, consumer)
+        if info.num_pending == 0 and info.num_ack_pending == 0:
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"consumer {consumer} did not settle: {info}")
+
+
+@contextlib.asynccontextmanager
+async def running_node(env: dict[str, str], js: JetStreamContext) -> AsyncIterator[asyncio.Task[Consumer]]:
+    """Run ``run_node`` in this process until the block ends (then stop it as SIGTERM would)."""
+    settings = Settings.from_env(env)
+    stop = asyncio.Event()
+    logger = logging.getLogger("kre_runner.test")
+    task = asyncio.create_task(run_node(settings, stop, logger))
+    try:
+        ready = asyncio.create_task(wait_ready(js, settings.consumer_name))
+        done, _ = await asyncio.wait({task, ready}, return_when=asyncio.FIRST_COMPLETED)
+        if task in done:
+            ready.cancel()
+            task.result()  # raises the startup error
+        ready.result()
+        yield task
+    finally:
+        stop.set()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(task, 30)
+
+
+def start_process(env: dict[str, str]) -> subprocess.Popen[bytes]:
+    """``kre-runner run`` as a real process (its own interpreter, signals and exit code)."""
+    full = dict(os.environ)
+    full.update(env)
+    return subprocess.Popen([sys.executable, "-m", "kre_runner", "run"], env=full,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)

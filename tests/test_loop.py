@@ -1,0 +1,276 @@
+"""The consume → handle → publish → ack loop against a real nats-server."""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+from datetime import datetime
+
+import pytest
+from kre_helpers import (
+    STREAM,
+    Collector,
+    Request,
+    greeting,
+    node_env,
+    request_envelope,
+    running_node,
+    wait_settled,
+)
+
+from kre_runner.envelope import KreNatsMessage
+from kre_runner.handler import HandlerLoadError
+from kre_runner.node import StartupError
+
+pytestmark = pytest.mark.integration
+
+IN = f"{STREAM}.greeter"
+OUT = f"{STREAM}.out"
+ENTRY = f"{STREAM}.entrypoint"
+
+
+async def test_round_trip_like_the_original(nats_server, js, workflow_stream):
+    out = await Collector(js, OUT).start()
+    async with running_node(node_env(nats_server.url, "greet.py"), js):
+        sent = request_envelope("Ada", tracking_id="t-1", reply="req-1")
+        await js.publish(IN, sent.SerializeToString())
+        [result] = await out.take(1)
+        await wait_settled(js, "v1-greeter")
+
+    assert result.tracking_id == "t-1"
+    assert result.reply == "req-1"
+    assert result.error == ""
+    assert greeting(result).startswith("Hello, Ada! init=1")
+    assert [t.node_name for t in result.tracking] == ["entrypoint", "greeter"]
+    entry = result.tracking[1]
+    start, end = datetime.fromisoformat(entry.start), datetime.fromisoformat(entry.end)
+    assert start.tzinfo is None and start <= end
+    assert result.tracking[0] == sent.tracking[0]
+
+
+async def test_init_runs_once_before_the_first_message(nats_server, js, workflow_stream):
+    out = await Collector(js, OUT).start()
+    env = node_env(nats_server.url, "greet.py")
+    async with running_node(env, js):
+        pass  # creates the durable consumer, as a first deployment would
+    # A backlog waits when the node (re)starts: every message must still see init's result.
+    for i in range(50):
+        await js.publish(IN, request_envelope(f"n{i}").SerializeToString())
+    async with running_node(env, js):
+        results = await out.take(50)
+    assert len(results) == 50
+    assert all("init=1 " in greeting(r) for r in results), {greeting(r) for r in results}
+
+
+async def test_async_handler_runs_messages_concurrently_within_the_bound(nats_server, js, workflow_stream):
+    out = await Collector(js, OUT).start()
+    env = node_env(nats_server.url, "greet_async.py", KRT_MAX_INFLIGHT="8")
+    async with running_node(env, js):
+        for i in range(40):
+            await js.publish(IN, request_envelope(f"a{i}").SerializeToString())
+        results = await out.take(40)
+        await wait_settled(js, "v1-greeter")
+    assert sorted(greeting(r) for r in results) == sorted(f"Hi, a{i}!" for i in range(40))
+    import sys
+
+    state = next(m.STATE for name, m in sys.modules.items() if name.startswith("_kre_user_greet_async"))
+    assert 1 < state["peak"] <= 8
+
+
+async def test_handler_error_is_reported_with_tracking_and_input_acked(nats_server, js, workflow_stream):
+    errors = await Collector(js, ENTRY).start()
+    out = await Collector(js, OUT).start()
+    async with running_node(node_env(nats_server.url, "outcomes.py"), js):
+        await js.publish(IN, request_envelope("boom-1", tracking_id="t-err", reply="r-err").SerializeToString())
+        await js.publish(IN, request_envelope("after").SerializeToString())
+        [error] = await errors.take(1)
+        [ok] = await out.take(1)
+        await wait_settled(js, "v1-greeter")
+    assert error.error == "error in 'greeter': cannot greet boom-1"
+    assert (error.tracking_id, error.reply) == ("t-err", "r-err")
+    assert [t.node_name for t in error.tracking] == ["entrypoint", "greeter"]
+    assert greeting(ok) == "Hello, after!"
+    assert await errors.nothing_more()
+
+
+async def test_errors_go_to_the_output_without_an_entrypoint_subject(nats_server, js, workflow_stream):
+    out = await Collector(js, OUT).start()
+    env = node_env(nats_server.url, "outcomes.py", KRT_NATS_ENTRYPOINT_SUBJECT="")
+    async with running_node(env, js):
+        await js.publish(IN, request_envelope("boom-2").SerializeToString())
+        [error] = await out.take(1)
+    assert "cannot greet boom-2" in error.error
+
+
+async def test_compressed_input_and_output_above_the_limit(nats_server, js, workflow_stream):
+    out = await Collector(js, OUT).start()
+    async with running_node(node_env(nats_server.url, "outcomes.py"), js):
+        await js.publish(IN, gzip.compress(request_envelope("zipped").SerializeToString()))
+        await js.publish(IN, request_envelope("big").SerializeToString())
+        results = await out.take(2)
+        await wait_settled(js, "v1-greeter")
+    by_name = {r.reply: r for r in results}
+    assert greeting(by_name["reply-zipped"]) == "Hello, zipped!"
+    # The big output could only be stored gzip-compressed under the 1 MiB max_payload.
+    sizes = sorted(len(raw) for raw in out.raw)
+    assert sizes[-1] < 1024 * 1024 and max(out.raw, key=len)[:2] == b"\x1f\x8b"
+    assert greeting(by_name["reply-big"]) == "big " * 600_000
+
+
+async def test_output_too_large_even_compressed_becomes_an_error(nats_server, js, workflow_stream):
+    errors = await Collector(js, ENTRY).start()
+    async with running_node(node_env(nats_server.url, "outcomes.py"), js):
+        await js.publish(IN, request_envelope("huge-random").SerializeToString())
+        [error] = await errors.take(1)
+        await wait_settled(js, "v1-greeter")
+    assert "over the" in error.error and "limit" in error.error
+
+
+async def test_garbage_inputs_get_error_envelopes_and_never_stop_the_node(nats_server, js, workflow_stream):
+    errors = await Collector(js, ENTRY).start()
+    out = await Collector(js, OUT).start()
+    async with running_node(node_env(nats_server.url, "outcomes.py"), js):
+        await js.publish(IN, request_envelope("first").SerializeToString())
+        bad = await js.publish(IN, b"\xff\xfe this is not protobuf")
+        await js.publish(IN, b"\x1f\x8b\x08 truncated gzip")
+        await js.publish(IN, request_envelope("second").SerializeToString())
+        good = await out.take(2)
+        bad_reports = await errors.take(2)
+        await wait_settled(js, "v1-greeter")
+    assert sorted(greeting(g) for g in good) == ["Hello, first!", "Hello, second!"]
+    assert len(bad_reports) == 2
+    assert any(f"seq {bad.seq}" in r.error for r in bad_reports)
+    assert all(r.error.startswith("error in 'greeter': invalid input message") for r in bad_reports)
+
+
+async def test_none_filters_and_any_passes_through(nats_server, js, workflow_stream):
+    out = await Collector(js, OUT).start()
+    async with running_node(node_env(nats_server.url, "outcomes.py"), js):
+        await js.publish(IN, request_envelope("skip-me").SerializeToString())
+        await js.publish(IN, request_envelope("pass-me").SerializeToString())
+        [passed] = await out.take(1)
+        await wait_settled(js, "v1-greeter")
+        assert await out.nothing_more()
+    request = Request()
+    assert passed.payload.Unpack(request) and request.name == "pass-me"
+
+
+async def test_a_non_protobuf_result_is_an_error(nats_server, js, workflow_stream):
+    errors = await Collector(js, ENTRY).start()
+    async with running_node(node_env(nats_server.url, "outcomes.py"), js):
+        await js.publish(IN, request_envelope("wrong").SerializeToString())
+        [error] = await errors.take(1)
+    assert "handler returned dict" in error.error
+
+
+@pytest.mark.parametrize("handler", ["early.py", "early_async.py"])
+async def test_early_reply_then_the_workflow_goes_on_replied(nats_server, js, workflow_stream, handler):
+    replies = await Collector(js, ENTRY).start()
+    out = await Collector(js, OUT).start()
+    async with running_node(node_env(nats_server.url, handler), js):
+        await js.publish(IN, request_envelope("Bo", tracking_id="t-e", reply="r-e").SerializeToString())
+        [early] = await replies.take(1)
+        [late] = await out.take(1)
+        await wait_settled(js, "v1-greeter")
+    assert greeting(early) == "early Bo" and (early.tracking_id, early.reply) == ("t-e", "r-e")
+    assert greeting(late) == "late Bo" and late.replied
+
+
+async def test_second_early_reply_is_an_error(nats_server, js, workflow_stream):
+    replies = await Collector(js, ENTRY).start()
+    async with running_node(node_env(nats_server.url, "early.py"), js):
+        await js.publish(IN, request_envelope("twice").SerializeToString())
+        got = await replies.take(2)
+        await wait_settled(js, "v1-greeter")
+    [early] = [g for g in got if not g.error]
+    [error] = [g for g in got if g.error]
+    assert greeting(early) == "early twice"
+    assert error.error == "error in 'greeter': an early reply was already sent for this request"
+
+
+async def test_last_node_does_not_publish_a_replied_message_but_acks_it(nats_server, js, workflow_stream):
+    out = await Collector(js, OUT).start()
+    async with running_node(node_env(nats_server.url, "greet.py", KRT_IS_LAST_NODE="true"), js):
+        replied = request_envelope("already")
+        replied.replied = True
+        await js.publish(IN, replied.SerializeToString())
+        await js.publish(IN, request_envelope("fresh").SerializeToString())
+        [only] = await out.take(1)
+        await wait_settled(js, "v1-greeter")
+        assert await out.nothing_more()
+    assert greeting(only).startswith("Hello, fresh!")
+
+
+async def test_failed_output_publish_is_retried_not_acked(nats_server, js, workflow_stream):
+    # The output subject has no stream yet: every publish gets "no responders" and the input waits.
+    env = node_env(nats_server.url, "outcomes.py", KRT_NATS_OUTPUT="later.out")
+    async with running_node(env, js):
+        await js.publish(IN, request_envelope("patient").SerializeToString())
+        await asyncio.sleep(2.0)
+        info = await js.consumer_info(STREAM, "v1-greeter")
+        assert info.num_ack_pending == 1 and info.num_redelivered >= 1
+        await js.add_stream(name="later", subjects=["later.out"])
+        await wait_settled(js, "v1-greeter", timeout=15)
+    stored = await js.get_last_msg("later", "later.out")
+    result = KreNatsMessage()
+    result.ParseFromString(stored.data)
+    assert greeting(result) == "Hello, patient!"
+    assert stored.headers["Nats-Msg-Id"].startswith("greeter:demo-v1-wf:")
+
+
+async def test_threaded_sync_handlers_with_early_reply(nats_server, js, workflow_stream):
+    replies = await Collector(js, ENTRY).start()
+    out = await Collector(js, OUT).start()
+    env = node_env(nats_server.url, "threaded.py", KRT_HANDLER_THREADS="4", KRT_MAX_INFLIGHT="16")
+    async with running_node(env, js):
+        for i in range(20):
+            await js.publish(IN, request_envelope(f"t{i}").SerializeToString())
+        await js.publish(IN, request_envelope("early-x").SerializeToString())
+        results = await out.take(21)
+        [early] = await replies.take(1)
+        await wait_settled(js, "v1-greeter")
+    assert len(results) == 21
+    assert all(greeting(r).startswith("kre-handler") for r in results)
+    assert greeting(early) == "early early-x"
+    assert len({greeting(r).split()[0] for r in results}) > 1  # more than one worker thread was used
+
+
+async def test_server_restart_loses_nothing(nats_server, js, workflow_stream, nc):
+    out = await Collector(js, OUT).start()
+    async with running_node(node_env(nats_server.url, "greet.py"), js):
+        for i in range(100):
+            await js.publish(IN, request_envelope(f"before-{i}", tracking_id=f"b{i}").SerializeToString())
+        first = await out.take(100)
+        nats_server.stop()
+        await asyncio.sleep(0.5)
+        nats_server.start()
+        await asyncio.sleep(1.5)  # clients reconnect
+        for i in range(100):
+            await js.publish(IN, request_envelope(f"after-{i}", tracking_id=f"a{i}").SerializeToString())
+        second = await out.take(100, timeout=20)
+    ids = [r.tracking_id for r in first + second]
+    assert sorted(ids) == sorted([f"b{i}" for i in range(100)] + [f"a{i}" for i in range(100)])
+
+
+async def test_start_fails_clearly_without_the_stream(nats_server, js):
+    with pytest.raises(Exception, match="stream 'demo-v1-wf' does not exist"):
+        async with running_node(node_env(nats_server.url, "greet.py"), js):
+            pass
+
+
+async def test_start_fails_when_init_raises(nats_server, js, workflow_stream, tmp_path):
+    (tmp_path / "bad_init.py").write_text("def init(ctx):\n    raise RuntimeError('no model file')\n"
+                                          "def handler(ctx, data):\n    return None\n")
+    env = node_env(nats_server.url, "bad_init.py", KRT_BASE_PATH=str(tmp_path))
+    with pytest.raises(StartupError, match="init\\(ctx\\) in .*bad_init.py failed: RuntimeError: no model file"):
+        async with running_node(env, js):
+            pass
+    # No half-running node: nothing was fetched.
+    info = await js.consumer_info(STREAM, "v1-greeter")
+    assert info.num_waiting == 0 and info.delivered.consumer_seq == 0
+
+
+async def test_start_fails_on_a_missing_handler_file(nats_server, js, workflow_stream):
+    with pytest.raises(HandlerLoadError, match="nope.py does not exist"):
+        async with running_node(node_env(nats_server.url, "nope.py"), js):
+            pass
