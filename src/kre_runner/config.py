@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
-__all__ = ["ConfigError", "Settings", "VARIABLES", "consumer_name", "redact_url"]
+__all__ = ["VARIABLES", "ConfigError", "Settings", "consumer_name", "redact_url"]
 
 T = TypeVar("T")
 
@@ -65,7 +65,7 @@ VARIABLES: tuple[tuple[str, bool, str, str], ...] = (
     ("KRT_LOG_LEVEL", False, "DEBUG, INFO, WARNING or ERROR (default INFO)", "INFO"),
 )
 _EXAMPLES = {name: example for name, _, _, example in VARIABLES}
-_SUBJECT_RE = re.compile(r"^[^\s*>]+(\.[^\s*>]+)*$")
+_SUBJECT_RE = re.compile(r"^[^\s*>.]+(\.[^\s*>.]+)*$")
 _NAME_UNSAFE_RE = re.compile(r"[^A-Za-z0-9_-]")
 
 
@@ -175,11 +175,12 @@ def redact_url(url: str) -> str:
         parts = urlsplit(url)
     except ValueError:
         return "<unparseable url>"
-    if parts.password is None and "@" not in parts.netloc:
+    if "@" not in parts.netloc:
         return url
     host = parts.netloc.rpartition("@")[2]
-    user = parts.username or ""
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}" if user else f"***@{host}"))
+    # user:password keeps the user; a lone userinfo is a token and is hidden whole.
+    userinfo = f"{parts.username}:***" if parts.password is not None else "***"
+    return urlunsplit(parts._replace(netloc=f"{userinfo}@{host}"))
 
 
 class _Reader:

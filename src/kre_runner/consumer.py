@@ -19,6 +19,7 @@ Design, top to bottom:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import logging
 import threading
@@ -225,10 +226,8 @@ class Consumer:
         self._backlog.clear()
         if self._jobs:
             self._log.info("stopping: waiting up to %.1fs for %d in-flight messages", grace, len(self._jobs))
-            try:
+            with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._idle.wait(), max(0.0, deadline - time.monotonic()))
-            except asyncio.TimeoutError:
-                pass
         for job in list(self._jobs):
             # Out of grace: let another replica take it now rather than after the ack wait.
             self._log.warning("shutdown grace over: returning input seq %d for redelivery", job.seq)

@@ -66,7 +66,7 @@ async def run_demo(requests: int = 500, examples_dir: str | None = None) -> int:
             ("decorator", "decorator.py", ENTRYPOINT, True),
         ]
         procs = [
-            subprocess.Popen([sys.executable, "-m", "kre_runner", "run"],
+            subprocess.Popen([sys.executable, "-m", "kre_runner", "run"],  # noqa: ASYNC220  # starts, never waits
                              env=_node_env(server.url, examples, *node))
             for node in nodes
         ]

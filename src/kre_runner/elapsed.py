@@ -52,5 +52,6 @@ class ElapsedRecorder:
         if self._is_last and tracking:
             first_start = parse_iso(tracking[0].start)
             if first_start is not None:
-                total_ms = (datetime.fromtimestamp(now_ns / 1e9, timezone.utc).replace(tzinfo=None) - first_start).total_seconds() * 1000.0
+                now = datetime.fromtimestamp(now_ns / 1e9, timezone.utc).replace(tzinfo=None)
+                total_ms = (now - first_start).total_seconds() * 1000.0
                 self._add(f"{self._workflow_prefix}elapsed_ms={total_ms},tracking_id={tracking_id} {now_ns}")

@@ -25,11 +25,14 @@ class StartupError(RuntimeError):
 
 async def connect(settings: Settings, logger: logging.Logger, *, name: str,
                   on_reconnect: Any = None, attempts: int = 10) -> Client:
-    """Connect to NATS, retrying the first connection for a few seconds (pods start in any order)."""
+    """Connect to NATS, retrying the first connection for a few seconds."""
     shown = ", ".join(redact_url(s) for s in settings.nats_servers)
 
+    client: Client | None = None
+
     async def disconnected() -> None:
-        logger.warning("disconnected from NATS; reconnecting")
+        if client is not None and not client.is_closed:  # not our own close() at shutdown
+            logger.warning("disconnected from NATS; reconnecting")
 
     async def reconnected() -> None:
         logger.info("reconnected to NATS")
@@ -39,25 +42,26 @@ async def connect(settings: Settings, logger: logging.Logger, *, name: str,
     async def error(exc: Exception) -> None:
         logger.warning("NATS: %s: %s", type(exc).__name__, exc)
 
-    last: Exception | None = None
-    for attempt in range(attempts):
-        try:
-            return await nats.connect(
-                servers=list(settings.nats_servers),
-                name=name,
-                connect_timeout=2,
-                allow_reconnect=True,
-                max_reconnect_attempts=-1,
-                reconnect_time_wait=0.5,
-                skip_subject_validation=True,  # every subject was validated once, in config
-                disconnected_cb=disconnected,
-                reconnected_cb=reconnected,
-                error_cb=error,
-            )
-        except Exception as exc:  # nats-py raises several types for an unreachable server
-            last = exc
-            await asyncio.sleep(min(0.5 * (attempt + 1), 2))
-    raise StartupError(f"cannot connect to NATS at {shown} (KRT_NATS_SERVER): {type(last).__name__}: {last}")
+    try:
+        client = await nats.connect(
+            servers=list(settings.nats_servers),
+            name=name,
+            connect_timeout=2,
+            allow_reconnect=True,
+            # Bounded for the first connection (pods start in any order, but a wrong URL must fail)...
+            max_reconnect_attempts=attempts,
+            reconnect_time_wait=0.5,
+            skip_subject_validation=True,  # every subject was validated once, in config
+            disconnected_cb=disconnected,
+            reconnected_cb=reconnected,
+            error_cb=error,
+        )
+    except Exception as exc:  # nats-py raises several types for an unreachable server
+        raise StartupError(f"cannot connect to NATS at {shown} (KRT_NATS_SERVER): {type(exc).__name__}: {exc}") \
+            from None
+    # ...and endless once connected: a running node rides out any server outage.
+    client.options["max_reconnect_attempts"] = -1
+    return client
 
 
 async def run_node(settings: Settings, stop: asyncio.Event, logger: logging.Logger) -> Consumer:

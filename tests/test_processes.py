@@ -1,0 +1,156 @@
+"""Real ``kre-runner run`` processes: replicas sharing a consumer, SIGTERM, redelivery, CLI errors."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from kre_helpers import (
+    STREAM,
+    Collector,
+    greeting,
+    node_env,
+    request_envelope,
+    start_process,
+    wait_ready,
+    wait_settled,
+)
+
+pytestmark = pytest.mark.integration
+
+IN = f"{STREAM}.greeter"
+OUT = f"{STREAM}.out"
+
+
+def _stop(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM, timeout: float = 30) -> str:
+    if proc.poll() is None:
+        proc.send_signal(sig)
+    out, _ = proc.communicate(timeout=timeout)
+    return out.decode(errors="replace")
+
+
+async def test_two_replicas_share_the_consumer_exactly_once(nats_server, js, workflow_stream):
+    out = await Collector(js, OUT).start()
+    env = node_env(nats_server.url, "greet.py", KRT_MAX_INFLIGHT="32")
+    procs = [start_process(env), start_process(env)]
+    try:
+        await wait_ready(js, "v1-greeter", replicas=2)
+        total = 2000
+        for i in range(total):
+            await js.publish(IN, request_envelope(f"r{i}", tracking_id=f"id-{i}").SerializeToString())
+        results = await out.take(total, timeout=30)
+        await wait_settled(js, "v1-greeter")
+        assert await out.nothing_more()
+    finally:
+        logs = [_stop(p) for p in procs]
+    ids = [r.tracking_id for r in results]
+    assert len(ids) == total and set(ids) == {f"id-{i}" for i in range(total)}
+    pids = {greeting(r).rsplit("pid=", 1)[1] for r in results}
+    assert pids == {str(p.pid) for p in procs}, "both replicas must have taken part"
+    assert all(p.returncode == 0 for p in procs), logs
+
+
+async def test_sigterm_with_messages_in_flight_loses_none(nats_server, js, workflow_stream):
+    out = await Collector(js, OUT).start()
+    env = node_env(nats_server.url, "slow.py", KRT_MAX_INFLIGHT="20", SLOW_SECONDS="0.3")
+    proc = start_process(env)
+    total = 100
+    try:
+        await wait_ready(js, "v1-greeter")
+        for i in range(total):
+            await js.publish(IN, request_envelope(f"s{i}", tracking_id=f"s-{i}").SerializeToString())
+        first = await out.take(10)
+        info = await js.consumer_info(STREAM, "v1-greeter")
+        assert info.num_ack_pending > 0, "messages must be in flight when SIGTERM comes"
+    finally:
+        log = _stop(proc)
+    assert proc.returncode == 0, log
+    # Everything the stopped replica held was finished and acked: nothing waits for the ack wait.
+    info = await js.consumer_info(STREAM, "v1-greeter")
+    assert info.num_ack_pending == 0, log
+    assert "stopped after" in log
+
+    # A new replica takes the rest; every request is answered exactly once.
+    second = start_process(env)
+    try:
+        rest = await out.take(total - len(first), timeout=30)
+        await wait_settled(js, "v1-greeter")
+    finally:
+        _stop(second)
+    ids = sorted(r.tracking_id for r in first + rest)
+    assert ids == sorted(f"s-{i}" for i in range(total))
+
+
+async def test_redelivered_input_does_not_duplicate_its_output(nats_server, js, workflow_stream):
+    """Replica A freezes mid-message past the ack wait; B gets the redelivery; A wakes up and publishes too."""
+    out = await Collector(js, OUT).start()
+    env = node_env(nats_server.url, "slow.py", KRT_ACK_WAIT="1.5", SLOW_SECONDS="0.5")
+    a = start_process(env)
+    b = None
+    try:
+        await wait_ready(js, "v1-greeter")
+        await js.publish(IN, request_envelope("once", tracking_id="only-one").SerializeToString())
+        for _ in range(100):
+            if (await js.consumer_info(STREAM, "v1-greeter")).num_ack_pending == 1:
+                break
+            await asyncio.sleep(0.02)
+        a.send_signal(signal.SIGSTOP)  # as a long GC pause or a network partition would
+        b = start_process(env)
+        [result] = await out.take(1, timeout=15)  # B's output, after the ack wait redelivered
+        a.send_signal(signal.SIGCONT)  # A finishes its copy and publishes the same Nats-Msg-Id
+        await asyncio.sleep(1.5)
+        await wait_settled(js, "v1-greeter")
+        assert await out.nothing_more(1.0)
+        stream = await js.stream_info(STREAM)
+        assert stream.state.messages == 0  # interest retention: everything consumed and acked
+    finally:
+        a.send_signal(signal.SIGCONT)
+        _stop(a)
+        if b is not None:
+            _stop(b)
+    assert result.tracking_id == "only-one"
+    assert greeting(result).startswith("slow once pid=")
+
+
+def test_cli_reports_every_configuration_problem_and_exits_2():
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KRT_")}
+    env.update({"KRT_NATS_SERVER": "http://wrong", "KRT_MAX_INFLIGHT": "zero"})
+    proc = subprocess.run([sys.executable, "-m", "kre_runner", "run"], env=env, capture_output=True, text=True,
+                          timeout=30)
+    assert proc.returncode == 2
+    assert "KRT_NODE_NAME is not set: expected a value, e.g. KRT_NODE_NAME=greeter" in proc.stderr
+    assert "KRT_NATS_SERVER='http://wrong' is invalid: expected a nats:// URL" in proc.stderr
+    assert "KRT_MAX_INFLIGHT='zero' is invalid: expected an integer ≥ 1, e.g. KRT_MAX_INFLIGHT=256" in proc.stderr
+
+
+async def test_cli_exits_1_with_a_clear_message_when_the_handler_has_a_syntax_error(nats_server, js,
+                                                                                    workflow_stream, tmp_path):
+    (tmp_path / "broken.py").write_text("def handler(ctx, data)\n    return data\n")
+    env = node_env(nats_server.url, "broken.py", KRT_BASE_PATH=str(tmp_path))
+    proc = start_process(env)
+    out, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 1
+    assert "cannot start: syntax error in" in out.decode() and "broken.py:1" in out.decode()
+
+
+def test_cli_exits_1_when_nats_is_unreachable():
+    env = node_env("nats://127.0.0.1:1", "greet.py")
+    started = time.monotonic()
+    proc = start_process(env)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 1
+    assert "cannot connect to NATS at nats://127.0.0.1:1 (KRT_NATS_SERVER)" in out.decode()
+    assert time.monotonic() - started < 40
+
+
+async def test_cli_never_logs_the_nats_password(nats_server, workflow_stream):
+    env = node_env("nats://kre:s3cr3t-pw@127.0.0.1:1", "greet.py")
+    proc = start_process(env)
+    out, _ = proc.communicate(timeout=60)
+    assert "s3cr3t-pw" not in out.decode()
+    assert "kre:***@127.0.0.1:1" in out.decode()
