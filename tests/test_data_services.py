@@ -357,3 +357,37 @@ async def test_tsdb_outage_buffers_drops_oldest_and_recovers(vm_process: Victori
     finally:
         await sink.close(5)
     assert sink.written == 10 + capacity and sink.dropped == added - capacity + 5
+
+
+async def test_full_batch_from_a_handler_thread_is_written_without_waiting_for_the_interval(
+        tsdb: TimeSeriesDB) -> None:
+    sink = InfluxSink(url=tsdb.url, token=tsdb.token, org=tsdb.org, bucket=tsdb.bucket, batch_size=10,
+                      flush_interval=60)
+    sink.start()
+    name = unique("thread")
+    measurement = Measurement(sink, version="v1", workflow="wf", node="n")
+    base_s = int(time.time()) - 30
+    try:
+        await asyncio.sleep(0.05)  # the writer is now waiting for the interval or a wake-up
+        # Sync handlers may run in a thread pool (KRT_HANDLER_THREADS): the wake-up must cross threads.
+        await asyncio.to_thread(lambda: [measurement.save(name, {"i": i}, time=base_s + i, precision="s")
+                                         for i in range(10)])
+        deadline = time.monotonic() + 5
+        while sink.written < 10:
+            assert time.monotonic() < deadline, "a full batch waited for the 60 s flush interval"
+            await asyncio.sleep(0.02)
+        assert [p["fields"]["i"] for p in await tsdb.points(name, expect=10)] == list(range(10))
+    finally:
+        await sink.close(5)
+
+
+async def test_close_flushes_a_partial_batch(tsdb: TimeSeriesDB) -> None:
+    sink = InfluxSink(url=tsdb.url, token=tsdb.token, org=tsdb.org, bucket=tsdb.bucket, flush_interval=60)
+    sink.start()
+    name = unique("close")
+    stamp = (int(time.time()) - 10) * 10**9
+    for i in range(5):
+        sink.add(f"{name} v={i} {stamp + i * 10**6}")
+    await sink.close(5)
+    assert (sink.written, sink.pending, sink.dropped) == (5, 0, 0)
+    assert len(await tsdb.points(name, expect=5)) == 5
