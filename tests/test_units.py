@@ -245,3 +245,11 @@ def test_subject_matching_for_the_output_stream():
     assert _subject_in("wf.a.b", ["wf.>"])
     assert not _subject_in("wf.a.b", ["wf.*"])
     assert not _subject_in("other.out", ["wf.*"])
+
+
+def test_readme_documents_every_variable():
+    from pathlib import Path
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    missing = [name for name, *_ in VARIABLES if f"`{name}`" not in readme]
+    assert not missing, f"README lacks {missing}"
