@@ -16,6 +16,7 @@ import signal
 import sys
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -30,6 +31,7 @@ from kre_runner.sinks.influx import InfluxSink, Measurement
 from kre_runner.sinks.mongo import DatabaseError
 
 pytestmark = pytest.mark.integration
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 LOGGER = logging.getLogger("test.data")
 BASE_ENV = {
     "KRT_WORKFLOW_NAME": "wf", "KRT_RUNTIME_ID": "demo", "KRT_VERSION_ID": "v1-id", "KRT_VERSION": "v1",
@@ -391,3 +393,35 @@ async def test_close_flushes_a_partial_batch(tsdb: TimeSeriesDB) -> None:
     await sink.close(5)
     assert (sink.written, sink.pending, sink.dropped) == (5, 0, 0)
     assert len(await tsdb.points(name, expect=5)) == 5
+
+
+async def test_services_example_node_end_to_end(nats_server: EmbeddedNats, js: Any, workflow_stream: str,
+                                                mongo_uri: str, mongo_db_name: str, motor_reader: Any,
+                                                tsdb: TimeSeriesDB) -> None:
+    """examples/services run by the real node loop: documents, predictions and points all arrive."""
+    from kre_helpers import Collector, node_env, request_envelope, running_node
+
+    from kre_runner.envelope import KreNatsMessage
+
+    examples = EXAMPLES / "services"
+    node = unique("svc")
+    env = node_env(nats_server.url, "services.py", node=node, KRT_BASE_PATH=str(examples),
+                   KRT_MONGO_URI=mongo_uri, KRT_MONGO_DB=mongo_db_name, KRT_INFLUX_URI=tsdb.url,
+                   KRT_INFLUX_TOKEN=tsdb.token, KRT_INFLUX_ORG=tsdb.org, KRT_INFLUX_BUCKET=tsdb.bucket,
+                   KRT_INFLUX_FLUSH_INTERVAL="0.1")
+    out = await Collector(js, env["KRT_NATS_OUTPUT"]).start()
+    names = ["Ada", "Ada", "Bartholomew"]
+    async with running_node(env, js):
+        for name in names:  # one at a time, so the visit count is deterministic
+            await js.publish(env["KRT_NATS_INPUT"], request_envelope(name).SerializeToString())
+            [result] = await out.take(1)
+            assert isinstance(result, KreNatsMessage) and result.error == ""
+    visits = await docs_in(motor_reader, mongo_db_name, "visits", {"name": {"$exists": True}})
+    assert sorted(v["name"] for v in visits) == sorted(names)
+    predictions = await docs_in(motor_reader, mongo_db_name, "classificationMetrics", {"versionName": "v1"})
+    assert sorted(p["predictedValue"] for p in predictions) == ["long", "short", "short"]
+    points = [p for p in await tsdb.points("visits", expect=3) if p["tags"].get("node") == node]
+    assert sorted(p["fields"]["count"] for p in points) == [1, 1, 2]
+    assert {p["tags"]["first"] for p in points} == {"true", "false"}
+    elapsed = [p for p in await tsdb.points("node_elapsed_time", expect=3) if p["tags"].get("node") == node]
+    assert len(elapsed) == 3 and all(p["fields"]["elapsed_ms"] >= 0 for p in elapsed)
