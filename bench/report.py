@@ -1,0 +1,97 @@
+"""Turning per-round results into the printed tables: medians, and ratios taken within each round."""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Sequence
+
+__all__ = ["Rounds", "extras_table", "main_table", "median_ratio", "targets"]
+
+Rounds = list[dict[str, float]]  # one dict of metric -> value per round
+
+# (key, label, format) of the head-to-head table.
+_MAIN_METRICS = (
+    ("drain", "backlog drain, msgs/s", "{:,.0f}"),
+    ("live", "live producer, msgs/s", "{:,.0f}"),
+    ("lat1_p50", "latency 1 in flight p50, ms", "{:.2f}"),
+    ("lat1_p99", "latency 1 in flight p99, ms", "{:.2f}"),
+    ("paced_p50", "latency @ paced rate p50, ms", "{:.2f}"),
+    ("paced_p99", "latency @ paced rate p99, ms", "{:.2f}"),
+    ("cpu_us", "node CPU per msg (drain), µs", "{:.1f}"),
+    ("rss_idle", "node RSS idle after start, MB", "{:.1f}"),
+    ("rss_after", "node RSS after the run, MB", "{:.1f}"),
+)
+
+
+def _median(rounds: Rounds, key: str) -> float | None:
+    values = [r[key] for r in rounds if key in r]
+    return statistics.median(values) if values else None
+
+
+def median_ratio(numerator: Rounds, denominator: Rounds, key: str) -> float | None:
+    """Median over rounds of numerator/denominator, each ratio from the same round."""
+    ratios = [a[key] / b[key] for a, b in zip(numerator, denominator, strict=False) if key in a and b.get(key)]
+    return statistics.median(ratios) if ratios else None
+
+
+def _cell(value: float | None, fmt: str) -> str:
+    return "—" if value is None else fmt.format(value)
+
+
+def main_table(reference: Rounds, kre: Rounds, paced_rate: int) -> str:
+    head = f"{'metric (median of rounds)':<34} {'reference':>11} {'kre-runner':>11} {'kre/ref':>8}"
+    lines = [head, "-" * len(head)]
+    for key, label, fmt in _MAIN_METRICS:
+        label = label.replace("paced rate", f"{paced_rate} msg/s")
+        ratio = median_ratio(kre, reference, key)
+        lines.append(f"{label:<34} {_cell(_median(reference, key), fmt):>11} {_cell(_median(kre, key), fmt):>11} "
+                     f"{_cell(ratio, '{:.2f}'):>8}")
+    return "\n".join(lines)
+
+
+def extras_table(kre: Rounds, extras: dict[str, Rounds], io_inflight: Sequence[int]) -> str:
+    """kre-runner features priced against kre-runner itself, in the same rounds."""
+    head = f"{'kre-runner variant (backlog drain)':<44} {'msgs/s':>9} {'ratio':>7}  meaning"
+    lines = [head, "-" * (len(head) + 30)]
+    lines.append(f"{'sync handler (as above)':<44} {_cell(_median(kre, 'drain'), '{:,.0f}'):>9}")
+    measured = extras.get("measured", [])
+    ratio = median_ratio(measured, kre, "drain")
+    cost = _cell(None if ratio is None else 1 - ratio, "{:.0%}")
+    lines.append(f"{'+ ctx.measurement.save once per message':<44} {_cell(_median(measured, 'drain'), '{:,.0f}'):>9} "
+                 f"{_cell(ratio, '{:.2f}'):>7}  of sync handler (cost {cost})")
+    cpu = extras.get("async", [])
+    lines.append(f"{'async handler, no I/O (async CPU limit)':<44} {_cell(_median(cpu, 'drain'), '{:,.0f}'):>9}")
+    for n in io_inflight:
+        rounds = extras.get(f"io{n}", [])
+        ideal = [{"drain": min(c["drain"], n / 0.01)} for c in cpu]
+        ratio = median_ratio(rounds, ideal, "drain")
+        lines.append(f"{f'async 10 ms I/O, KRT_MAX_INFLIGHT={n}':<44} {_cell(_median(rounds, 'drain'), '{:,.0f}'):>9} "
+                     f"{_cell(ratio, '{:.2f}'):>7}  of min(async CPU limit, {n}/10 ms = {n * 100:,}/s)")
+    return "\n".join(lines)
+
+
+def _check(ok: bool | None) -> str:
+    return "n/a " if ok is None else ("met " if ok else "MISS")
+
+
+def targets(reference: Rounds, kre: Rounds, extras: dict[str, Rounds], io_inflight: Sequence[int]) -> str:
+    lines = []
+    drain = median_ratio(kre, reference, "drain")
+    lines.append(f"[{_check(None if drain is None else drain >= 0.9)}] backlog drain ≥ 0.9 × reference: "
+                 f"{_cell(drain, '{:.2f}')}")
+    p99 = _median(kre, "paced_p99")
+    lines.append(f"[{_check(None if p99 is None else p99 <= 1.2)}] p99 ≤ 1.2 ms at the paced rate: "
+                 f"{_cell(p99, '{:.2f}')} ms")
+    rss = max((r["rss_idle"] for r in kre), default=None)
+    lines.append(f"[{_check(None if rss is None else rss <= 80)}] RSS idle ≤ 80 MB: {_cell(rss, '{:.1f}')} MB "
+                 f"(worst round; flatness over 1M messages: --soak)")
+    cpu = extras.get("async", [])
+    for n in io_inflight:
+        ideal = [{"drain": min(c["drain"], n / 0.01)} for c in cpu]
+        ratio = median_ratio(extras.get(f"io{n}", []), ideal, "drain")
+        lines.append(f"[{_check(None if ratio is None else ratio >= 0.9)}] async 10 ms I/O, N={n}: "
+                     f"≥ 0.9 × min(CPU limit, N/10 ms): {_cell(ratio, '{:.2f}')}")
+    ratio = median_ratio(extras.get("measured", []), kre, "drain")
+    lines.append(f"[{_check(None if ratio is None else ratio >= 0.9)}] ctx.measurement per message costs ≤ 10 %: "
+                 f"{_cell(None if ratio is None else 1 - ratio, '{:.1%}')}")
+    return "\n".join(lines)
