@@ -27,10 +27,16 @@ IN = f"{STREAM}.greeter"
 OUT = f"{STREAM}.out"
 
 
-def _stop(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM, timeout: float = 30) -> str:
-    if proc.poll() is None:
+def _stop(proc: subprocess.Popen[bytes], sig: int | None = signal.SIGTERM, timeout: float = 30) -> str:
+    """Signal ``proc`` (unless ``sig`` is None) and collect its output; kill it if it hangs."""
+    if sig is not None and proc.poll() is None:
         proc.send_signal(sig)
-    out, _ = proc.communicate(timeout=timeout)
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, _ = proc.communicate()
+        raise AssertionError(f"process did not exit within {timeout}s:\n{out.decode(errors='replace')}") from None
     return out.decode(errors="replace")
 
 
@@ -133,24 +139,24 @@ async def test_cli_exits_1_with_a_clear_message_when_the_handler_has_a_syntax_er
     (tmp_path / "broken.py").write_text("def handler(ctx, data)\n    return data\n")
     env = node_env(nats_server.url, "broken.py", KRT_BASE_PATH=str(tmp_path))
     proc = start_process(env)
-    out, _ = proc.communicate(timeout=30)
+    out = _stop(proc, None)
     assert proc.returncode == 1
-    assert "cannot start: syntax error in" in out.decode() and "broken.py:1" in out.decode()
+    assert "cannot start: syntax error in" in out and "broken.py:1" in out
 
 
 def test_cli_exits_1_when_nats_is_unreachable():
     env = node_env("nats://127.0.0.1:1", "greet.py")
     started = time.monotonic()
     proc = start_process(env)
-    out, _ = proc.communicate(timeout=60)
+    out = _stop(proc, None, timeout=60)
     assert proc.returncode == 1
-    assert "cannot connect to NATS at nats://127.0.0.1:1 (KRT_NATS_SERVER)" in out.decode()
+    assert "cannot connect to NATS at nats://127.0.0.1:1 (KRT_NATS_SERVER)" in out
     assert time.monotonic() - started < 40
 
 
 async def test_cli_never_logs_the_nats_password(nats_server, workflow_stream):
     env = node_env("nats://kre:s3cr3t-pw@127.0.0.1:1", "greet.py")
     proc = start_process(env)
-    out, _ = proc.communicate(timeout=60)
-    assert "s3cr3t-pw" not in out.decode()
-    assert "kre:***@127.0.0.1:1" in out.decode()
+    out = _stop(proc, None, timeout=60)
+    assert "s3cr3t-pw" not in out
+    assert "kre:***@127.0.0.1:1" in out

@@ -43,7 +43,7 @@ from .config import Settings
 from .context import Context
 from .envelope import EnvelopeError, KreNatsMessage, decode, encode, now_iso
 from .handler import UserCode
-from .publisher import PubAckPublisher
+from .publisher import PubAckPublisher, Wire
 
 __all__ = ["Consumer", "SetupError", "early_reply"]
 
@@ -101,8 +101,10 @@ class Consumer:
         self._ctx = ctx
         self._log = logger
         self._record_elapsed = record_elapsed
-        self._publisher = PubAckPublisher(nc, settings.publish_timeout)
+        self._wire = Wire(nc)
+        self._publisher = PubAckPublisher(nc, self._wire, settings.publish_timeout, self._stored)
         self._pool = ThreadPoolExecutor(settings.handler_threads, "kre-handler") if settings.handler_threads else None
+        self._inline = not code.handler_is_async and self._pool is None  # handler runs in the inbox callback
         self._error_subject = settings.entrypoint_subject or settings.output_subject
         self._limit = 1024 * 1024 - _HEADER_ROOM
         self._pull_subject = f"$JS.API.CONSUMER.MSG.NEXT.{settings.stream}.{settings.consumer_name}"
@@ -257,7 +259,7 @@ class Consumer:
         self._requested += want
         request = b'{"batch":%d,"expires":%d,"idle_heartbeat":%d}' % (want, _PULL_EXPIRES * 1e9, _HEARTBEAT * 1e9)
         try:
-            await self._nc.publish(self._pull_subject, request, reply=self._inbox)
+            await self._wire.publish(self._pull_subject, request, self._inbox)
         except Exception as exc:
             self._requested -= want
             self._log.warning("pull request failed: %s", exc)
@@ -303,7 +305,7 @@ class Consumer:
     async def _on_delivery(self, msg: Msg) -> None:
         """Inbox callback: status messages, or one input message."""
         self._last_seen = time.monotonic()
-        if not msg.reply:
+        if not msg.reply:  # only JetStream status messages (heartbeats, request ends) have no reply
             self._on_status(msg)
             await self._pull()
             return
@@ -321,10 +323,10 @@ class Consumer:
         self._idle.clear()
         if delivered > 1:
             self._log.info("input seq %d redelivered (delivery %d)", seq, delivered)
-        if self._code.handler_is_async or self._pool is not None:
-            job.task = asyncio.create_task(self._process(job, msg.data))
-        else:
+        if self._inline:
             await self._process(job, msg.data)
+        else:
+            job.task = asyncio.create_task(self._process(job, msg.data))
 
     async def _process(self, job: _Job, data: bytes) -> None:
         try:
@@ -341,7 +343,10 @@ class Consumer:
         began = time.perf_counter()
         token = _current_job.set((self, job))
         try:
-            result = await self._call_handler(envelope.payload)
+            if self._inline:
+                result = self._code.handler(self._ctx, envelope.payload)
+            else:
+                result = await self._call_handler(envelope.payload)
         except Exception as exc:
             self._log.warning("handler failed on input seq %d: %s: %s", job.seq, type(exc).__name__, exc,
                               exc_info=self._log.isEnabledFor(logging.DEBUG))
@@ -385,7 +390,8 @@ class Consumer:
             del envelope.tracking[-1]
             await self._publish_error(job, envelope, str(exc), start)
             return
-        await self._send(job, self._s.output_subject, data, job.msg_id)
+        job.refs += 1
+        await self._publisher.publish(self._s.output_subject, data, job.msg_id, job)
 
     async def _publish_error(self, job: _Job, envelope: KreNatsMessage, reason: str, start: str) -> None:
         """An error envelope keeps tracking_id, reply and tracking so the entrypoint can match it."""
@@ -431,13 +437,13 @@ class Consumer:
 
     async def _send(self, job: _Job, subject: str, data: bytes, msg_id: str) -> None:
         job.refs += 1
+        await self._publisher.publish(subject, data, msg_id, job)
 
-        async def stored(error: str | None) -> None:
-            if error is not None:
-                job.failed = f"{subject}: {error}"
-            await self._release(job)
-
-        await self._publisher.publish(subject, data, msg_id, stored)
+    async def _stored(self, job: _Job, error: str | None) -> None:
+        """A publish of ``job`` is settled: stored (``error`` None) or not."""
+        if error is not None:
+            job.failed = error
+        await self._release(job)
 
     async def _release(self, job: _Job) -> None:
         """Drop one reference; the last one decides: ack only when every publish was stored."""
@@ -458,12 +464,13 @@ class Consumer:
             await self._start(self._backlog.popleft())
         if not self._jobs:
             self._idle.set()
-        await self._pull()
+        if self._s.max_inflight - len(self._jobs) - self._requested >= self._batch:
+            await self._pull()
 
     async def _safe_publish(self, subject: str, data: bytes) -> None:
         """Acks and naks: if one is lost, the ack wait redelivers and Nats-Msg-Id dedupes the output."""
         try:
-            await self._nc.publish(subject, data)
+            await self._wire.publish(subject, data)
         except Exception as exc:
             self._log.warning("could not send %s to %s: %s", data[:4].decode(), subject, exc)
 
