@@ -15,37 +15,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import shutil
-import socket
-import subprocess
-import tempfile
 import time
 import urllib.parse
 import urllib.request
 import uuid
 from typing import Any
 
-from kre_runner.embedded import free_port
+from kre_runner.embedded_data import EmbeddedVictoriaMetrics
 from kre_runner.sinks.influx import InfluxSink, Measurement
-
-
-def _start_victoria_metrics() -> tuple[subprocess.Popen[bytes], str, str]:
-    binary = shutil.which("victoria-metrics") or "/usr/bin/victoria-metrics"
-    port = free_port()
-    data = tempfile.mkdtemp(prefix="kre-bench-vm-")
-    proc = subprocess.Popen([binary, f"-httpListenAddr=127.0.0.1:{port}", f"-storageDataPath={data}",
-                             "-loggerLevel=ERROR", "-retentionPeriod=100y"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 20
-    while True:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                break
-        except OSError:
-            if time.monotonic() > deadline or proc.poll() is not None:
-                raise RuntimeError("victoria-metrics did not start") from None
-            time.sleep(0.05)
-    return proc, f"http://127.0.0.1:{port}", data
 
 
 def _count_samples(url: str, metric: str) -> int:
@@ -110,18 +87,13 @@ def main() -> None:
     print(f"| Measurement.save (100k, 1 user tag + 3 system tags, 4 fields) | {save_rate:,.0f} | "
           f"{1e6 / save_rate:.2f} µs |")
 
-    proc, url, data = _start_victoria_metrics()
-    try:
+    with EmbeddedVictoriaMetrics() as server:
         for batch in (1000, 5000):
-            result = asyncio.run(_bench_end_to_end(url, args.points, batch))
+            result = asyncio.run(_bench_end_to_end(server.url, args.points, batch))
             print(f"| end to end into VictoriaMetrics, batch {batch} ({result['points']:,} points, "
                   f"added in {result['add_s']:.2f}s, all written after {result['elapsed_s']:.2f}s; "
                   f"stored {result['stored']:,}, dropped {result['dropped']}, failed writes {result['failed']}) "
                   f"| {result['rate']:,.0f} | {1e6 / result['rate']:.2f} µs |")
-    finally:
-        proc.terminate()
-        proc.wait(10)
-        shutil.rmtree(data, ignore_errors=True)
 
 
 if __name__ == "__main__":
