@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import gzip
 import sys
-from datetime import datetime
+from datetime import datetime, timezone
 
 import pytest
 from kre_helpers import request_envelope
@@ -175,7 +175,7 @@ def test_elapsed_points_carry_the_original_tags_and_fields():
     settings = Settings.from_env({**BASE_ENV, "KRT_IS_LAST_NODE": "true"})
     record = ElapsedRecorder(settings, lines.append)
     envelope = request_envelope("a", tracking_id='t"1')
-    record(envelope, datetime(2026, 1, 1, 0, 0, 1), 2.5)
+    record(envelope, datetime(2026, 1, 1, 0, 0, 1, tzinfo=timezone.utc).timestamp(), 2.5)
     node_line, workflow_line = lines
     assert node_line.startswith("node_elapsed_time,node=node\\ a,version=v1.2.0,workflow=wf elapsed_ms=2.5,")
     assert 'node_from="entrypoint"' in node_line and 'tracking_id="t\\"1"' in node_line
@@ -186,7 +186,7 @@ def test_elapsed_points_carry_the_original_tags_and_fields():
 def test_elapsed_points_do_not_crash_without_tracking():
     lines: list[str] = []
     record = ElapsedRecorder(Settings.from_env({**BASE_ENV, "KRT_IS_LAST_NODE": "true"}), lines.append)
-    record(KreNatsMessage(tracking_id="t"), datetime(2026, 1, 1), 1.0)
+    record(KreNatsMessage(tracking_id="t"), 1767225600.0, 1.0)
     assert len(lines) == 1 and 'node_from=""' in lines[0] and "waiting_ms=0.0" in lines[0]
 
 
@@ -253,3 +253,17 @@ def test_readme_documents_every_variable():
     readme = (Path(__file__).parents[1] / "README.md").read_text()
     missing = [name for name, *_ in VARIABLES if f"`{name}`" not in readme]
     assert not missing, f"README lacks {missing}"
+
+
+def test_tracking_clock_matches_the_original_timestamp_format():
+    from datetime import timezone as tz
+
+    from kre_runner.envelope import TrackingClock
+
+    clock = TrackingClock()
+    ts, text = clock.now()
+    parsed = datetime.fromisoformat(text)
+    assert parsed.tzinfo is None and len(text) == 26  # 2026-01-01T00:00:00.000000
+    assert abs(parsed.replace(tzinfo=tz.utc).timestamp() - ts) < 1e-5
+    later = clock.now()[1]
+    assert later >= text

@@ -27,7 +27,6 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
-from datetime import datetime, timezone
 from typing import Any
 
 from google.protobuf.any_pb2 import Any as AnyProto
@@ -41,7 +40,7 @@ from nats.js.errors import NotFoundError
 
 from .config import Settings
 from .context import Context
-from .envelope import EnvelopeError, KreNatsMessage, decode, encode, now_iso
+from .envelope import EnvelopeError, KreNatsMessage, TrackingClock, decode, encode
 from .handler import UserCode
 from .publisher import PubAckPublisher, Wire
 
@@ -92,7 +91,7 @@ class Consumer:
         ctx: Context,
         logger: logging.Logger,
         *,
-        record_elapsed: Callable[[KreNatsMessage, datetime, float], None] | None = None,
+        record_elapsed: Callable[[KreNatsMessage, float, float], None] | None = None,
     ) -> None:
         self._s = settings
         self._code = code
@@ -101,6 +100,7 @@ class Consumer:
         self._ctx = ctx
         self._log = logger
         self._record_elapsed = record_elapsed
+        self._clock = TrackingClock()
         self._wire = Wire(nc)
         self._publisher = PubAckPublisher(nc, self._wire, settings.publish_timeout, self._stored)
         self._pool = ThreadPoolExecutor(settings.handler_threads, "kre-handler") if settings.handler_threads else None
@@ -334,12 +334,11 @@ class Consumer:
         except EnvelopeError as exc:
             self._log.warning("input seq %d is not a valid envelope: %s", job.seq, exc)
             await self._publish_error(job, KreNatsMessage(), f"invalid input message at seq {job.seq}: {exc}",
-                                      now_iso())
+                                      self._clock.now()[1])
             await self._release(job)
             return
         job.envelope = envelope
-        started = datetime.now(timezone.utc).replace(tzinfo=None)
-        start = started.isoformat()
+        started, start = self._clock.now()
         began = time.perf_counter()
         token = _current_job.set((self, job))
         try:
@@ -383,7 +382,7 @@ class Consumer:
                                       f"protobuf message, google.protobuf.Any or None", start)
             return
         envelope.replied = envelope.replied or job.replied
-        _append_tracking(envelope, self._s.node_name, start)
+        self._append_tracking(envelope, start)
         try:
             data = encode(envelope, self._limit)
         except EnvelopeError as exc:
@@ -403,7 +402,7 @@ class Consumer:
             error=f"error in '{self._s.node_name}': {reason}",
         )
         error.tracking.extend(envelope.tracking)
-        _append_tracking(error, self._s.node_name, start)
+        self._append_tracking(error, start)
         # Same Nats-Msg-Id as an output: a redelivered input yields one result or one error, never both.
         await self._send(job, self._error_subject, encode(error, self._limit), job.msg_id)
 
@@ -467,6 +466,12 @@ class Consumer:
         if self._s.max_inflight - len(self._jobs) - self._requested >= self._batch:
             await self._pull()
 
+    def _append_tracking(self, envelope: KreNatsMessage, start: str) -> None:
+        entry = envelope.tracking.add()
+        entry.node_name = self._s.node_name
+        entry.start = start
+        entry.end = self._clock.now()[1]
+
     async def _safe_publish(self, subject: str, data: bytes) -> None:
         """Acks and naks: if one is lost, the ack wait redelivers and Nats-Msg-Id dedupes the output."""
         try:
@@ -484,11 +489,6 @@ def early_reply(response: Message) -> Awaitable[None]:
     return consumer._early_reply(job, response)
 
 
-def _append_tracking(envelope: KreNatsMessage, node: str, start: str) -> None:
-    entry = envelope.tracking.add()
-    entry.node_name = node
-    entry.start = start
-    entry.end = now_iso()
 
 
 def _parse_ack_subject(reply: str) -> tuple[str, int, int]:

@@ -9,10 +9,9 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from datetime import datetime, timezone
 
 from .config import Settings
-from .envelope import KreNatsMessage, parse_iso
+from .envelope import KreNatsMessage, iso_to_unix
 
 __all__ = ["ElapsedRecorder"]
 
@@ -35,7 +34,8 @@ class ElapsedRecorder:
         self._node_prefix = f"node_elapsed_time,node={_tag(settings.node_name)},{base} "
         self._workflow_prefix = f"workflow_elapsed_time,{base} "
 
-    def __call__(self, envelope: KreNatsMessage, started: datetime, elapsed_ms: float) -> None:
+    def __call__(self, envelope: KreNatsMessage, started: float, elapsed_ms: float) -> None:
+        """``started``: Unix time the handler started; ``elapsed_ms``: how long it ran."""
         now_ns = time.time_ns()
         tracking = envelope.tracking
         tracking_id = _string_field(envelope.tracking_id)
@@ -44,14 +44,13 @@ class ElapsedRecorder:
         if tracking:  # the original crashed on a message without tracking entries
             previous = tracking[-1]
             node_from = _string_field(previous.node_name)
-            previous_end = parse_iso(previous.end)
+            previous_end = iso_to_unix(previous.end)
             if previous_end is not None:
-                waiting_ms = (started - previous_end).total_seconds() * 1000.0
+                waiting_ms = (started - previous_end) * 1000.0
         self._add(f"{self._node_prefix}elapsed_ms={elapsed_ms},node_from={node_from},"
                   f"tracking_id={tracking_id},waiting_ms={waiting_ms} {now_ns}")
         if self._is_last and tracking:
-            first_start = parse_iso(tracking[0].start)
+            first_start = iso_to_unix(tracking[0].start)
             if first_start is not None:
-                now = datetime.fromtimestamp(now_ns / 1e9, timezone.utc).replace(tzinfo=None)
-                total_ms = (now - first_start).total_seconds() * 1000.0
+                total_ms = (now_ns / 1e9 - first_start) * 1000.0
                 self._add(f"{self._workflow_prefix}elapsed_ms={total_ms},tracking_id={tracking_id} {now_ns}")
