@@ -12,16 +12,13 @@ from collections.abc import Callable
 
 from .config import Settings
 from .envelope import KreNatsMessage, iso_to_unix
+from .sinks.influx import escape_field_str, escape_tag
 
 __all__ = ["ElapsedRecorder"]
 
 
-def _tag(value: str) -> str:
-    return value.replace("\\", "\\\\").replace(",", "\\,").replace("=", "\\=").replace(" ", "\\ ")
-
-
 def _string_field(value: str) -> str:
-    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return f'"{escape_field_str(value)}"'
 
 
 class ElapsedRecorder:
@@ -30,8 +27,8 @@ class ElapsedRecorder:
     def __init__(self, settings: Settings, add_line: Callable[[str], None]) -> None:
         self._add = add_line
         self._is_last = settings.is_last_node
-        base = f"version={_tag(settings.version)},workflow={_tag(settings.workflow_name)}"
-        self._node_prefix = f"node_elapsed_time,node={_tag(settings.node_name)},{base} "
+        base = f"version={escape_tag(settings.version)},workflow={escape_tag(settings.workflow_name)}"
+        self._node_prefix = f"node_elapsed_time,node={escape_tag(settings.node_name)},{base} "
         self._workflow_prefix = f"workflow_elapsed_time,{base} "
 
     def __call__(self, envelope: KreNatsMessage, started: float, elapsed_ms: float) -> None:
