@@ -29,7 +29,7 @@ import nats
 from nodes import NodeSpec
 from report import Rounds, extras_table, main_table, targets
 from scenarios import Sizes, measure_node
-from servers import EmbeddedNats, VictoriaMetrics, find_victoria_metrics
+from servers import EmbeddedNats, EmbeddedVictoriaMetrics, victoria_metrics_available
 from soak import soak
 
 IO_INFLIGHT = (64, 256)
@@ -110,12 +110,12 @@ def main() -> int:
     args = parser.parse_args()
     if args.quick:
         args.rounds, args.messages, args.latency_samples, args.paced_seconds = 1, 2000, 100, 1.0
-    vm_binary = None if args.no_influx else find_victoria_metrics()
-    if not args.no_influx and vm_binary is None:
+    use_vm = not args.no_influx and victoria_metrics_available()
+    if not args.no_influx and not use_vm:
         print("victoria-metrics not found (apt-get install -y victoria-metrics): running without KRT_INFLUX_URI")
     with ExitStack() as stack:
         server = stack.enter_context(EmbeddedNats())
-        influx = stack.enter_context(VictoriaMetrics(vm_binary)).url if vm_binary else None
+        influx = stack.enter_context(EmbeddedVictoriaMetrics()).url if use_vm else None
         log_dir = args.logs or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="kre-bench-logs-")))
         log_dir.mkdir(parents=True, exist_ok=True)
         if args.soak:

@@ -24,7 +24,7 @@ from nodes import BENCH_DIR, NodeProcess, NodeSpec
 from procstat import cpu_seconds, rss_mb
 from publisher import FastPublisher
 
-__all__ = ["Sizes", "measure_node"]
+__all__ = ["Sizes", "measure_node", "preload"]
 
 
 @dataclass(frozen=True)
@@ -55,7 +55,7 @@ class _Collector:
             self.complete.set()
 
 
-async def _preload(nc: Client, count: int) -> None:
+async def preload(nc: Client, count: int) -> None:
     publisher = await FastPublisher(nc).start()
     for _ in range(count):
         await publisher.publish(INPUT, make_request())
@@ -136,7 +136,7 @@ async def measure_node(nc: Client, nats_url: str, spec: NodeSpec, sizes: Sizes, 
     js = nc.jetstream()
     await reset_stream(js)
     await create_consumer(js, paused=True)
-    await _preload(nc, sizes.backlog)
+    await preload(nc, sizes.backlog)
     log = log_dir / f"{spec.label.replace(':', '_')}.log" if log_dir else None
     with NodeProcess(spec, nats_url, log) as node:
         await wait_ready(js, node.alive)
