@@ -1,1 +1,1 @@
-pytest_plugins = ["nats_fixtures"]
+pytest_plugins = ["nats_fixtures", "data_fixtures"]
