@@ -52,6 +52,7 @@ _PULL_EXPIRES = 30.0  # seconds a pull request waits on the server
 _HEARTBEAT = 5.0  # server heartbeat on an open pull request; 3 missed => requests presumed lost
 _NAK_DELAYS = (0.5, 1, 2, 5, 10, 30)  # by delivery count, for inputs whose output was not stored
 _HEADER_ROOM = 512  # room left in max_payload for the Nats-Msg-Id header and protocol line
+_SLOW_INLINE_MS = 500.0  # a sync handler slower than this should run in threads: say so once
 
 # The job whose handler is running in this task/thread, and its consumer (read by ctx.early_reply).
 _current_job: contextvars.ContextVar[tuple[Consumer, _Job]] = contextvars.ContextVar("kre_current_job")
@@ -120,6 +121,7 @@ class Consumer:
         self._loop_thread = threading.get_ident()
         self._idle = asyncio.Event()
         self._idle.set()
+        self._warned_slow = False
         self.processed = 0
         self.errors = 0
 
@@ -355,6 +357,10 @@ class Consumer:
         finally:
             _current_job.reset(token)
         elapsed_ms = (time.perf_counter() - began) * 1000.0
+        if self._inline and elapsed_ms > _SLOW_INLINE_MS and not self._warned_slow:
+            self._warned_slow = True
+            self._log.warning("the sync handler blocked the event loop for %.0f ms (acks, PubAcks and heartbeats "
+                              "wait meanwhile): set KRT_HANDLER_THREADS to run it in threads", elapsed_ms)
         if self._record_elapsed is not None:
             self._record_elapsed(envelope, started, elapsed_ms)
         if result is not None and not (self._s.is_last_node and (envelope.replied or job.replied)):
