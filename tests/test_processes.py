@@ -96,7 +96,8 @@ async def test_redelivered_input_does_not_duplicate_its_output(nats_server, js, 
     """Replica A freezes mid-message past the ack wait; B gets the redelivery; A wakes up and publishes too."""
     out = await Collector(js, OUT).start()
     env = node_env(nats_server.url, "slow.py", KRT_ACK_WAIT="1.5", SLOW_SECONDS="0.5")
-    a = start_process(env)
+    # A asks for one message at a time, so once frozen it holds no pull request the redelivery could go to.
+    a = start_process({**env, "KRT_MAX_INFLIGHT": "1"})
     b = None
     try:
         await wait_ready(js, "v1-greeter")

@@ -101,5 +101,6 @@ async def run_node(settings: Settings, stop: asyncio.Event, logger: logging.Logg
         return consumer
     finally:
         if services is not None:
-            await services.close(settings.shutdown_grace)
+            # In-flight messages already had their grace; a down InfluxDB must not hold the pod much longer.
+            await services.close(min(5.0, settings.shutdown_grace))
         await nc.close()
