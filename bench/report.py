@@ -49,24 +49,31 @@ def main_table(reference: Rounds, kre: Rounds, paced_rate: int) -> str:
     return "\n".join(lines)
 
 
+def _row(label: str, rounds: Rounds, ratio: float | None = None, meaning: str = "") -> str:
+    ratio_cell = "" if ratio is None else _cell(ratio, "{:.2f}")
+    return f"{label:<44} {_cell(_median(rounds, 'drain'), '{:,.0f}'):>9} {ratio_cell:>7}  {meaning}".rstrip()
+
+
 def extras_table(kre: Rounds, extras: dict[str, Rounds], io_inflight: Sequence[int]) -> str:
     """kre-runner features priced against kre-runner itself, in the same rounds."""
     head = f"{'kre-runner variant (backlog drain)':<44} {'msgs/s':>9} {'ratio':>7}  meaning"
-    lines = [head, "-" * (len(head) + 30)]
-    lines.append(f"{'sync handler (as above)':<44} {_cell(_median(kre, 'drain'), '{:,.0f}'):>9}")
+    lines = [head, "-" * (len(head) + 30), _row("sync handler (as above)", kre)]
+    plain = extras.get("no_influx", [])
+    if plain:
+        cpu = f"CPU {_cell(_median(plain, 'cpu_us'), '{:.1f}')} vs {_cell(_median(kre, 'cpu_us'), '{:.1f}')} µs/msg"
+        lines.append(_row("without KRT_INFLUX_URI (no elapsed metrics)", plain, median_ratio(plain, kre, "drain"),
+                          f"of sync handler; {cpu}"))
     measured = extras.get("measured", [])
     ratio = median_ratio(measured, kre, "drain")
     cost = _cell(None if ratio is None else 1 - ratio, "{:.0%}")
-    lines.append(f"{'+ ctx.measurement.save once per message':<44} {_cell(_median(measured, 'drain'), '{:,.0f}'):>9} "
-                 f"{_cell(ratio, '{:.2f}'):>7}  of sync handler (cost {cost})")
-    cpu = extras.get("async", [])
-    lines.append(f"{'async handler, no I/O (async CPU limit)':<44} {_cell(_median(cpu, 'drain'), '{:,.0f}'):>9}")
+    lines.append(_row("+ ctx.measurement.save once per message", measured, ratio, f"of sync handler (cost {cost})"))
+    cpu_limit = extras.get("async", [])
+    lines.append(_row("async handler, no I/O (async CPU limit)", cpu_limit))
     for n in io_inflight:
         rounds = extras.get(f"io{n}", [])
-        ideal = [{"drain": min(c["drain"], n / 0.01)} for c in cpu]
-        ratio = median_ratio(rounds, ideal, "drain")
-        lines.append(f"{f'async 10 ms I/O, KRT_MAX_INFLIGHT={n}':<44} {_cell(_median(rounds, 'drain'), '{:,.0f}'):>9} "
-                     f"{_cell(ratio, '{:.2f}'):>7}  of min(async CPU limit, {n}/10 ms = {n * 100:,}/s)")
+        ideal = [{"drain": min(c["drain"], n / 0.01)} for c in cpu_limit]
+        lines.append(_row(f"async 10 ms I/O, KRT_MAX_INFLIGHT={n}", rounds, median_ratio(rounds, ideal, "drain"),
+                          f"of min(async CPU limit, {n}/10 ms = {n * 100:,}/s)"))
     return "\n".join(lines)
 
 

@@ -71,7 +71,9 @@ async def bench(args: argparse.Namespace, nats_url: str, influx: str | None, log
     for n in IO_INFLIGHT:
         io_sizes = Sizes(_io_count(n, sizes.backlog), 0, 0, 0)
         variants[f"io{n}"] = (NodeSpec("kre-runner", "handler_io", max_inflight=n, influx_url=influx), io_sizes)
-    if not influx:
+    if influx:
+        variants["no_influx"] = (NodeSpec("kre-runner"), sizes)
+    else:
         del variants["measured"]  # ctx.measurement needs KRT_INFLUX_URI
     try:
         for round_no in range(1, args.rounds + 1):
