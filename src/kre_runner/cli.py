@@ -41,6 +41,8 @@ def _parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="run the example workflow on an embedded NATS server")
     demo.add_argument("--requests", type=int, default=500, help="requests to send (default 500)")
     demo.add_argument("--examples", default=None, help="examples directory (default: the repository's)")
+    demo.add_argument("--no-services", action="store_true",
+                      help="leave out the node that uses MongoDB and the time-series DB")
     commands.add_parser("mongo-writer", help="serve KRT_NATS_MONGO_WRITER: insert documents sent by ctx.db.save")
     return parser
 
@@ -52,7 +54,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "demo":
         from .demo import run_demo
 
-        return asyncio.run(run_demo(args.requests, args.examples))
+        return asyncio.run(run_demo(args.requests, args.examples, services=not args.no_services))
     if args.command == "mongo-writer":
         from .mongo_writer import main as writer_main
 
