@@ -21,7 +21,7 @@ import urllib.request
 import uuid
 from typing import Any
 
-from kre_runner.embedded_data import EmbeddedVictoriaMetrics
+from kre_runner.embedded import EmbeddedVictoriaMetrics
 from kre_runner.sinks.influx import InfluxSink, Measurement
 
 

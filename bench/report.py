@@ -18,6 +18,8 @@ _MAIN_METRICS = (
     ("paced_p50", "latency @ paced rate p50, ms", "{:.2f}"),
     ("paced_p99", "latency @ paced rate p99, ms", "{:.2f}"),
     ("cpu_us", "node CPU per msg (drain), µs", "{:.1f}"),
+    ("server_cpu_us", "nats-server CPU per msg (drain), µs", "{:.1f}"),
+    ("vm_cpu_us", "VictoriaMetrics CPU per msg (drain), µs", "{:.1f}"),
     ("rss_idle", "node RSS idle after start, MB", "{:.1f}"),
     ("rss_after", "node RSS after the run, MB", "{:.1f}"),
 )
@@ -39,12 +41,12 @@ def _cell(value: float | None, fmt: str) -> str:
 
 
 def main_table(reference: Rounds, kre: Rounds, paced_rate: int) -> str:
-    head = f"{'metric (median of rounds)':<34} {'reference':>11} {'kre-runner':>11} {'kre/ref':>8}"
+    head = f"{'metric (median of rounds)':<40} {'reference':>11} {'kre-runner':>11} {'kre/ref':>8}"
     lines = [head, "-" * len(head)]
     for key, label, fmt in _MAIN_METRICS:
         label = label.replace("paced rate", f"{paced_rate} msg/s")
         ratio = median_ratio(kre, reference, key)
-        lines.append(f"{label:<34} {_cell(_median(reference, key), fmt):>11} {_cell(_median(kre, key), fmt):>11} "
+        lines.append(f"{label:<40} {_cell(_median(reference, key), fmt):>11} {_cell(_median(kre, key), fmt):>11} "
                      f"{_cell(ratio, '{:.2f}'):>8}")
     return "\n".join(lines)
 

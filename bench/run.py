@@ -29,7 +29,7 @@ import nats
 from nodes import NodeSpec
 from report import Rounds, extras_table, main_table, targets
 from scenarios import Sizes, measure_node
-from servers import EmbeddedNats, EmbeddedVictoriaMetrics, victoria_metrics_available
+from servers import EmbeddedNats, EmbeddedVictoriaMetrics, pid_of, victoria_metrics_available
 from soak import soak
 
 IO_INFLIGHT = (64, 256)
@@ -56,7 +56,8 @@ def _io_count(n: int, backlog: int) -> int:
     return max(500, min(backlog, n * 100 * 2))
 
 
-async def bench(args: argparse.Namespace, nats_url: str, influx: str | None, log_dir: Path) -> None:
+async def bench(args: argparse.Namespace, nats_url: str, influx: str | None, others: dict[str, int],
+                log_dir: Path) -> None:
     sizes = Sizes(backlog=args.messages, latency_samples=args.latency_samples, paced_rate=args.paced_rate,
                   paced_seconds=args.paced_seconds)
     print(f"conditions: {_conditions(args, sizes, influx)}", flush=True)
@@ -79,12 +80,12 @@ async def bench(args: argparse.Namespace, nats_url: str, influx: str | None, log
         for round_no in range(1, args.rounds + 1):
             started = time.monotonic()
             reference.append(await measure_node(nc, nats_url, NodeSpec("reference"), sizes, full=True,
-                                                log_dir=log_dir))
+                                                others=others, log_dir=log_dir))
             kre.append(await measure_node(nc, nats_url, NodeSpec("kre-runner", influx_url=influx), sizes,
-                                          full=True, log_dir=log_dir))
+                                          full=True, others=others, log_dir=log_dir))
             for name, (spec, variant_sizes) in variants.items():
                 extras.setdefault(name, []).append(await measure_node(nc, nats_url, spec, variant_sizes,
-                                                                      full=False, log_dir=log_dir))
+                                                                      full=False, others=others, log_dir=log_dir))
             print(f"round {round_no}/{args.rounds} ({time.monotonic() - started:.0f}s): drain reference "
                   f"{reference[-1]['drain']:,.0f}/s, kre-runner {kre[-1]['drain']:,.0f}/s", flush=True)
     finally:
@@ -117,13 +118,15 @@ def main() -> int:
         print("victoria-metrics not found (apt-get install -y victoria-metrics): running without KRT_INFLUX_URI")
     with ExitStack() as stack:
         server = stack.enter_context(EmbeddedNats())
-        influx = stack.enter_context(EmbeddedVictoriaMetrics()).url if use_vm else None
+        vm = stack.enter_context(EmbeddedVictoriaMetrics()) if use_vm else None
+        influx = vm.url if vm else None
+        others = {name: pid for name, pid in (("server", pid_of(server)), ("vm", pid_of(vm) if vm else None)) if pid}
         log_dir = args.logs or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="kre-bench-logs-")))
         log_dir.mkdir(parents=True, exist_ok=True)
         if args.soak:
             asyncio.run(soak(server.url, influx, args.soak, log_dir))
         else:
-            asyncio.run(bench(args, server.url, influx, log_dir))
+            asyncio.run(bench(args, server.url, influx, others, log_dir))
     return 0
 
 

@@ -63,14 +63,17 @@ async def preload(nc: Client, count: int) -> None:
     await publisher.close()
 
 
-async def _drain(nc: Client, node: NodeProcess, count: int) -> dict[str, float]:
-    """Unpause the consumer and time until every pre-loaded input is acked."""
+async def _drain(nc: Client, node: NodeProcess, count: int, others: dict[str, int]) -> dict[str, float]:
+    """Unpause the consumer and time until every pre-loaded input is acked; CPU per message of the
+    node and of ``others`` (name -> pid: nats-server, VictoriaMetrics), which share the cores."""
     js = nc.jetstream()
-    cpu0 = cpu_seconds(node.pid)
+    pids = {"cpu_us": node.pid, **{f"{name}_cpu_us": pid for name, pid in others.items()}}
+    cpu0 = {key: cpu_seconds(pid) for key, pid in pids.items()}
     t0 = await start_at(js)
     t1 = await wait_acked(js, count, timeout=60 + count / 500)
-    cpu1 = cpu_seconds(node.pid)
-    return {"drain": count / ((t1 - t0) / 1e9), "cpu_us": (cpu1 - cpu0) / count * 1e6}
+    result = {key: (cpu_seconds(pid) - cpu0[key]) / count * 1e6 for key, pid in pids.items()}
+    result["drain"] = count / ((t1 - t0) / 1e9)
+    return result
 
 
 async def _live(nc: Client, nats_url: str, already: int, count: int) -> float:
@@ -131,7 +134,7 @@ async def _latency_paced(nc: Client, rate: int, seconds: float) -> dict[str, flo
 
 
 async def measure_node(nc: Client, nats_url: str, spec: NodeSpec, sizes: Sizes, *, full: bool,
-                       log_dir: Path | None = None) -> dict[str, float]:
+                       others: dict[str, int] | None = None, log_dir: Path | None = None) -> dict[str, float]:
     """Run ``spec`` once: drain (always), then live, latency and RSS when ``full``."""
     js = nc.jetstream()
     await reset_stream(js)
@@ -142,7 +145,7 @@ async def measure_node(nc: Client, nats_url: str, spec: NodeSpec, sizes: Sizes, 
         await wait_ready(js, node.alive)
         await asyncio.sleep(0.5)  # let start-up settle before reading the idle RSS
         result = {"rss_idle": rss_mb(node.pid)}
-        result.update(await _drain(nc, node, sizes.backlog))
+        result.update(await _drain(nc, node, sizes.backlog, others or {}))
         if full:
             result["live"] = await _live(nc, nats_url, sizes.backlog, sizes.backlog)
             result.update(await _latency_one(nc, sizes.latency_samples))

@@ -7,10 +7,15 @@ kre-runner's InfluxSink speaks.
 
 from __future__ import annotations
 
-from kre_runner.embedded import EmbeddedNats
-from kre_runner.embedded_data import EmbeddedVictoriaMetrics, find_victoria_metrics
+from kre_runner.embedded import EmbeddedNats, EmbeddedVictoriaMetrics, find_victoria_metrics
 
-__all__ = ["EmbeddedNats", "EmbeddedVictoriaMetrics", "victoria_metrics_available"]
+__all__ = ["EmbeddedNats", "EmbeddedVictoriaMetrics", "pid_of", "victoria_metrics_available"]
+
+
+def pid_of(server: EmbeddedNats | EmbeddedVictoriaMetrics) -> int | None:
+    """The launched process's pid, to read its CPU time (the launchers keep it in ``_proc``)."""
+    proc = getattr(server, "_proc", None)
+    return None if proc is None else proc.pid
 
 
 def victoria_metrics_available() -> bool:
