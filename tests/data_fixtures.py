@@ -25,7 +25,7 @@ from typing import Any
 
 import pytest
 
-from kre_runner.embedded_data import (
+from kre_runner.embedded import (
     EmbeddedMongo,
     EmbeddedVictoriaMetrics,
     find_nx_27017,

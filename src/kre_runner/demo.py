@@ -25,8 +25,7 @@ from google.protobuf.any_pb2 import Any as AnyProto
 from nats.js.api import AckPolicy, ConsumerConfig, RetentionPolicy, StreamConfig
 
 from .config import redact_url
-from .embedded import EmbeddedNats
-from .embedded_data import EmbeddedMongo, EmbeddedVictoriaMetrics
+from .embedded import EmbeddedMongo, EmbeddedNats, EmbeddedVictoriaMetrics
 from .envelope import KreNatsMessage, decode, now_iso
 from .publisher import PubAckPublisher, Wire
 

