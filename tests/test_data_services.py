@@ -229,7 +229,7 @@ async def test_mongo_writer_process_serves_and_stops_on_sigterm(nats_server: Emb
     env = {**os.environ, "KRT_NATS_SERVER": nats_server.url, "KRT_NATS_MONGO_WRITER": subject,
            "KRT_MONGO_URI": mongo_uri, "KRT_MONGO_DB": mongo_db_name}
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-c", "import os, sys\nfrom kre_runner.mongo_writer import main\nsys.exit(main(os.environ))",
+        sys.executable, "-m", "kre_runner", "mongo-writer",
         env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
     try:
         services = await open_checked(settings(KRT_NATS_MONGO_WRITER=subject, KRT_MONGO_DB=mongo_db_name), nc)

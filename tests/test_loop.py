@@ -18,9 +18,9 @@ from kre_helpers import (
     wait_settled,
 )
 
+from kre_runner.connection import StartupError
 from kre_runner.envelope import KreNatsMessage
 from kre_runner.handler import HandlerLoadError
-from kre_runner.node import StartupError
 
 pytestmark = pytest.mark.integration
 

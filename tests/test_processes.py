@@ -161,3 +161,16 @@ async def test_cli_never_logs_the_nats_password(nats_server, workflow_stream):
     out = _stop(proc, None, timeout=60)
     assert "s3cr3t-pw" not in out
     assert "kre:***@127.0.0.1:1" in out
+
+
+def test_mongo_writer_cli_config_error_and_unreachable_nats():
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KRT_")}
+    bad = subprocess.run([sys.executable, "-m", "kre_runner", "mongo-writer"], env=env, capture_output=True,
+                         text=True, timeout=30)
+    assert bad.returncode == 2 and "KRT_NATS_MONGO_WRITER is not set" in bad.stderr
+    env.update({"KRT_NATS_SERVER": "nats://127.0.0.1:1", "KRT_NATS_MONGO_WRITER": "mongo_writer_data.demo",
+                "KRT_MONGO_URI": "mongodb://127.0.0.1:1", "KRT_RUNTIME_ID": "demo"})
+    unreachable = subprocess.run([sys.executable, "-m", "kre_runner", "mongo-writer"], env=env, capture_output=True,
+                                 text=True, timeout=60)
+    assert unreachable.returncode == 1
+    assert "cannot connect to NATS at nats://127.0.0.1:1" in unreachable.stdout

@@ -4,17 +4,20 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import os
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import Any
 
 from . import __version__
 from .config import VARIABLES, ConfigError, Settings
+from .connection import StartupError
 from .consumer import SetupError
 from .handler import HandlerLoadError
 from .logs import configure_logging
-from .node import StartupError, run_node
+from .node import run_node
 
 __all__ = ["main"]
 
@@ -43,31 +46,37 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--examples", default=None, help="examples directory (default: the repository's)")
     demo.add_argument("--no-services", action="store_true",
                       help="leave out the node that uses MongoDB and the time-series DB")
-    commands.add_parser("mongo-writer", help="serve KRT_NATS_MONGO_WRITER: insert documents sent by ctx.db.save")
+    commands.add_parser(
+        "mongo-writer", help="serve KRT_NATS_MONGO_WRITER: insert documents sent by ctx.db.save",
+        epilog="environment (mongo-writer): KRT_NATS_SERVER, KRT_NATS_MONGO_WRITER, KRT_MONGO_URI, "
+               "KRT_MONGO_DB (or KRT_RUNTIME_ID -> {runtime}-data), KRT_DB_TIMEOUT, KRT_LOG_LEVEL",
+    )
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "run":
-        return _run(os.environ)
+        return _serve("run", Settings.from_env, run_node)
     if args.command == "demo":
         from .demo import run_demo
 
         return asyncio.run(run_demo(args.requests, args.examples, services=not args.no_services))
     if args.command == "mongo-writer":
-        from .mongo_writer import main as writer_main
+        from .mongo_writer import WriterSettings, run_writer
 
-        return writer_main(os.environ)
+        return _serve("mongo-writer", WriterSettings.from_env, run_writer)
     _parser().print_help()
     return 2
 
 
-def _run(env: os._Environ[str] | dict[str, str]) -> int:
+def _serve(command: str, load: Callable[[Mapping[str, str]], Any],
+           run: Callable[[Any, asyncio.Event, logging.Logger], Awaitable[Any]]) -> int:
+    """Settings from the environment, logging, SIGTERM/SIGINT, exit codes: 0 stopped, 1 cannot start, 2 config."""
     try:
-        settings = Settings.from_env(env)
+        settings = load(os.environ)
     except ConfigError as exc:
-        print(f"kre-runner: {exc}", file=sys.stderr)
+        print(f"kre-runner {command}: {exc}", file=sys.stderr)
         return 2
     logger = configure_logging(settings.log_level)
 
@@ -76,7 +85,7 @@ def _run(env: os._Environ[str] | dict[str, str]) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        await run_node(settings, stop, logger)
+        await run(settings, stop, logger)
 
     try:
         asyncio.run(serve())

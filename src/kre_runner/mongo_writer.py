@@ -11,20 +11,18 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import signal
-import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import nats
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 
 from .config import ConfigError, _parse_mongo_uri, _parse_servers, _parse_subject, _positive_float, redact_url
+from .connection import connect
 from .sinks.mongo import MongoConnection, decode_writer_payload
 
-__all__ = ["QUEUE_GROUP", "WriterSettings", "main", "serve"]
+__all__ = ["QUEUE_GROUP", "WriterSettings", "run_writer", "serve"]
 
 QUEUE_GROUP = "kre-mongo-writer"
 _MAX_CONCURRENT = 64  # inserts in flight at once: enough to hide MongoDB latency, bounded for memory
@@ -159,56 +157,10 @@ async def _reply(msg: Msg, error: str, log: logging.Logger) -> None:
         log.warning("mongo-writer: cannot reply: %s", exc)
 
 
-def main(env: Mapping[str, str]) -> int:
-    """``kre-runner mongo-writer``: serve until SIGTERM/SIGINT. 0 on a clean stop, 2 on bad settings."""
+async def run_writer(settings: WriterSettings, stop: asyncio.Event, logger: logging.Logger) -> None:
+    """``kre-runner mongo-writer``: connect and serve until ``stop`` is set."""
+    nc = await connect(settings.nats_servers, logger, name="kre-runner mongo-writer")
     try:
-        settings = WriterSettings.from_env(env)
-    except ConfigError as exc:
-        print(f"kre-runner mongo-writer: {exc}", file=sys.stderr)
-        return 2
-    from .logs import configure_logging
-
-    logger = configure_logging(settings.log_level)
-
-    async def run() -> None:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        nc = await _connect(settings, logger)
-        try:
-            await serve(settings, nc, stop, logger)
-        finally:
-            await nc.close()
-
-    try:
-        asyncio.run(run())
-    except ConnectionError as exc:
-        logger.error("cannot start: %s", exc)
-        return 1
-    return 0
-
-
-async def _connect(settings: WriterSettings, logger: logging.Logger, attempts: int = 10) -> NatsClient:
-    """Connect with unlimited reconnects; the first connection is retried a few times (pods start in any order)."""
-
-    async def disconnected() -> None:
-        logger.warning("disconnected from NATS; reconnecting")
-
-    async def reconnected() -> None:
-        logger.info("reconnected to NATS")
-
-    async def error(exc: Exception) -> None:
-        logger.warning("NATS: %s: %s", type(exc).__name__, exc)
-
-    last: Exception | None = None
-    for attempt in range(attempts):
-        try:
-            return await nats.connect(servers=list(settings.nats_servers), name="kre-runner mongo-writer",
-                                      connect_timeout=2, max_reconnect_attempts=-1, reconnect_time_wait=0.5,
-                                      disconnected_cb=disconnected, reconnected_cb=reconnected, error_cb=error)
-        except Exception as exc:  # nats-py raises several types for an unreachable server
-            last = exc
-            await asyncio.sleep(min(0.5 * (attempt + 1), 2))
-    shown = ", ".join(redact_url(s) for s in settings.nats_servers)
-    raise ConnectionError(f"cannot connect to NATS at {shown} (KRT_NATS_SERVER): {type(last).__name__}: {last}")
+        await serve(settings, nc, stop, logger)
+    finally:
+        await nc.close()
