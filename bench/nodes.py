@@ -28,6 +28,7 @@ class NodeSpec:
     function: str = "handler"
     max_inflight: int = 256
     influx_url: str | None = None
+    src: str | None = None  # import kre_runner from this directory instead (to try a patch)
 
     @property
     def label(self) -> str:
@@ -37,7 +38,8 @@ class NodeSpec:
 
     def command(self, nats_url: str) -> tuple[list[str], dict[str, str]]:
         env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(BENCH_DIR), env.get("PYTHONPATH")]))
+        src = self.src if self.kind == "kre-runner" else None
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [src, str(BENCH_DIR), env.get("PYTHONPATH")]))
         if self.kind == "reference":
             return [sys.executable, str(BENCH_DIR / "reference_node.py"), "--url", nats_url, "--stream", STREAM,
                     "--consumer", CONSUMER, "--output", OUTPUT, "--node", NODE,

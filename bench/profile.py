@@ -54,7 +54,7 @@ def summarise(collapsed: Path, top: int) -> str:
 
 
 async def profile(args: argparse.Namespace, nats_url: str, influx: str | None, out: Path) -> None:
-    spec = NodeSpec(args.node, args.function, influx_url=influx)
+    spec = NodeSpec(args.node, args.function, args.max_inflight, influx, args.kre_src)
     nc = await nats.connect(nats_url)
     js = nc.jetstream()
     await reset_stream(js)
@@ -79,6 +79,8 @@ def main() -> int:
     parser.add_argument("node", choices=("kre-runner", "reference"))
     parser.add_argument("--function", default="handler", help="bench/handler.py function (kre-runner)")
     parser.add_argument("--messages", type=int, default=100_000)
+    parser.add_argument("--max-inflight", type=int, default=256)
+    parser.add_argument("--kre-src", help="import kre_runner from this src directory (to profile a patch)")
     parser.add_argument("--rate", type=int, default=250, help="py-spy samples per second")
     parser.add_argument("--no-influx", action="store_true")
     parser.add_argument("--top", type=int, default=40)

@@ -62,18 +62,20 @@ async def bench(args: argparse.Namespace, nats_url: str, influx: str | None, oth
                   paced_seconds=args.paced_seconds)
     print(f"conditions: {_conditions(args, sizes, influx)}", flush=True)
     nc = await nats.connect(nats_url)
+    src = args.kre_src
     reference: Rounds = []
     kre: Rounds = []
     extras: dict[str, Rounds] = {}
     variants = {
-        "measured": (NodeSpec("kre-runner", "handler_measured", influx_url=influx), sizes),
-        "async": (NodeSpec("kre-runner", "handler_async", influx_url=influx), sizes),
+        "measured": (NodeSpec("kre-runner", "handler_measured", influx_url=influx, src=src), sizes),
+        "async": (NodeSpec("kre-runner", "handler_async", influx_url=influx, src=src), sizes),
     }
     for n in IO_INFLIGHT:
         io_sizes = Sizes(_io_count(n, sizes.backlog), 0, 0, 0)
-        variants[f"io{n}"] = (NodeSpec("kre-runner", "handler_io", max_inflight=n, influx_url=influx), io_sizes)
+        io_spec = NodeSpec("kre-runner", "handler_io", max_inflight=n, influx_url=influx, src=src)
+        variants[f"io{n}"] = (io_spec, io_sizes)
     if influx:
-        variants["no_influx"] = (NodeSpec("kre-runner"), sizes)
+        variants["no_influx"] = (NodeSpec("kre-runner", src=src), sizes)
     else:
         del variants["measured"]  # ctx.measurement needs KRT_INFLUX_URI
     try:
@@ -81,7 +83,7 @@ async def bench(args: argparse.Namespace, nats_url: str, influx: str | None, oth
             started = time.monotonic()
             reference.append(await measure_node(nc, nats_url, NodeSpec("reference"), sizes, full=True,
                                                 others=others, log_dir=log_dir))
-            kre.append(await measure_node(nc, nats_url, NodeSpec("kre-runner", influx_url=influx), sizes,
+            kre.append(await measure_node(nc, nats_url, NodeSpec("kre-runner", influx_url=influx, src=src), sizes,
                                           full=True, others=others, log_dir=log_dir))
             for name, (spec, variant_sizes) in variants.items():
                 extras.setdefault(name, []).append(await measure_node(nc, nats_url, spec, variant_sizes,
@@ -110,6 +112,7 @@ def main() -> int:
     parser.add_argument("--no-influx", action="store_true", help="run kre-runner without KRT_INFLUX_URI")
     parser.add_argument("--soak", type=int, metavar="N", help="stream N messages through kre-runner, sample RSS")
     parser.add_argument("--logs", type=Path, help="keep node logs in this directory")
+    parser.add_argument("--kre-src", help="run kre-runner from this src directory (to measure a patch)")
     args = parser.parse_args()
     if args.quick:
         args.rounds, args.messages, args.latency_samples, args.paced_seconds = 1, 2000, 100, 1.0
