@@ -2,17 +2,17 @@
 
 Nothing here connects at start: MongoDB is reached on first use and InfluxDB from a background
 task, so a node starts (and keeps consuming) while a database is down; calls then fail or buffer
-as documented in docs/context-services.md.
+as documented in the README (Data services).
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any
 
 from nats.aio.client import Client as NatsClient
 
+from .config import Settings
 from .sinks.influx import InfluxSink, Measurement
 from .sinks.mongo import DirectWriter, MongoConnection, MongoDB, MongoWriterClient
 from .sinks.prediction import Prediction
@@ -40,7 +40,7 @@ class Services:
             self.db.close()
 
 
-async def open_services(settings: Any, nc: NatsClient | None, logger: logging.Logger) -> Services:
+async def open_services(settings: Settings, nc: NatsClient | None, logger: logging.Logger) -> Services:
     """Build the services ``settings`` enable and log one line per service saying what is (not) enabled.
 
     ``nc`` is the node's NATS connection, used for saves when ``KRT_NATS_MONGO_WRITER`` is set.
