@@ -91,6 +91,17 @@ async def _live(nc: Client, nats_url: str, already: int, count: int) -> float:
     return count / ((t_end - start_ns) / 1e9)
 
 
+async def _settle(pids: list[int], busy_share: float = 0.05, longest: float = 15.0) -> None:
+    """Wait (bounded) until these processes are nearly idle, e.g. kre-runner's metrics buffer written
+    to VictoriaMetrics after a burst, so a latency test measures the steady state, not the clean-up."""
+    window = 0.5
+    for _ in range(int(longest / window)):
+        before = [cpu_seconds(pid) for pid in pids]
+        await asyncio.sleep(window)
+        if all(cpu_seconds(pid) - b < busy_share * window for pid, b in zip(pids, before, strict=True)):
+            return
+
+
 def _percentiles(samples: list[float], prefix: str) -> dict[str, float]:
     cuts = statistics.quantiles(samples, n=100, method="inclusive")
     return {f"{prefix}_p50": statistics.median(samples), f"{prefix}_p99": cuts[98]}
@@ -148,6 +159,7 @@ async def measure_node(nc: Client, nats_url: str, spec: NodeSpec, sizes: Sizes, 
         result.update(await _drain(nc, node, sizes.backlog, others or {}))
         if full:
             result["live"] = await _live(nc, nats_url, sizes.backlog, sizes.backlog)
+            await _settle([node.pid, *(others or {}).values()])
             result.update(await _latency_one(nc, sizes.latency_samples))
             result.update(await _latency_paced(nc, sizes.paced_rate, sizes.paced_seconds))
             result["rss_after"] = rss_mb(node.pid)
