@@ -174,3 +174,13 @@ def test_mongo_writer_cli_config_error_and_unreachable_nats():
                                  text=True, timeout=60)
     assert unreachable.returncode == 1
     assert "cannot connect to NATS at nats://127.0.0.1:1" in unreachable.stdout
+
+
+def test_sigterm_while_starting_stops_at_once():
+    proc = start_process(node_env("nats://127.0.0.1:1", "greet.py"))
+    time.sleep(1.5)  # still retrying its first connection
+    started = time.monotonic()
+    out = _stop(proc, timeout=10)
+    assert proc.returncode == 0, out
+    assert time.monotonic() - started < 5
+    assert "stopped while starting" in out

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable
+from typing import TypeVar
 
 from .config import Settings
 from .connection import StartupError, connect
@@ -15,9 +17,36 @@ from .services import open_services
 
 __all__ = ["StartupError", "run_node"]
 
+T = TypeVar("T")
 
-async def run_node(settings: Settings, stop: asyncio.Event, logger: logging.Logger) -> Consumer:
-    """Run the node until ``stop`` is set; return the consumer (for its counters)."""
+
+class _Stopped(Exception):
+    """``stop`` was set while the node was still starting."""
+
+
+async def _unless_stopped(step: Awaitable[T], stop: asyncio.Event) -> T:
+    """Await a start-up step, abandoning it if SIGTERM comes first (a pod must stop while it starts)."""
+    task = asyncio.ensure_future(step)
+    stopped = asyncio.ensure_future(stop.wait())
+    await asyncio.wait({task, stopped}, return_when=asyncio.FIRST_COMPLETED)
+    stopped.cancel()
+    if task.done():
+        return task.result()
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    raise _Stopped
+
+
+async def run_node(settings: Settings, stop: asyncio.Event, logger: logging.Logger) -> Consumer | None:
+    """Run the node until ``stop`` is set; return the consumer (for its counters), None if stopped while starting."""
+    try:
+        return await _run_node(settings, stop, logger)
+    except _Stopped:
+        logger.info("stopped while starting")
+        return None
+
+
+async def _run_node(settings: Settings, stop: asyncio.Event, logger: logging.Logger) -> Consumer:
     code = load_user_code(settings.base_path, settings.handler_path)
     logger.info("loaded handler %s (%s)", code.path, "async" if code.handler_is_async else "sync")
     holder: list[Consumer] = []
@@ -26,8 +55,8 @@ async def run_node(settings: Settings, stop: asyncio.Event, logger: logging.Logg
         if holder:
             await holder[0].on_reconnect()
 
-    nc = await connect(settings.nats_servers, logger, name=f"kre-runner {settings.node_name}",
-                       on_reconnect=renew_pulls)
+    nc = await _unless_stopped(connect(settings.nats_servers, logger, name=f"kre-runner {settings.node_name}",
+                                       on_reconnect=renew_pulls), stop)
     services = None
     try:
         services = await open_services(settings, nc, logger)
@@ -44,9 +73,11 @@ async def run_node(settings: Settings, stop: asyncio.Event, logger: logging.Logg
             record = ElapsedRecorder(settings, services.influx.add)
         consumer = Consumer(settings, code, nc, ctx, logger, record_elapsed=record)
         holder.append(consumer)
-        await consumer.setup()
+        await _unless_stopped(consumer.setup(), stop)
         try:
-            await consumer.run_init()
+            await _unless_stopped(consumer.run_init(), stop)
+        except _Stopped:
+            raise
         except Exception as exc:
             raise StartupError(f"init(ctx) in {code.path} failed: {type(exc).__name__}: {exc}") from exc
         logger.info("node %s ready", settings.node_name)
