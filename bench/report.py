@@ -52,19 +52,22 @@ def main_table(reference: Rounds, kre: Rounds, paced_rate: int) -> str:
 
 
 def _row(label: str, rounds: Rounds, ratio: float | None = None, meaning: str = "") -> str:
+    """A variant's drain rate, its node CPU per message and the share of one core that makes."""
     ratio_cell = "" if ratio is None else _cell(ratio, "{:.2f}")
-    return f"{label:<44} {_cell(_median(rounds, 'drain'), '{:,.0f}'):>9} {ratio_cell:>7}  {meaning}".rstrip()
+    busy = [r["drain"] * r["cpu_us"] / 1e6 for r in rounds if "cpu_us" in r]
+    core = statistics.median(busy) if busy else None
+    rate, cpu = _cell(_median(rounds, "drain"), "{:,.0f}"), _cell(_median(rounds, "cpu_us"), "{:.1f}")
+    return f"{label:<44} {rate:>9} {cpu:>7} {_cell(core, '{:.0%}'):>6} {ratio_cell:>7}  {meaning}".rstrip()
 
 
 def extras_table(kre: Rounds, extras: dict[str, Rounds], io_inflight: Sequence[int]) -> str:
     """kre-runner features priced against kre-runner itself, in the same rounds."""
-    head = f"{'kre-runner variant (backlog drain)':<44} {'msgs/s':>9} {'ratio':>7}  meaning"
+    head = f"{'kre-runner variant (backlog drain)':<44} {'msgs/s':>9} {'µs/msg':>7} {'core':>6} {'ratio':>7}  meaning"
     lines = [head, "-" * (len(head) + 30), _row("sync handler (as above)", kre)]
     plain = extras.get("no_influx", [])
     if plain:
-        cpu = f"CPU {_cell(_median(plain, 'cpu_us'), '{:.1f}')} vs {_cell(_median(kre, 'cpu_us'), '{:.1f}')} µs/msg"
         lines.append(_row("without KRT_INFLUX_URI (no elapsed metrics)", plain, median_ratio(plain, kre, "drain"),
-                          f"of sync handler; {cpu}"))
+                          "of sync handler"))
     measured = extras.get("measured", [])
     ratio = median_ratio(measured, kre, "drain")
     cost = _cell(None if ratio is None else 1 - ratio, "{:.0%}")

@@ -42,7 +42,8 @@ def _conditions(args: argparse.Namespace, sizes: Sizes, influx: str | None) -> s
             f"{args.rounds} round(s), backlog {sizes.backlog:,} envelopes of ~{_envelope_size()} B, "
             f"file storage; paced {sizes.paced_rate}/s for {sizes.paced_seconds:g}s; "
             f"{sizes.latency_samples} one-in-flight samples; elapsed-time metrics to "
-            f"{'VictoriaMetrics (KRT_INFLUX_URI)' if influx else 'nowhere: KRT_INFLUX_URI unset'}")
+            f"{'VictoriaMetrics (KRT_INFLUX_URI)' if influx else 'nowhere: KRT_INFLUX_URI unset'}"
+            f"{f'; kre-runner imported from {args.kre_src}' if args.kre_src else ''}")
 
 
 def _envelope_size() -> int:
