@@ -177,7 +177,7 @@ def test_elapsed_points_carry_the_original_tags_and_fields():
     envelope = request_envelope("a", tracking_id='t"1')
     record(envelope, datetime(2026, 1, 1, 0, 0, 1, tzinfo=timezone.utc).timestamp(), 2.5)
     node_line, workflow_line = lines
-    assert node_line.startswith("node_elapsed_time,node=node\\ a,version=v1.2.0,workflow=wf elapsed_ms=2.5,")
+    assert node_line.startswith("node_elapsed_time,node=node\\ a,version=v1.2.0,workflow=wf elapsed_ms=2.500,")
     assert 'node_from="entrypoint"' in node_line and 'tracking_id="t\\"1"' in node_line
     assert "waiting_ms=999.998" in node_line  # 00:00:01 - 00:00:00.000002
     assert workflow_line.startswith("workflow_elapsed_time,version=v1.2.0,workflow=wf elapsed_ms=")

@@ -44,10 +44,10 @@ class ElapsedRecorder:
             previous_end = iso_to_unix(previous.end)
             if previous_end is not None:
                 waiting_ms = (started - previous_end) * 1000.0
-        self._add(f"{self._node_prefix}elapsed_ms={elapsed_ms},node_from={node_from},"
-                  f"tracking_id={tracking_id},waiting_ms={waiting_ms} {now_ns}")
+        self._add(f"{self._node_prefix}elapsed_ms={elapsed_ms:.3f},node_from={node_from},"
+                  f"tracking_id={tracking_id},waiting_ms={waiting_ms:.3f} {now_ns}")
         if self._is_last and tracking:
             first_start = iso_to_unix(tracking[0].start)
             if first_start is not None:
                 total_ms = (now_ns / 1e9 - first_start) * 1000.0
-                self._add(f"{self._workflow_prefix}elapsed_ms={total_ms},tracking_id={tracking_id} {now_ns}")
+                self._add(f"{self._workflow_prefix}elapsed_ms={total_ms:.3f},tracking_id={tracking_id} {now_ns}")

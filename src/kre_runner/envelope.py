@@ -89,8 +89,15 @@ class TrackingClock:
 
 def iso_to_unix(value: str) -> float | None:
     """A tracking timestamp (naive UTC) as Unix time, or None when it is missing or unreadable."""
-    parsed = parse_iso(value)
-    return None if parsed is None else (parsed - _EPOCH).total_seconds()
+    try:
+        parsed = datetime.fromisoformat(value)  # the usual naive form, without parse_iso's extra work
+    except ValueError:
+        parsed = parse_iso(value)
+        if parsed is None:
+            return None
+    if parsed.tzinfo is not None:
+        return parsed.timestamp()
+    return (parsed - _EPOCH).total_seconds()
 
 
 def parse_iso(value: str) -> datetime | None:
