@@ -68,7 +68,7 @@ class _Job:
     __slots__ = ("ack_subject", "delivered", "envelope", "failed", "msg_id", "refs", "replied", "seq", "task",
                  "touched")
 
-    def __init__(self, ack_subject: str, seq: int, delivered: int, msg_id: str) -> None:
+    def __init__(self, ack_subject: str, seq: int, delivered: int, msg_id: str, now: float) -> None:
         self.ack_subject = ack_subject
         self.seq = seq
         self.delivered = delivered
@@ -77,7 +77,7 @@ class _Job:
         self.failed: str | None = None
         self.envelope: KreNatsMessage | None = None
         self.replied = False
-        self.touched = time.monotonic()
+        self.touched = now
         self.task: asyncio.Task[None] | None = None
 
 
@@ -109,12 +109,19 @@ class Consumer:
         self._error_subject = settings.entrypoint_subject or settings.output_subject
         self._limit = 1024 * 1024 - _HEADER_ROOM
         self._pull_subject = f"$JS.API.CONSUMER.MSG.NEXT.{settings.stream}.{settings.consumer_name}"
+        # Nats-Msg-Id = {node}:{stream}:{stream sequence}: the same for every delivery of an input.
+        self._msg_id_prefix = settings.node_name.replace("\r", "").replace("\n", "") + ":"
         self._inbox = nc.new_inbox()
         self._inbox_sub: Subscription | None = None
         self._jobs: set[_Job] = set()
         self._backlog: deque[Msg] = deque()  # delivered beyond KRT_MAX_INFLIGHT after a credit reset
         self._requested = 0  # messages asked for and not yet delivered or expired
         self._batch = max(1, settings.max_inflight // 4)
+        # KRT_MAX_INFLIGHT bounds the handlers running at once; a slot is free again as soon as its
+        # handler returns, not when its output's PubAck comes back (a round trip later). Messages
+        # waiting only for PubAcks are bounded too: at most another KRT_MAX_INFLIGHT.
+        self._running = 0
+        self._cap = 2 * settings.max_inflight
         self._last_seen = time.monotonic()
         self._pulling = False
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -230,6 +237,7 @@ class Consumer:
         self._backlog.clear()
         if self._jobs:
             self._log.info("stopping: waiting up to %.1fs for %d in-flight messages", grace, len(self._jobs))
+            self._idle.clear()  # set again by _release when the last job is done
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._idle.wait(), max(0.0, deadline - time.monotonic()))
         for job in list(self._jobs):
@@ -254,9 +262,8 @@ class Consumer:
         """Top the credit back up to KRT_MAX_INFLIGHT, in requests of at least a quarter of it."""
         if not self._pulling:
             return
-        busy = len(self._jobs) + len(self._backlog)
-        want = self._s.max_inflight - busy - self._requested
-        if want <= 0 or (want < self._batch and busy + self._requested > 0):
+        want = self._max_inflight_free() - self._requested
+        if want <= 0 or (want < self._batch and len(self._jobs) + len(self._backlog) + self._requested > 0):
             return
         self._requested += want
         request = b'{"batch":%d,"expires":%d,"idle_heartbeat":%d}' % (want, _PULL_EXPIRES * 1e9, _HEARTBEAT * 1e9)
@@ -305,32 +312,63 @@ class Consumer:
     # ---------------------------------------------------------------- per message
 
     async def _on_delivery(self, msg: Msg) -> None:
-        """Inbox callback: status messages, or one input message."""
-        self._last_seen = time.monotonic()
-        if not msg.reply:  # only JetStream status messages (heartbeats, request ends) have no reply
+        """Inbox callback: status messages, or one input message (for sync handlers, all of its work)."""
+        reply = msg.reply
+        if not reply:  # only JetStream status messages (heartbeats, request ends) have no reply
+            self._last_seen = time.monotonic()
             self._on_status(msg)
             await self._pull()
             return
+        self._last_seen = now = time.monotonic()
         if self._requested > 0:
             self._requested -= 1
-        if len(self._jobs) >= self._s.max_inflight:
+        if self._running >= self._s.max_inflight:
             self._backlog.append(msg)
             return
-        await self._start(msg)
+        job = self._new_job(reply, now)
+        self._running += 1  # taken now, not when the task starts, so the bound holds
+        if not self._inline:
+            job.task = asyncio.create_task(self._process(job, msg.data))
+            return
+        # Sync handler: the whole pipeline runs here, in order, with no task per message.
+        try:
+            await self._handle(job, msg.data)
+        finally:
+            self._running -= 1
+        if self._max_inflight_free() - self._requested >= self._batch:
+            await self._pull()
 
-    async def _start(self, msg: Msg) -> None:
-        stream, seq, delivered = _parse_ack_subject(msg.reply)
-        job = _Job(msg.reply, seq, delivered, f"{self._s.node_name}:{stream}:{seq}")
+    def _new_job(self, reply: str, now: float) -> _Job:
+        stream, seq, delivered = _parse_ack_subject(reply)
+        job = _Job(reply, seq, delivered, self._msg_id_prefix + stream + ":" + str(seq), now)
         self._jobs.add(job)
-        self._idle.clear()
         if delivered > 1:
             self._log.info("input seq %d redelivered (delivery %d)", seq, delivered)
-        if self._inline:
-            await self._process(job, msg.data)
-        else:
-            job.task = asyncio.create_task(self._process(job, msg.data))
+        return job
+
+    def _max_inflight_free(self) -> int:
+        """Slots free for new messages: handlers running, and messages waiting only for PubAcks, are bounded."""
+        return min(self._s.max_inflight - self._running, self._cap - len(self._jobs)) - len(self._backlog)
 
     async def _process(self, job: _Job, data: bytes) -> None:
+        """A message's pipeline as a task (async handlers, or sync ones in threads); its slot is taken."""
+        try:
+            await self._handle(job, data)
+        finally:
+            self._running -= 1  # the handler's slot is free; its publishes may still await PubAcks
+        if self._backlog and self._running < self._s.max_inflight:
+            await self._start_backlogged()
+        if self._max_inflight_free() - self._requested >= self._batch:
+            await self._pull()
+
+    async def _start_backlogged(self) -> None:
+        """Start a message held back by the bound (only tasks get there: inline handling is sequential)."""
+        msg = self._backlog.popleft()
+        job = self._new_job(msg.reply, time.monotonic())
+        self._running += 1
+        job.task = asyncio.create_task(self._process(job, msg.data))
+
+    async def _handle(self, job: _Job, data: bytes) -> None:
         try:
             envelope = decode(data)
         except EnvelopeError as exc:
@@ -448,28 +486,34 @@ class Consumer:
         """A publish of ``job`` is settled: stored (``error`` None) or not."""
         if error is not None:
             job.failed = error
-        await self._release(job)
+        job.refs -= 1
+        if not job.refs:
+            await self._finish(job)
 
     async def _release(self, job: _Job) -> None:
-        """Drop one reference; the last one decides: ack only when every publish was stored."""
+        """Drop the handler's (or an early reply's) reference."""
         job.refs -= 1
-        if job.refs:
-            return
+        if not job.refs:
+            await self._finish(job)
+
+    async def _finish(self, job: _Job) -> None:
+        """The last reference is gone: ack only when every publish was stored, else nak to retry."""
         if job not in self._jobs:
             return  # already handed back at the end of the shutdown grace
         self._jobs.discard(job)
         if job.failed is None:
             self.processed += 1
-            await self._safe_publish(job.ack_subject, _ACK)
+            command = _ACK
         else:
             delay = _NAK_DELAYS[min(job.delivered, len(_NAK_DELAYS)) - 1]
             self._log.warning("input seq %d will be retried in %gs: %s", job.seq, delay, job.failed)
-            await self._safe_publish(job.ack_subject, b'-NAK {"delay": %d}' % int(delay * 1e9))
-        if self._backlog and len(self._jobs) < self._s.max_inflight:
-            await self._start(self._backlog.popleft())
+            command = b'-NAK {"delay": %d}' % int(delay * 1e9)
+        await self._safe_publish(job.ack_subject, command)
+        if self._backlog and self._running < self._s.max_inflight:
+            await self._start_backlogged()
         if not self._jobs:
             self._idle.set()
-        if self._s.max_inflight - len(self._jobs) - self._requested >= self._batch:
+        if self._max_inflight_free() - self._requested >= self._batch:
             await self._pull()
 
     def _append_tracking(self, envelope: KreNatsMessage, start: str) -> None:
