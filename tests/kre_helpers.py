@@ -24,7 +24,9 @@ from kre_runner.envelope import KreNatsMessage, decode
 from kre_runner.node import run_node
 
 HANDLERS = Path(__file__).parent / "handlers"
-sys.path.insert(0, str(HANDLERS))
+# The test handlers use the example workflow's protobufs (greeter_pb2: Request{name}, Response{greeting}).
+PROTOS = Path(__file__).parents[1] / "examples" / "greeter"
+sys.path.insert(0, str(PROTOS))
 
 from greeter_pb2 import Request, Response  # noqa: E402
 
@@ -152,5 +154,6 @@ def start_process(env: dict[str, str]) -> subprocess.Popen[bytes]:
     """``kre-runner run`` as a real process (its own interpreter, signals and exit code)."""
     full = dict(os.environ)
     full.update(env)
+    full["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PROTOS), os.environ.get("PYTHONPATH")]))
     return subprocess.Popen([sys.executable, "-m", "kre_runner", "run"], env=full,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
