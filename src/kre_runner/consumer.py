@@ -232,12 +232,13 @@ class Consumer:
                 await asyncio.wait_for(self._inbox_sub.drain(), grace)
             except Exception as exc:
                 self._log.warning("draining the input subscription failed: %s", exc)
-        for msg in list(self._backlog):  # never started: hand back at once
-            await self._safe_publish(msg.reply, b"-NAK")
+        never_started = list(self._backlog)  # taken whole: a finishing job must not start one of them
         self._backlog.clear()
+        for msg in never_started:  # hand back at once
+            await self._safe_publish(msg.reply, b"-NAK")
         if self._jobs:
             self._log.info("stopping: waiting up to %.1fs for %d in-flight messages", grace, len(self._jobs))
-            self._idle.clear()  # set again by _release when the last job is done
+            self._idle.clear()  # set again by _finish when the last job is done
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._idle.wait(), max(0.0, deadline - time.monotonic()))
         for job in list(self._jobs):
