@@ -7,7 +7,8 @@ Design, top to bottom:
   without a push consumer's flow control.
 * **Continuous pull with credits.** Pull requests are sent ahead into one inbox subscription so the
   server streams messages while earlier ones are still being handled. Credits are bounded so that
-  messages delivered-but-not-finished plus messages requested never exceed ``KRT_MAX_INFLIGHT``.
+  at most ``KRT_MAX_INFLIGHT`` handlers run at once, and at most as many more messages wait only
+  for their output's PubAck.
 * Each message becomes a ``_Job`` holding a reference count: one for the handler, one per publish
   waiting for its PubAck (output, error envelope, early reply). When it drops to zero the input is
   **acked only if every publish was stored**, otherwise nakked with a delay so it is retried. A
