@@ -13,6 +13,7 @@ import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import nats.errors
 from google.protobuf.any_pb2 import Any as AnyProto
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
@@ -79,8 +80,11 @@ class Collector:
         self.raw: list[bytes] = []
 
     async def start(self) -> Collector:
+        # An ephemeral consumer is deleted after 5 s without pulls by default; replicas can take longer
+        # than that to start on a loaded machine, and the outputs would then have no interest at all.
         self._sub = await self._js.pull_subscribe(
-            self.subject, config=ConsumerConfig(ack_policy=AckPolicy.NONE, deliver_policy=DeliverPolicy.ALL)
+            self.subject,
+            config=ConsumerConfig(ack_policy=AckPolicy.NONE, deliver_policy=DeliverPolicy.ALL, inactive_threshold=300),
         )
         return self
 
@@ -90,7 +94,7 @@ class Collector:
         got: list[KreNatsMessage] = []
         deadline = time.monotonic() + timeout
         while len(got) < count and time.monotonic() < deadline:
-            with contextlib.suppress(asyncio.TimeoutError, Exception):
+            with contextlib.suppress(asyncio.TimeoutError, nats.errors.TimeoutError):
                 for msg in await self._sub.fetch(min(256, count - len(got)), timeout=0.5):
                     self.raw.append(msg.data)
                     got.append(decode(msg.data))
@@ -100,7 +104,7 @@ class Collector:
         assert self._sub is not None
         try:
             extra = await self._sub.fetch(1, timeout=wait)
-        except Exception:
+        except (asyncio.TimeoutError, nats.errors.TimeoutError):
             return True
         return not extra
 
