@@ -234,17 +234,20 @@ class Consumer:
                 await asyncio.wait_for(self._inbox_sub.drain(), grace)
             except Exception as exc:
                 self._log.warning("draining the input subscription failed: %s", exc)
-        never_started = list(self._backlog)  # taken whole: a finishing job must not start one of them
-        self._backlog.clear()
-        for msg in never_started:  # hand back at once
-            await self._safe_publish(msg.reply, b"-NAK")
         if self._jobs:
-            self._log.info("stopping: waiting up to %.1fs for %d in-flight messages", grace, len(self._jobs))
+            # Delivered messages held back by the bound start as slots free up (see _finish): they are
+            # in flight too, and finishing them beats handing them back.
+            self._log.info("stopping: waiting up to %.1fs for %d in-flight messages", grace,
+                           len(self._jobs) + len(self._backlog))
             self._idle.clear()  # set again by _finish when the last job is done
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._idle.wait(), max(0.0, deadline - time.monotonic()))
+        # Out of grace: let another replica take what is left now rather than after the ack wait.
+        never_started = list(self._backlog)
+        self._backlog.clear()
+        for msg in never_started:
+            await self._safe_publish(msg.reply, b"-NAK")
         for job in list(self._jobs):
-            # Out of grace: let another replica take it now rather than after the ack wait.
             self._log.warning("shutdown grace over: returning input seq %d for redelivery", job.seq)
             await self._safe_publish(job.ack_subject, b"-NAK")
             self._jobs.discard(job)
