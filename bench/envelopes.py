@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import time
 import uuid
-from datetime import datetime, timezone
 
 from google.protobuf.any_pb2 import Any as AnyProto
 from greeter_pb2 import Request
 
-from kre_runner.envelope import KreNatsMessage
+from kre_runner.envelope import KreNatsMessage, now_iso
 
 __all__ = ["make_request", "sent_ns"]
 
@@ -22,16 +21,12 @@ _PAYLOAD = AnyProto()
 _PAYLOAD.Pack(Request(name="bench-user"))
 
 
-def _now_iso() -> str:
-    return datetime.now(timezone.utc).replace(tzinfo=None).isoformat()
-
-
 def make_request() -> bytes:
     """One serialized ``KreNatsMessage{tracking_id, reply=<send time>, tracking[entrypoint], payload}``."""
     envelope = KreNatsMessage(tracking_id=str(uuid.uuid4()), reply=str(time.monotonic_ns()))
     entry = envelope.tracking.add()
     entry.node_name = "entrypoint"
-    entry.start = entry.end = _now_iso()
+    entry.start = entry.end = now_iso()
     envelope.payload.CopyFrom(_PAYLOAD)
     return envelope.SerializeToString()
 

@@ -19,34 +19,16 @@ from __future__ import annotations
 import argparse
 import asyncio
 import signal
-import time
 
 import nats
 from greeter_pb2 import Request, Response
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
-from kre_runner.envelope import KreNatsMessage
+from kre_runner.envelope import KreNatsMessage, TrackingClock
 
 _ACK = b"+ACK"
 _NAK = b"-NAK"
-
-
-class _Clock:
-    """Naive-UTC ISO 8601 with microseconds, the date and time formatted once per second
-    (``datetime.now(...).isoformat()`` per call costs ~2 µs, twice per message)."""
-
-    def __init__(self) -> None:
-        self._second = -1
-        self._prefix = ""
-
-    def now_iso(self) -> str:
-        ts = time.time()
-        second = int(ts)
-        if second != self._second:
-            self._second = second
-            self._prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
-        return f"{self._prefix}.{int((ts - second) * 1e6):06d}"
 
 
 def handler(request: Request) -> Response:
@@ -70,7 +52,7 @@ class ReferenceNode:
         self._requested = 0  # asked for, not yet delivered
         self._busy = 0  # delivered, not yet acked
         self._waiting: dict[str, str] = {}  # PubAck token -> the input's ack subject
-        self._clock = _Clock()
+        self._clock = TrackingClock()
 
     async def start(self) -> None:
         await self._nc.subscribe(self._prefix + "*", cb=self._on_puback, pending_msgs_limit=-1,
@@ -95,15 +77,15 @@ class ReferenceNode:
         self._busy += 1
         envelope = KreNatsMessage()
         envelope.ParseFromString(msg.data)
-        now_iso = self._clock.now_iso
-        start = now_iso()
+        now = self._clock.now
+        start = now()[1]
         request = Request()
         envelope.payload.Unpack(request)
         envelope.payload.Pack(handler(request))
         entry = envelope.tracking.add()
         entry.node_name = self._node
         entry.start = start
-        entry.end = now_iso()
+        entry.end = now()[1]
         self._counter += 1
         token = str(self._counter)
         self._waiting[token] = msg.reply

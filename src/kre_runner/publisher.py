@@ -77,10 +77,6 @@ class PubAckPublisher:
         self._waiting: dict[str, tuple[float, Any]] = {}
         self._sub: Subscription | None = None
 
-    @property
-    def pending(self) -> int:
-        return len(self._waiting)
-
     async def start(self) -> None:
         self._sub = await self._nc.subscribe(self._prefix + "*", cb=self._on_puback, pending_msgs_limit=-1,
                                              pending_bytes_limit=-1)
