@@ -175,7 +175,8 @@ def test_elapsed_points_carry_the_original_tags_and_fields():
     settings = Settings.from_env({**BASE_ENV, "KRT_IS_LAST_NODE": "true"})
     record = ElapsedRecorder(settings, lines.append)
     envelope = request_envelope("a", tracking_id='t"1')
-    record(envelope, datetime(2026, 1, 1, 0, 0, 1, tzinfo=timezone.utc).timestamp(), 2.5)
+    started = datetime(2026, 1, 1, 0, 0, 1, tzinfo=timezone.utc).timestamp()
+    record(envelope, started, started + 0.0025)
     node_line, workflow_line = lines
     assert node_line.startswith("node_elapsed_time,node=node\\ a,version=v1.2.0,workflow=wf elapsed_ms=2.500,")
     assert 'node_from="entrypoint"' in node_line and 'tracking_id="t\\"1"' in node_line
@@ -186,7 +187,7 @@ def test_elapsed_points_carry_the_original_tags_and_fields():
 def test_elapsed_points_do_not_crash_without_tracking():
     lines: list[str] = []
     record = ElapsedRecorder(Settings.from_env({**BASE_ENV, "KRT_IS_LAST_NODE": "true"}), lines.append)
-    record(KreNatsMessage(tracking_id="t"), 1767225600.0, 1.0)
+    record(KreNatsMessage(tracking_id="t"), 1767225600.0, 1767225600.001)
     assert len(lines) == 1 and 'node_from=""' in lines[0] and "waiting_ms=0.0" in lines[0]
 
 

@@ -33,7 +33,6 @@ from typing import Any
 from google.protobuf.any_pb2 import Any as AnyProto
 from google.protobuf.message import Message
 from nats.aio.client import Client
-from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
@@ -41,11 +40,12 @@ from nats.js.errors import NotFoundError
 
 from .config import Settings
 from .context import Context
+from .dispatch import Dispatcher
 from .envelope import EnvelopeError, KreNatsMessage, TrackingClock, decode, encode
 from .handler import UserCode
 from .publisher import PubAckPublisher, Wire
 
-__all__ = ["Consumer", "SetupError", "early_reply"]
+__all__ = ["Consumer", "SetupError"]
 
 _ACK = b"+ACK"
 _IN_PROGRESS = b"+WPI"
@@ -53,10 +53,10 @@ _PULL_EXPIRES = 30.0  # seconds a pull request waits on the server
 _HEARTBEAT = 5.0  # server heartbeat on an open pull request; 3 missed => requests presumed lost
 _NAK_DELAYS = (0.5, 1, 2, 5, 10, 30)  # by delivery count, for inputs whose output was not stored
 _HEADER_ROOM = 512  # room left in max_payload for the Nats-Msg-Id header and protocol line
-_SLOW_INLINE_MS = 500.0  # a sync handler slower than this should run in threads: say so once
+_SLOW_INLINE_S = 0.5  # a sync handler slower than this should run in threads: say so once
 
-# The job whose handler is running in this task/thread, and its consumer (read by ctx.early_reply).
-_current_job: contextvars.ContextVar[tuple[Consumer, _Job]] = contextvars.ContextVar("kre_current_job")
+# The job whose handler is running in this task or handler thread (read by ctx.early_reply).
+_current_job: contextvars.ContextVar[_Job] = contextvars.ContextVar("kre_current_job")
 
 
 class SetupError(RuntimeError):
@@ -66,13 +66,10 @@ class SetupError(RuntimeError):
 class _Job:
     """One input message from delivery to ack/nak."""
 
-    __slots__ = ("ack_subject", "delivered", "envelope", "failed", "msg_id", "refs", "replied", "seq", "task",
-                 "touched")
+    __slots__ = ("ack_subject", "envelope", "failed", "msg_id", "refs", "replied", "task", "touched")
 
-    def __init__(self, ack_subject: str, seq: int, delivered: int, msg_id: str, now: float) -> None:
+    def __init__(self, ack_subject: str, msg_id: str, now: float) -> None:
         self.ack_subject = ack_subject
-        self.seq = seq
-        self.delivered = delivered
         self.msg_id = msg_id
         self.refs = 1  # the handler's own reference, released when it has published its results
         self.failed: str | None = None
@@ -80,6 +77,15 @@ class _Job:
         self.replied = False
         self.touched = now
         self.task: asyncio.Task[None] | None = None
+
+    @property
+    def seq(self) -> int:
+        """The input's stream sequence (parsed when needed: only logs and naks use it)."""
+        return _parse_ack_subject(self.ack_subject)[1]
+
+    @property
+    def delivered(self) -> int:
+        return _parse_ack_subject(self.ack_subject)[2]
 
 
 class Consumer:
@@ -104,18 +110,28 @@ class Consumer:
         self._record_elapsed = record_elapsed
         self._clock = TrackingClock()
         self._wire = Wire(nc)
-        self._publisher = PubAckPublisher(nc, self._wire, settings.publish_timeout, self._stored)
+        self._dispatcher = Dispatcher(nc)
+        self._publisher = PubAckPublisher(nc, self._dispatcher, self._wire, settings.publish_timeout, self._stored)
         self._pool = ThreadPoolExecutor(settings.handler_threads, "kre-handler") if settings.handler_threads else None
         self._inline = not code.handler_is_async and self._pool is None  # handler runs in the inbox callback
         self._error_subject = settings.entrypoint_subject or settings.output_subject
+        self._output_subject = settings.output_subject
+        self._node_name = settings.node_name
+        self._is_last_node = settings.is_last_node
+        self._max_inflight = settings.max_inflight
+        self._inline_job: _Job | None = None  # the job whose inline (sync) handler is running
         self._limit = 1024 * 1024 - _HEADER_ROOM
         self._pull_subject = f"$JS.API.CONSUMER.MSG.NEXT.{settings.stream}.{settings.consumer_name}"
         # Nats-Msg-Id = {node}:{stream}:{stream sequence}: the same for every delivery of an input.
-        self._msg_id_prefix = settings.node_name.replace("\r", "").replace("\n", "") + ":"
+        self._node_id = settings.node_name.replace("\r", "").replace("\n", "")
+        self._msg_id_prefix = f"{self._node_id}:{settings.stream}:"
+        self._ack_prefix = f"$JS.ACK.{settings.stream}.{settings.consumer_name}."
+        self._ack_prefix_len = len(self._ack_prefix)
         self._inbox = nc.new_inbox()
         self._inbox_sub: Subscription | None = None
         self._jobs: set[_Job] = set()
-        self._backlog: deque[Msg] = deque()  # delivered beyond KRT_MAX_INFLIGHT after a credit reset
+        # (ack subject, data) of messages delivered beyond KRT_MAX_INFLIGHT (after a credit reset)
+        self._backlog: deque[tuple[str, bytes]] = deque()
         self._requested = 0  # messages asked for and not yet delivered or expired
         self._batch = max(1, settings.max_inflight // 4)
         # KRT_MAX_INFLIGHT bounds the handlers running at once; a slot is free again as soon as its
@@ -207,8 +223,7 @@ class Consumer:
         self._loop = asyncio.get_running_loop()
         self._loop_thread = threading.get_ident()
         await self._publisher.start()
-        self._inbox_sub = await self._nc.subscribe(self._inbox, cb=self._on_delivery, pending_msgs_limit=-1,
-                                                   pending_bytes_limit=-1)
+        self._inbox_sub = await self._dispatcher.subscribe(self._inbox, self._on_delivery)
         self._pulling = True
         await self._pull()
         ticker = asyncio.create_task(self._tick())
@@ -245,8 +260,8 @@ class Consumer:
         # Out of grace: let another replica take what is left now rather than after the ack wait.
         never_started = list(self._backlog)
         self._backlog.clear()
-        for msg in never_started:
-            await self._safe_publish(msg.reply, b"-NAK")
+        for ack_subject, _ in never_started:
+            await self._safe_publish(ack_subject, b"-NAK")
         for job in list(self._jobs):
             self._log.warning("shutdown grace over: returning input seq %d for redelivery", job.seq)
             await self._safe_publish(job.ack_subject, b"-NAK")
@@ -301,8 +316,8 @@ class Consumer:
             except Exception:  # the ticker must survive anything, or timeouts stop being enforced
                 self._log.exception("periodic maintenance failed")
 
-    def _on_status(self, msg: Msg) -> None:
-        headers = msg.headers or {}
+    def _on_status(self, headers: dict[str, str] | None) -> None:
+        headers = headers or {}
         status = headers.get("Status", "")
         if status == "100":
             return  # idle heartbeat
@@ -317,147 +332,186 @@ class Consumer:
 
     # ---------------------------------------------------------------- per message
 
-    async def _on_delivery(self, msg: Msg) -> None:
-        """Inbox callback: status messages, or one input message (for sync handlers, all of its work)."""
-        reply = msg.reply
+    async def _on_delivery(self, subject: str, reply: str, data: bytes, headers: dict[str, str] | None) -> None:
+        """Inbox route: status messages, or one input message (for sync handlers, all of its work)."""
         if not reply:  # only JetStream status messages (heartbeats, request ends) have no reply
             self._last_seen = time.monotonic()
-            self._on_status(msg)
+            self._on_status(headers)
             await self._pull()
             return
-        self._last_seen = now = time.monotonic()
+        self._last_seen = time.monotonic()
         if self._requested > 0:
             self._requested -= 1
-        if self._running >= self._s.max_inflight:
-            self._backlog.append(msg)
+        if self._running >= self._max_inflight:
+            self._backlog.append((reply, data))
             return
-        job = self._new_job(reply, now)
-        self._running += 1  # taken now, not when the task starts, so the bound holds
+        job = self._new_job(reply)
         if not self._inline:
-            job.task = asyncio.create_task(self._process(job, msg.data))
+            self._start(job, data)
             return
-        # Sync handler: the whole pipeline runs here, in order, with no task per message.
+        # Sync handler: the whole pipeline runs here, in order, with no task and no context variable
+        # per message (the callback runs one message at a time, so ``_inline_job`` is unambiguous).
         try:
-            await self._handle(job, msg.data)
-        finally:
-            self._running -= 1
+            envelope = job.envelope = decode(data)
+        except EnvelopeError as exc:
+            outcome = self._invalid_input(job, exc)
+        else:
+            now = self._clock.now
+            start = now()
+            self._inline_job = job
+            try:
+                result = self._code.handler(self._ctx, envelope.payload)
+            except Exception as exc:
+                outcome = self._handler_failed(job, envelope, exc, start)
+            else:
+                end = now()
+                if end[0] - start[0] > _SLOW_INLINE_S and not self._warned_slow:
+                    self._warn_slow(end[0] - start[0])
+                outcome = self._outcome(job, envelope, result, start, end)
+            finally:
+                self._inline_job = None
+        await self._send(job, outcome)
         if self._max_inflight_free() - self._requested >= self._batch:
             await self._pull()
 
-    def _new_job(self, reply: str, now: float) -> _Job:
-        stream, seq, delivered = _parse_ack_subject(reply)
-        job = _Job(reply, seq, delivered, self._msg_id_prefix + stream + ":" + str(seq), now)
+    def _new_job(self, reply: str) -> _Job:
+        # Nats-Msg-Id = {node}:{stream}:{stream sequence}, read off the ack subject
+        # $JS.ACK.<stream>.<consumer>.<delivered>.<stream seq>.<consumer seq>.<time>.<pending>.
+        if reply.startswith(self._ack_prefix):
+            delivered, seq, _ = reply[self._ack_prefix_len:].split(".", 2)
+            msg_id = self._msg_id_prefix + seq
+        else:  # the longer form with a JetStream domain and account
+            stream, sequence, count = _parse_ack_subject(reply)
+            delivered = str(count)
+            msg_id = f"{self._node_id}:{stream}:{sequence}"
+        job = _Job(reply, msg_id, self._last_seen)
         self._jobs.add(job)
-        if delivered > 1:
-            self._log.info("input seq %d redelivered (delivery %d)", seq, delivered)
+        if delivered != "1":
+            self._log.info("input seq %d redelivered (delivery %s)", job.seq, delivered)
         return job
 
     def _max_inflight_free(self) -> int:
         """Slots free for new messages: handlers running, and messages waiting only for PubAcks, are bounded."""
-        return min(self._s.max_inflight - self._running, self._cap - len(self._jobs)) - len(self._backlog)
+        return min(self._max_inflight - self._running, self._cap - len(self._jobs)) - len(self._backlog)
+
+    def _start(self, job: _Job, data: bytes) -> None:
+        """Run a message's pipeline as a task (async handlers, or sync ones in threads); its slot is taken now."""
+        self._running += 1
+        job.task = asyncio.create_task(self._process(job, data))
 
     async def _process(self, job: _Job, data: bytes) -> None:
-        """A message's pipeline as a task (async handlers, or sync ones in threads); its slot is taken."""
         try:
-            await self._handle(job, data)
+            try:
+                envelope = job.envelope = decode(data)
+            except EnvelopeError as exc:
+                outcome = self._invalid_input(job, exc)
+            else:
+                now = self._clock.now
+                start = now()
+                token = _current_job.set(job)
+                try:
+                    result = await self._call_handler(envelope.payload)
+                except Exception as exc:
+                    outcome = self._handler_failed(job, envelope, exc, start)
+                else:
+                    outcome = self._outcome(job, envelope, result, start, now())
+                finally:
+                    _current_job.reset(token)
         finally:
             self._running -= 1  # the handler's slot is free; its publishes may still await PubAcks
-        if self._backlog and self._running < self._s.max_inflight:
-            await self._start_backlogged()
+        await self._send(job, outcome)
+        if self._backlog and self._running < self._max_inflight:
+            reply, data = self._backlog.popleft()  # held back by the bound (only tasks get there)
+            self._start(self._new_job(reply), data)
         if self._max_inflight_free() - self._requested >= self._batch:
             await self._pull()
-
-    async def _start_backlogged(self) -> None:
-        """Start a message held back by the bound (only tasks get there: inline handling is sequential)."""
-        msg = self._backlog.popleft()
-        job = self._new_job(msg.reply, time.monotonic())
-        self._running += 1
-        job.task = asyncio.create_task(self._process(job, msg.data))
-
-    async def _handle(self, job: _Job, data: bytes) -> None:
-        try:
-            envelope = decode(data)
-        except EnvelopeError as exc:
-            self._log.warning("input seq %d is not a valid envelope: %s", job.seq, exc)
-            await self._publish_error(job, KreNatsMessage(), f"invalid input message at seq {job.seq}: {exc}",
-                                      self._clock.now()[1])
-            await self._release(job)
-            return
-        job.envelope = envelope
-        started, start = self._clock.now()
-        began = time.perf_counter()
-        token = _current_job.set((self, job))
-        try:
-            if self._inline:
-                result = self._code.handler(self._ctx, envelope.payload)
-            else:
-                result = await self._call_handler(envelope.payload)
-        except Exception as exc:
-            self._log.warning("handler failed on input seq %d: %s: %s", job.seq, type(exc).__name__, exc,
-                              exc_info=self._log.isEnabledFor(logging.DEBUG))
-            await self._publish_error(job, envelope, str(exc) or type(exc).__name__, start)
-            await self._release(job)
-            return
-        finally:
-            _current_job.reset(token)
-        elapsed_ms = (time.perf_counter() - began) * 1000.0
-        if self._inline and elapsed_ms > _SLOW_INLINE_MS and not self._warned_slow:
-            self._warned_slow = True
-            self._log.warning("the sync handler blocked the event loop for %.0f ms (acks, PubAcks and heartbeats "
-                              "wait meanwhile): set KRT_HANDLER_THREADS to run it in threads", elapsed_ms)
-        if self._record_elapsed is not None:
-            self._record_elapsed(envelope, started, elapsed_ms)
-        if result is not None and not (self._s.is_last_node and (envelope.replied or job.replied)):
-            await self._publish_output(job, envelope, result, start)
-        await self._release(job)
 
     async def _call_handler(self, payload: AnyProto) -> Any:
         code = self._code
         if code.handler_is_async:
             return await code.handler(self._ctx, payload)
-        if self._pool is not None:
-            call = contextvars.copy_context().run
-            return await asyncio.get_running_loop().run_in_executor(self._pool, call, code.handler, self._ctx,
-                                                                    payload)
-        return code.handler(self._ctx, payload)
+        assert self._pool is not None  # sync handlers not run inline run in the pool
+        call = contextvars.copy_context().run
+        return await asyncio.get_running_loop().run_in_executor(self._pool, call, code.handler, self._ctx, payload)
 
-    async def _publish_output(self, job: _Job, envelope: KreNatsMessage, result: Any, start: str) -> None:
+    def _warn_slow(self, seconds: float) -> None:
+        self._warned_slow = True
+        self._log.warning("the sync handler blocked the event loop for %.0f ms (acks, PubAcks and heartbeats "
+                          "wait meanwhile): set KRT_HANDLER_THREADS to run it in threads", seconds * 1000)
+
+    # An outcome is what a message publishes once its handler is done: (subject, envelope bytes), or
+    # None when it publishes nothing. Outputs and error envelopes share the input's Nats-Msg-Id, so a
+    # redelivered input yields one result or one error, never both.
+
+    def _outcome(self, job: _Job, envelope: KreNatsMessage, result: Any, start: tuple[float, str],
+                 end: tuple[float, str]) -> tuple[str, bytes] | None:
+        """The handler returned ``result``: the output envelope, an error envelope, or nothing."""
+        if self._record_elapsed is not None:
+            self._record_elapsed(envelope, start[0], end[0])
+        if result is None or (self._is_last_node and (envelope.replied or job.replied)):
+            return None  # a filter, or the entrypoint already has its answer
         # The input envelope becomes the output: tracking_id, reply, replied and tracking carry over.
-        if isinstance(result, AnyProto):
-            envelope.payload.CopyFrom(result)
-        elif isinstance(result, Message):
+        if isinstance(result, Message) and not isinstance(result, AnyProto):
             self._pack(envelope.payload, result)
+        elif isinstance(result, AnyProto):
+            envelope.payload.CopyFrom(result)
         else:
-            await self._publish_error(job, envelope, f"handler returned {type(result).__name__}; expected a "
-                                      f"protobuf message, google.protobuf.Any or None", start)
-            return
-        envelope.replied = envelope.replied or job.replied
-        self._append_tracking(envelope, start)
+            return self._error(job, envelope, f"handler returned {type(result).__name__}; expected a protobuf "
+                               f"message, google.protobuf.Any or None", start[1])
+        if job.replied:
+            envelope.replied = True
+        entry = envelope.tracking.add()
+        entry.node_name = self._node_name
+        entry.start = start[1]
+        entry.end = end[1]
         try:
-            data = encode(envelope, self._limit)
+            return self._output_subject, encode(envelope, self._limit)
         except EnvelopeError as exc:
             del envelope.tracking[-1]
-            await self._publish_error(job, envelope, str(exc), start)
-            return
-        job.refs += 1
-        await self._publisher.publish(self._s.output_subject, data, job.msg_id, job)
+            return self._error(job, envelope, str(exc), start[1])
 
-    async def _publish_error(self, job: _Job, envelope: KreNatsMessage, reason: str, start: str) -> None:
+    def _invalid_input(self, job: _Job, exc: EnvelopeError) -> tuple[str, bytes]:
+        self._log.warning("input seq %d is not a valid envelope: %s", job.seq, exc)
+        return self._error(job, KreNatsMessage(), f"invalid input message at seq {job.seq}: {exc}",
+                           self._clock.now()[1])
+
+    def _handler_failed(self, job: _Job, envelope: KreNatsMessage, exc: Exception,
+                        start: tuple[float, str]) -> tuple[str, bytes]:
+        self._log.warning("handler failed on input seq %d: %s: %s", job.seq, type(exc).__name__, exc,
+                          exc_info=self._log.isEnabledFor(logging.DEBUG))
+        return self._error(job, envelope, str(exc) or type(exc).__name__, start[1])
+
+    def _error(self, job: _Job, envelope: KreNatsMessage, reason: str, start: str) -> tuple[str, bytes]:
         """An error envelope keeps tracking_id, reply and tracking so the entrypoint can match it."""
         self.errors += 1
         error = KreNatsMessage(
             tracking_id=envelope.tracking_id,
             reply=envelope.reply,
             replied=envelope.replied or job.replied,
-            error=f"error in '{self._s.node_name}': {reason}",
+            error=f"error in '{self._node_name}': {reason}",
         )
         error.tracking.extend(envelope.tracking)
-        self._append_tracking(error, start)
-        # Same Nats-Msg-Id as an output: a redelivered input yields one result or one error, never both.
-        await self._send(job, self._error_subject, encode(error, self._limit), job.msg_id)
+        entry = error.tracking.add()
+        entry.node_name = self._node_name
+        entry.start = start
+        entry.end = self._clock.now()[1]
+        return self._error_subject, encode(error, self._limit)
 
-    def _early_reply(self, job: _Job, response: Message) -> Awaitable[None]:
-        """The reply is one more publish of the job, so the input waits for its PubAck too."""
+    async def _send(self, job: _Job, outcome: tuple[str, bytes] | None, msg_id: str | None = None) -> None:
+        """Publish the outcome, then drop the handler's (or early reply's) reference: PubAcks settle the input."""
+        if outcome is not None:
+            job.refs += 1
+            await self._publisher.publish(outcome[0], outcome[1], msg_id or job.msg_id, job)
+        await self._release(job)
+
+    def early_reply(self, response: Message) -> Awaitable[None]:
+        """``ctx.early_reply``: answer the entrypoint for the message whose handler is running.
+
+        The reply is one more publish of the job, so the input waits for its PubAck too.
+        """
+        job = self._inline_job or _current_job.get(None)
+        if job is None:
+            raise RuntimeError("ctx.early_reply must be called from within a handler")
         subject = self._s.entrypoint_subject
         if subject is None:
             raise RuntimeError("ctx.early_reply needs KRT_NATS_ENTRYPOINT_SUBJECT")
@@ -472,21 +526,13 @@ class Consumer:
             self._pack(reply.payload, response)
         data = encode(reply, self._limit)
         job.refs += 1  # taken now, so the input cannot be acked before the reply is published
-        send = self._release_after(job, self._send(job, subject, data, f"{job.msg_id}:reply"))
+        send = self._send(job, (subject, data), f"{job.msg_id}:reply")
         if threading.get_ident() == self._loop_thread:
             return asyncio.ensure_future(send)
         # Called from a handler thread (KRT_HANDLER_THREADS): hop onto the event loop. The loop runs
         # this before it sees the handler's return, so the reference is in place in time.
         assert self._loop is not None
         return asyncio.run_coroutine_threadsafe(send, self._loop)  # type: ignore[return-value]
-
-    async def _release_after(self, job: _Job, send: Awaitable[None]) -> None:
-        await send
-        await self._release(job)
-
-    async def _send(self, job: _Job, subject: str, data: bytes, msg_id: str) -> None:
-        job.refs += 1
-        await self._publisher.publish(subject, data, msg_id, job)
 
     async def _stored(self, job: _Job, error: str | None) -> None:
         """A publish of ``job`` is settled: stored (``error`` None) or not."""
@@ -504,9 +550,10 @@ class Consumer:
 
     async def _finish(self, job: _Job) -> None:
         """The last reference is gone: ack only when every publish was stored, else nak to retry."""
-        if job not in self._jobs:
+        try:
+            self._jobs.remove(job)
+        except KeyError:
             return  # already handed back at the end of the shutdown grace
-        self._jobs.discard(job)
         if job.failed is None:
             self.processed += 1
             command = _ACK
@@ -514,9 +561,13 @@ class Consumer:
             delay = _NAK_DELAYS[min(job.delivered, len(_NAK_DELAYS)) - 1]
             self._log.warning("input seq %d will be retried in %gs: %s", job.seq, delay, job.failed)
             command = b'-NAK {"delay": %d}' % int(delay * 1e9)
-        await self._safe_publish(job.ack_subject, command)
-        if self._backlog and self._running < self._s.max_inflight:
-            await self._start_backlogged()
+        try:
+            await self._wire.publish(job.ack_subject, command)
+        except Exception as exc:  # lost: the ack wait redelivers, and Nats-Msg-Id dedupes the output
+            self._log.warning("could not send %s for input seq %d: %s", command[:4].decode(), job.seq, exc)
+        if self._backlog and self._running < self._max_inflight:
+            reply, data = self._backlog.popleft()
+            self._start(self._new_job(reply), data)
         if not self._jobs:
             self._idle.set()
         if self._max_inflight_free() - self._requested >= self._batch:
@@ -531,29 +582,12 @@ class Consumer:
         payload.type_url = type_url
         payload.value = message.SerializeToString()
 
-    def _append_tracking(self, envelope: KreNatsMessage, start: str) -> None:
-        entry = envelope.tracking.add()
-        entry.node_name = self._s.node_name
-        entry.start = start
-        entry.end = self._clock.now()[1]
-
     async def _safe_publish(self, subject: str, data: bytes) -> None:
         """Acks and naks: if one is lost, the ack wait redelivers and Nats-Msg-Id dedupes the output."""
         try:
             await self._wire.publish(subject, data)
         except Exception as exc:
             self._log.warning("could not send %s to %s: %s", data[:4].decode(), subject, exc)
-
-
-def early_reply(response: Message) -> Awaitable[None]:
-    """``ctx.early_reply``: answer the entrypoint for the message whose handler is running."""
-    current = _current_job.get(None)
-    if current is None:
-        raise RuntimeError("ctx.early_reply must be called from within a handler")
-    consumer, job = current
-    return consumer._early_reply(job, response)
-
-
 
 
 def _parse_ack_subject(reply: str) -> tuple[str, int, int]:

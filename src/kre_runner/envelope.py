@@ -74,17 +74,20 @@ class TrackingClock:
     """
 
     def __init__(self) -> None:
-        self._second = -1
+        self._second = 0
+        self._next_second = 0.0  # when the cached prefix goes stale
         self._prefix = ""
 
     def now(self) -> tuple[float, str]:
         """(Unix time, the same instant as naive UTC ISO 8601 with microseconds)."""
         ts = time.time()
-        second = int(ts)
-        if second != self._second:
+        if ts >= self._next_second or ts < self._second:  # a new second, or the clock stepped back
+            second = int(ts)
             self._second = second
-            self._prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
-        return ts, f"{self._prefix}.{int((ts - second) * 1e6):06d}"
+            self._next_second = second + 1
+            self._prefix = time.strftime("%Y-%m-%dT%H:%M:%S.", time.gmtime(second))
+        # "%06d" truncates the float itself: ~30 % cheaper than an f-string with int().
+        return ts, self._prefix + "%06d" % ((ts - self._second) * 1e6)  # noqa: UP031
 
 
 def iso_to_unix(value: str) -> float | None:

@@ -7,9 +7,11 @@ import logging
 from collections.abc import Awaitable
 from typing import TypeVar
 
+from google.protobuf.message import Message
+
 from .config import Settings
 from .connection import StartupError, connect
-from .consumer import Consumer, early_reply
+from .consumer import Consumer
 from .context import Context
 from .elapsed import ElapsedRecorder
 from .handler import load_user_code
@@ -60,6 +62,10 @@ async def _run_node(settings: Settings, stop: asyncio.Event, logger: logging.Log
     services = None
     try:
         services = await open_services(settings, nc, logger)
+
+        def early_reply(response: Message) -> Awaitable[None]:
+            return consumer.early_reply(response)  # the consumer is built below, with this ctx
+
         ctx = Context(
             base_path=settings.base_path,
             logger=logging.getLogger(f"kre_runner.handler.{settings.node_name}"),

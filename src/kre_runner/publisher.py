@@ -14,17 +14,22 @@ re-encodes a header dict on every call, which costs more than the rest of a publ
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 from nats.aio.client import Client
-from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.errors import MaxPayloadError
 
+from .dispatch import Dispatcher
+
 __all__ = ["PubAckPublisher", "Wire"]
+
+_FLUSH_WAIT = 5.0  # seconds a publish waits for a full outgoing buffer to be written
 
 
 class Wire:
@@ -33,8 +38,8 @@ class Wire:
     def __init__(self, nc: Client) -> None:
         self._nc = nc
         # The fast path relies on nats-py internals (pinned <3); without them, the public API serves.
-        self._fast = all(hasattr(nc, name) for name in ("_send_command", "_flush_queue", "_flush_pending",
-                                                         "_max_payload"))
+        self._fast = all(hasattr(nc, name) for name in ("_pending", "_pending_data_size", "_max_pending_size",
+                                                         "_flush_queue", "_flush_pending", "_max_payload"))
 
     async def publish(self, subject: str, payload: bytes, reply: str = "", msg_id: str | None = None) -> None:
         nc = self._nc
@@ -52,9 +57,15 @@ class Wire:
             header = b"NATS/1.0\r\nNats-Msg-Id: %s\r\n\r\n" % msg_id.encode()
             command = b"HPUB %s %s %d %d\r\n%s%s\r\n" % (subject.encode(), reply.encode(), len(header),
                                                            len(header) + size, header, payload)
-        await nc._send_command(command)
-        queue = nc._flush_queue
-        if queue is not None and queue.empty():
+        # What nats-py's _send_command does, without its coroutine: queue the bytes, and wake the
+        # flusher task, or wait for it when the buffer is over its limit: backpressure, bounded,
+        # since this may run in the reader task (see dispatch.py).
+        nc._pending.append(command)
+        nc._pending_data_size += len(command)
+        if nc._max_pending_size > 0 and nc._pending_data_size > nc._max_pending_size:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(nc._flush_pending(force_flush=True), _FLUSH_WAIT)
+        elif nc._flush_queue is not None and nc._flush_queue.empty():
             await nc._flush_pending()
 
 
@@ -64,9 +75,10 @@ class PubAckPublisher:
     ``error`` is ``None`` when the stream stored the message (duplicates included), else the reason.
     """
 
-    def __init__(self, nc: Client, wire: Wire, timeout: float,
+    def __init__(self, nc: Client, dispatcher: Dispatcher, wire: Wire, timeout: float,
                  on_stored: Callable[[Any, str | None], Awaitable[None]]) -> None:
         self._nc = nc
+        self._dispatcher = dispatcher
         self._wire = wire
         self._timeout = timeout
         self._on_stored = on_stored
@@ -78,8 +90,7 @@ class PubAckPublisher:
         self._sub: Subscription | None = None
 
     async def start(self) -> None:
-        self._sub = await self._nc.subscribe(self._prefix + "*", cb=self._on_puback, pending_msgs_limit=-1,
-                                             pending_bytes_limit=-1)
+        self._sub = await self._dispatcher.subscribe(self._prefix + "*", self._on_puback)
 
     async def publish(self, subject: str, data: bytes, msg_id: str, owner: Any) -> None:
         """Publish ``data``; its outcome is reported later for ``owner``."""
@@ -107,19 +118,17 @@ class PubAckPublisher:
             await self._sub.unsubscribe()
             self._sub = None
 
-    async def _on_puback(self, msg: Msg) -> None:
-        entry = self._waiting.pop(msg.subject[self._prefix_len:], None)
+    async def _on_puback(self, subject: str, reply: str, data: bytes, headers: dict[str, str] | None) -> None:
+        entry = self._waiting.pop(subject[self._prefix_len:], None)
         if entry is None:
             return  # already timed out and retried
-        data = msg.data
         # A PubAck is {"stream":..,"seq":..[,"duplicate":true]}; only failures carry "error".
-        await self._on_stored(entry[1], None if data and b'"error"' not in data else _puback_error(msg))
+        await self._on_stored(entry[1], None if data and b'"error"' not in data else _puback_error(data, headers))
 
 
-def _puback_error(msg: Msg) -> str:
-    data = msg.data
+def _puback_error(data: bytes, headers: dict[str, str] | None) -> str:
     if not data:
-        status = (msg.headers or {}).get("Status", "")
+        status = (headers or {}).get("Status", "")
         if status == "503":
             return "no JetStream stream captures the subject (503 no responders)"
         return f"empty PubAck (status {status or 'none'})"
