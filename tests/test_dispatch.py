@@ -1,0 +1,95 @@
+"""The direct MSG path (dispatch.py) against a real nats-server: in use, in order, and harmless to the rest."""
+
+from __future__ import annotations
+
+import asyncio
+
+import nats
+import pytest
+
+from kre_runner.dispatch import Dispatcher
+
+pytestmark = pytest.mark.integration
+
+
+async def test_the_pinned_nats_py_takes_the_direct_path(nc):
+    # If a nats-py upgrade changes the internals, the node still works (plain callbacks) but loses
+    # its fast path: this is the test that says so.
+    assert Dispatcher(nc).direct
+
+
+async def test_routes_get_every_message_in_order_with_headers_and_other_subscriptions_still_work(nats_server):
+    nc = await nats.connect(nats_server.url)
+    try:
+        dispatcher = Dispatcher(nc)
+        got: list[tuple[str, str, bytes, dict[str, str] | None]] = []
+
+        async def route(subject: str, reply: str, data: bytes, headers: dict[str, str] | None) -> None:
+            got.append((subject, reply, data, headers))
+
+        await dispatcher.subscribe("direct.*", route)
+        plain: list[bytes] = []
+
+        async def on_plain(msg: nats.aio.msg.Msg) -> None:
+            plain.append(msg.data)
+
+        await nc.subscribe("plain", cb=on_plain)
+        for i in range(500):
+            await nc.publish(f"direct.{i % 3}", b"%d" % i, reply="r" if i == 0 else "")
+        await nc.publish("direct.h", b"with headers", headers={"Nats-Msg-Id": "x1"})
+        await nc.publish("plain", b"p")
+        await nc.flush()
+        await asyncio.sleep(0.1)
+
+        assert [int(data) for _, _, data, _ in got[:500]] == list(range(500))
+        assert got[0][:2] == ("direct.0", "r") and got[1][1] == ""
+        assert got[500][0] == "direct.h" and got[500][3] == {"Nats-Msg-Id": "x1"}
+        assert plain == [b"p"]
+    finally:
+        await nc.close()
+
+
+async def test_a_failing_route_is_logged_and_the_connection_keeps_reading(nats_server, caplog):
+    nc = await nats.connect(nats_server.url)
+    try:
+        dispatcher = Dispatcher(nc)
+        got: list[bytes] = []
+
+        async def route(subject: str, reply: str, data: bytes, headers: dict[str, str] | None) -> None:
+            if data == b"boom":
+                raise RuntimeError("route bug")
+            got.append(data)
+
+        await dispatcher.subscribe("direct", route)
+        for data in (b"1", b"boom", b"2"):
+            await nc.publish("direct", data)
+        await nc.flush()
+        await asyncio.sleep(0.1)
+        assert got == [b"1", b"2"]
+        assert "route bug" in caplog.text
+        # The read loop is alive: a request/reply round trip still works.
+        await nc.flush(timeout=2)
+        assert nc.is_connected
+    finally:
+        await nc.close()
+
+
+async def test_after_unsubscribe_a_route_gets_nothing(nats_server):
+    nc = await nats.connect(nats_server.url)
+    try:
+        dispatcher = Dispatcher(nc)
+        got: list[bytes] = []
+
+        async def route(subject: str, reply: str, data: bytes, headers: dict[str, str] | None) -> None:
+            got.append(data)
+
+        sub = await dispatcher.subscribe("direct", route)
+        await nc.publish("direct", b"before")
+        await nc.flush()  # (the server may deliver a message published just before the UNSUB after its PONG)
+        await sub.drain()
+        await nc.publish("direct", b"after")
+        await nc.flush()
+        await asyncio.sleep(0.1)
+        assert got == [b"before"]
+    finally:
+        await nc.close()
