@@ -77,6 +77,28 @@ async def test_async_handler_runs_messages_concurrently_within_the_bound(nats_se
     assert 1 < state["peak"] <= 8
 
 
+async def test_messages_waiting_for_a_slot_are_kept_alive_past_the_ack_wait(nats_server, js, workflow_stream,
+                                                                             monkeypatch):
+    """Async handlers keep messages delivered ahead; one that waits longer than the ack wait for its
+    slot must not be redelivered (and so handled twice)."""
+    out = await Collector(js, OUT).start()
+    monkeypatch.setenv("SLOW_SECONDS", "2.0")  # the handler runs in this process
+    env = node_env(nats_server.url, "slow.py", KRT_MAX_INFLIGHT="1", KRT_ACK_WAIT="1.5")
+    async with running_node(env, js):
+        for i in range(2):  # w1 is delivered at once and waits 2 s for w0's slot
+            await js.publish(IN, request_envelope(f"w{i}").SerializeToString())
+        results = await out.take(2, timeout=15)
+        await wait_settled(js, "v1-greeter")
+        info = await js.consumer_info(STREAM, "v1-greeter")
+    assert sorted(greeting(r).split(" pid=")[0] for r in results) == ["slow w0", "slow w1"]
+    import sys
+
+    calls = next(m.CALLS for name, m in sys.modules.items() if name.startswith("_kre_user_slow"))
+    assert calls == ["w0", "w1"]  # a redelivery would have run w1 twice
+    assert info.num_ack_pending == 0
+    assert await out.nothing_more()
+
+
 async def test_handler_error_is_reported_with_tracking_and_input_acked(nats_server, js, workflow_stream):
     errors = await Collector(js, ENTRY).start()
     out = await Collector(js, OUT).start()
