@@ -305,13 +305,12 @@ class Measurement:
     PRECISION_NS = PRECISION_NS
 
     def __init__(self, sink: InfluxSink, *, version: str, workflow: str, node: str) -> None:
-        self._sink = sink
+        self._add = sink.add
         self._system_tags = {"version": version, "workflow": workflow, "node": node}
-        # Most points carry only the system tags: their escaped, sorted tag set is built once.
-        self._system_tag_set = _tag_set(self._system_tags)
-        # Field keys and user tag sets repeat from point to point: escape each once.
+        # A point's escaped "measurement,tags " head repeats from point to point: built once per
+        # (measurement, user tags), as are escaped field keys.
+        self._heads: dict[Any, str] = {}
         self._keys: dict[Any, str] = {}
-        self._tag_sets: dict[tuple[tuple[Any, Any], ...], str] = {}
 
     def save(
         self,
@@ -326,7 +325,7 @@ class Measurement:
 
         Raises ``ValueError``/``TypeError`` for bad arguments only.
         """
-        self._sink.add(self.line(measurement, fields, tags, time, precision))
+        self._add(self.line(measurement, fields, tags, time, precision))
 
     def line(
         self,
@@ -343,35 +342,30 @@ class Measurement:
         tenth of its cost: a point per message must not cost a node more than a few percent.
         Anything else (numpy or Decimal values, datetimes) is left to ``Point`` itself.
         """
-        if not isinstance(measurement, str) or not measurement:
-            raise ValueError(f"ctx.measurement.save: measurement must be a non-empty string, got {measurement!r}")
-        if not isinstance(fields, Mapping) or not fields:
-            raise ValueError("ctx.measurement.save: fields must be a non-empty dict, e.g. {'value': 1.0}")
-        if tags is not None and not isinstance(tags, Mapping):
-            raise TypeError(f"ctx.measurement.save: tags must be a dict or None, got {type(tags).__name__}")
         if precision not in _NS_PER_UNIT:
             raise ValueError(f"ctx.measurement.save: precision must be one of s, ms, us, ns, got {precision!r}")
-        timestamp = _to_ns(time, precision)
+        timestamp = _time.time_ns() if time is None else _to_ns(time, precision)
+        if not fields or (type(fields) is not dict and not isinstance(fields, Mapping)):  # ABC checks are slow
+            raise ValueError("ctx.measurement.save: fields must be a non-empty dict, e.g. {'value': 1.0}")
         if tags:
-            all_tags = {**tags, **self._system_tags}  # system tags win over user tags, as in the original
-            cache_key = tuple(tags.items())
-            try:
-                tag_set = self._tag_sets.get(cache_key)
-            except TypeError:  # an unhashable tag value: Point turns it into a string
-                return self._point_line(measurement, fields, all_tags, timestamp)
-            if tag_set is None:
-                if not all(type(value) is str for value in all_tags.values()):
-                    return self._point_line(measurement, fields, all_tags, timestamp)
-                tag_set = _tag_set(all_tags)
-                if len(self._tag_sets) < _KEY_CACHE_SIZE:
-                    self._tag_sets[cache_key] = tag_set
+            if type(tags) is not dict and not isinstance(tags, Mapping):
+                raise TypeError(f"ctx.measurement.save: tags must be a dict or None, got {type(tags).__name__}")
+            head_key: Any = (measurement, *tags.items())
         else:
-            all_tags, tag_set = self._system_tags, self._system_tag_set
+            head_key = measurement
+        try:
+            head = self._heads.get(head_key)
+        except TypeError:  # an unhashable tag value: Point turns it into a string
+            head = None
+        if head is None:
+            head = self._head(measurement, tags, head_key)
+            if head is None:
+                return self._point_line(measurement, fields, {**(tags or {}), **self._system_tags}, timestamp)
         if type(timestamp) is not int:
-            return self._point_line(measurement, fields, all_tags, timestamp)
+            return self._point_line(measurement, fields, {**(tags or {}), **self._system_tags}, timestamp)
         parts = []
         keys = self._keys
-        for key, value in sorted(fields.items()):
+        for key, value in sorted(fields.items()) if len(fields) > 1 else fields.items():
             kind = type(value)
             if value is None or (kind is float and not math.isfinite(value)):
                 continue
@@ -390,10 +384,24 @@ class Measurement:
             elif kind is str:
                 parts.append(f'{name}="{escape_field_str(value)}"')
             else:
-                return self._point_line(measurement, fields, all_tags, timestamp)
+                return self._point_line(measurement, fields, {**(tags or {}), **self._system_tags}, timestamp)
         if not parts:
             raise ValueError("ctx.measurement.save: no field has a value (None, NaN and inf are left out)")
-        return f"{escape_measurement(measurement)}{tag_set}{','.join(parts)} {timestamp}"
+        return f"{head}{','.join(parts)} {timestamp}"
+
+    def _head(self, measurement: str, tags: Mapping[str, Any] | None, head_key: Any) -> str | None:
+        """``measurement,tag=value,... `` escaped and sorted as ``Point`` writes it (system tags win over
+        user tags, as in the original), remembered for next time; None when ``Point`` must format it."""
+        if not isinstance(measurement, str) or not measurement:
+            raise ValueError(f"ctx.measurement.save: measurement must be a non-empty string, got {measurement!r}")
+        all_tags = {**tags, **self._system_tags} if tags else self._system_tags
+        if not all(type(value) is str for value in all_tags.values()):
+            return None
+        head = escape_measurement(measurement) + _tag_set(all_tags)
+        with contextlib.suppress(TypeError):  # unhashable tag values are not remembered
+            if len(self._heads) < _KEY_CACHE_SIZE:
+                self._heads[head_key] = head
+        return head
 
     @staticmethod
     def _point_line(measurement: str, fields: Mapping[str, Any], tags: Mapping[str, Any],
