@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # the bench's sibling 
 import nats
 from nodes import NodeSpec
 from report import Rounds, extras_table, main_table, targets
-from scenarios import Sizes, measure_node
+from scenarios import Sizes, asyncio_ceiling, measure_node
 from servers import EmbeddedNats, EmbeddedVictoriaMetrics, pid_of, victoria_metrics_available
 from soak import soak
 
@@ -89,6 +89,8 @@ async def bench(args: argparse.Namespace, nats_url: str, influx: str | None, oth
             for name, (spec, variant_sizes) in variants.items():
                 extras.setdefault(name, []).append(await measure_node(nc, nats_url, spec, variant_sizes,
                                                                       full=False, others=others, log_dir=log_dir))
+            for n in IO_INFLIGHT:
+                extras[f"io{n}"][-1]["asyncio"] = await asyncio_ceiling(n)
             print(f"round {round_no}/{args.rounds} ({time.monotonic() - started:.0f}s): drain reference "
                   f"{reference[-1]['drain']:,.0f}/s, kre-runner {kre[-1]['drain']:,.0f}/s", flush=True)
     finally:

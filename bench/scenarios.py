@@ -24,7 +24,7 @@ from nodes import BENCH_DIR, NodeProcess, NodeSpec
 from procstat import cpu_seconds, rss_mb
 from publisher import FastPublisher
 
-__all__ = ["Sizes", "measure_node", "preload"]
+__all__ = ["Sizes", "asyncio_ceiling", "measure_node", "preload"]
 
 
 @dataclass(frozen=True)
@@ -166,3 +166,29 @@ async def measure_node(nc: Client, nats_url: str, spec: NodeSpec, sizes: Sizes, 
         if not node.alive():
             raise RuntimeError(f"{spec.label} exited during the run")
     return result
+
+
+_SLEEPERS = """
+import asyncio, sys, time
+async def main(n, seconds):
+    done = 0
+    stop = time.monotonic() + seconds
+    async def sleeper():
+        nonlocal done
+        while time.monotonic() < stop:
+            await asyncio.sleep(0.01)
+            done += 1
+    start = time.monotonic()
+    await asyncio.gather(*(sleeper() for _ in range(n)))
+    print(done / (time.monotonic() - start))
+asyncio.run(main(int(sys.argv[1]), float(sys.argv[2])))
+"""
+
+
+async def asyncio_ceiling(n: int, seconds: float = 1.5) -> float:
+    """What asyncio itself reaches with ``n`` tasks awaiting ``asyncio.sleep(0.01)`` in a loop, in a
+    process of its own: the selector rounds timeouts up to the millisecond, so this is below n/10 ms."""
+    proc = await asyncio.create_subprocess_exec(sys.executable, "-c", _SLEEPERS, str(n), str(seconds),
+                                                stdout=asyncio.subprocess.PIPE)
+    out, _ = await proc.communicate()
+    return float(out)

@@ -85,16 +85,17 @@ async def test_messages_waiting_for_a_slot_are_kept_alive_past_the_ack_wait(nats
     monkeypatch.setenv("SLOW_SECONDS", "2.0")  # the handler runs in this process
     env = node_env(nats_server.url, "slow.py", KRT_MAX_INFLIGHT="1", KRT_ACK_WAIT="1.5")
     async with running_node(env, js):
-        for i in range(2):  # w1 is delivered at once and waits 2 s for w0's slot
+        # Once w0's call has shown that the handler waits, w2 is delivered ahead and waits 2 s for w1's slot.
+        for i in range(3):
             await js.publish(IN, request_envelope(f"w{i}").SerializeToString())
-        results = await out.take(2, timeout=15)
+        results = await out.take(3, timeout=20)
         await wait_settled(js, "v1-greeter")
         info = await js.consumer_info(STREAM, "v1-greeter")
-    assert sorted(greeting(r).split(" pid=")[0] for r in results) == ["slow w0", "slow w1"]
+    assert sorted(greeting(r).split(" pid=")[0] for r in results) == ["slow w0", "slow w1", "slow w2"]
     import sys
 
     calls = next(m.CALLS for name, m in sys.modules.items() if name.startswith("_kre_user_slow"))
-    assert calls == ["w0", "w1"]  # a redelivery would have run w1 twice
+    assert calls == ["w0", "w1", "w2"]  # a redelivery would have run w2 twice
     assert info.num_ack_pending == 0
     assert await out.nothing_more()
 
