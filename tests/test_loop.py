@@ -100,6 +100,20 @@ async def test_messages_waiting_for_a_slot_are_kept_alive_past_the_ack_wait(nats
     assert await out.nothing_more()
 
 
+async def test_what_init_loaded_is_left_out_of_garbage_collection(nats_server, js, workflow_stream):
+    """A full GC pass re-scans every object: with a large model loaded in init it would stall messages."""
+    import gc
+
+    gc.unfreeze()
+    out = await Collector(js, OUT).start()
+    async with running_node(node_env(nats_server.url, "greet_async.py"), js):
+        await js.publish(IN, request_envelope("gc").SerializeToString())
+        await out.take(1)
+        frozen = gc.get_freeze_count()
+    gc.unfreeze()
+    assert frozen > 10_000  # the libraries' objects and init's, at least
+
+
 async def test_handler_error_is_reported_with_tracking_and_input_acked(nats_server, js, workflow_stream):
     errors = await Collector(js, ENTRY).start()
     out = await Collector(js, OUT).start()

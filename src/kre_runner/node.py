@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 from collections.abc import Awaitable
 from typing import TypeVar
@@ -86,6 +87,11 @@ async def _run_node(settings: Settings, stop: asyncio.Event, logger: logging.Log
             raise
         except Exception as exc:
             raise StartupError(f"init(ctx) in {code.path} failed: {type(exc).__name__}: {exc}") from exc
+        # What exists now (libraries, the model init loaded) lives as long as the node: leave it out of
+        # garbage collection, whose full passes would otherwise re-scan a large model's millions of
+        # objects and stall messages for as long.
+        gc.collect()
+        gc.freeze()
         logger.info("node %s ready", settings.node_name)
         await consumer.run(stop)
         return consumer
