@@ -53,7 +53,8 @@ VARIABLES: tuple[tuple[str, bool, str, str], ...] = (
     ("KRT_ELAPSED_METRICS", False, "write node_elapsed_time/workflow_elapsed_time points (default true)",
      "true"),
     ("KRT_MAX_INFLIGHT", False, "handlers running at once in this replica (default 256); as many more "
-     "messages may wait for their output's PubAck", "256"),
+     "messages may wait for their output's PubAck, and a quarter as many more wait ready while handlers "
+     "wait on I/O", "256"),
     ("KRT_HANDLER_THREADS", False, "0: sync handlers run on the event loop; N: in a pool of N threads "
      "(default 0)", "4"),
     ("KRT_ACK_WAIT", False, "seconds before an unacked input is redelivered (default 30); long handlers "

@@ -1,0 +1,156 @@
+"""CPU instructions per message, counted by valgrind: the comparison that machine noise cannot move.
+
+    python bench/instructions.py                  # reference, kre-runner, kre-runner without elapsed points
+    python bench/instructions.py --kre-src DIR    # kre-runner imported from a patched src/ tree
+
+Each node runs in one process against a stand-in connection: real MSG protocol bytes (inputs with
+``$JS.ACK`` reply subjects, then their PubAcks) go through nats-py's own parser, so parsing,
+dispatch and the node's whole job are counted; what the node publishes is dropped (no socket, no
+server, no event-loop polling). The process runs under ``valgrind --tool=callgrind`` with two
+message counts; the difference over the count difference is the cost of one message, start-up
+excluded. The same code and inputs give the same count on a busy machine as on an idle one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import re
+import shutil
+import subprocess
+import sys
+from collections import deque
+from pathlib import Path
+
+BENCH_DIR = Path(__file__).resolve().parent
+SMALL, LARGE = 1280, 5120  # messages in the two counted runs (multiples of the batch below)
+_BATCH = 64  # inputs fed per parse call, then their PubAcks
+
+_TARGETS = {
+    "reference": "raw nats-py reference node",
+    "kre-runner": "kre-runner (elapsed-time point per message)",
+    "kre-runner-no-elapsed": "kre-runner without KRT_INFLUX_URI",
+}
+
+
+def _env() -> dict[str, str]:
+    return {"KRT_WORKFLOW_NAME": "bench", "KRT_RUNTIME_ID": "bench", "KRT_VERSION_ID": "v1-id", "KRT_VERSION": "v1",
+            "KRT_NODE_NAME": "node", "KRT_NATS_SERVER": "nats://localhost:4222", "KRT_NATS_STREAM": "bench",
+            "KRT_NATS_INPUT": "bench.in", "KRT_NATS_OUTPUT": "bench.out",
+            "KRT_NATS_ENTRYPOINT_SUBJECT": "bench.entrypoint", "KRT_BASE_PATH": str(BENCH_DIR),
+            "KRT_HANDLER_PATH": "handler.py:handler"}
+
+
+async def _feed(target: str, count: int) -> None:
+    """Run one node on the stand-in connection and feed it ``count`` inputs and their PubAcks."""
+    from envelopes import make_request
+    from nats.aio.client import Client
+    from nats.protocol.parser import Parser
+
+    class StandIn(Client):
+        """A real nats-py client that believes it is connected; what it would write is dropped."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self._status = Client.CONNECTED
+            self._max_payload = 1024 * 1024
+            self._skip_subject_validation = True
+            self._ps = Parser(self)
+            self._flush_queue = asyncio.Queue()
+            self._flusher_task = asyncio.create_task(self._drop())
+            self._inboxes = 0
+
+        async def _drop(self) -> None:
+            while True:
+                future = await self._flush_queue.get()
+                self._pending, self._pending_data_size = [], 0
+                if not future.done():
+                    future.set_result(None)
+
+        def new_inbox(self) -> str:
+            self._inboxes += 1
+            return f"_INBOX.benchinstructions{self._inboxes}"
+
+    nc = StandIn()
+    if target == "reference":
+        from reference_node import ReferenceNode
+
+        node = ReferenceNode(nc, "bench", "v1-node", "bench.out", "node", 256)
+        await node.start()
+        node._requested = 1 << 40  # credit is not what is measured: never pull
+        inbox, prefix = node._inbox, node._prefix
+    else:
+        from kre_runner.config import Settings
+        from kre_runner.consumer import Consumer
+        from kre_runner.context import Context
+        from kre_runner.elapsed import ElapsedRecorder
+        from kre_runner.handler import load_user_code
+
+        settings = Settings.from_env(_env())
+        log = logging.getLogger("bench")
+        points: deque[str] = deque(maxlen=10_000)
+        record = ElapsedRecorder(settings, points.append) if target == "kre-runner" else None
+        consumer = Consumer(settings, load_user_code(settings.base_path, settings.handler_path), nc,
+                            Context(base_path=settings.base_path, logger=log), log, record_elapsed=record)
+        await consumer._publisher.start()
+        await consumer._dispatcher.subscribe(consumer._inbox, consumer._on_delivery)
+        inbox, prefix = consumer._inbox, consumer._publisher._prefix
+    sids = {sub.subject: sid for sid, sub in nc._subs.items()}
+    data = make_request()
+    chunks = []
+    for first in range(1, count + 1, _BATCH):
+        numbers = range(first, first + _BATCH)
+        inputs = b"".join(b"MSG %s %d $JS.ACK.bench.v1-node.1.%d.%d.1763700000000000000.%d %d\r\n%s\r\n"
+                          % (inbox.encode(), sids[inbox], i, i, count - i, len(data), data) for i in numbers)
+        pubacks = b"".join(b"MSG %s%d %d %d\r\n%s\r\n" % (prefix.encode(), i, sids[prefix + "*"], len(ack), ack)
+                           for i in numbers for ack in [b'{"stream":"bench","seq":%d}' % i])
+        chunks.append((inputs, pubacks))
+    for inputs, pubacks in chunks:
+        await nc._ps.parse(inputs)
+        await asyncio.sleep(0)  # the reference handles inputs in its subscription's task
+        await nc._ps.parse(pubacks)
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+    handled = node._counter if target == "reference" else consumer.processed  # outputs / acked inputs
+    if handled != count:
+        raise RuntimeError(f"{target} handled {handled} of {count} messages: the stand-in no longer fits")
+
+
+def _instructions(target: str, count: int, kre_src: str | None) -> int:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [kre_src, str(BENCH_DIR), env.get("PYTHONPATH")]))
+    proc = subprocess.run(["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null", sys.executable,
+                           __file__, "--worker", target, str(count)], env=env, capture_output=True, text=True)
+    found = re.search(r"Collected : (\d+)", proc.stderr)
+    if proc.returncode or not found:
+        raise RuntimeError(f"{target} under valgrind failed ({proc.returncode}): {proc.stderr[-2000:]}")
+    return int(found.group(1))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--kre-src", help="import kre_runner from this src directory (to count a patch)")
+    parser.add_argument("--worker", nargs=2, metavar=("TARGET", "COUNT"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        sys.path.insert(0, str(BENCH_DIR))
+        asyncio.run(_feed(args.worker[0], int(args.worker[1])))
+        return 0
+    if shutil.which("valgrind") is None:
+        print("valgrind not found (apt-get install -y valgrind)")
+        return 1
+    print(f"CPU instructions per message (valgrind callgrind, {LARGE:,} - {SMALL:,} messages, Python "
+          f"{sys.version.split()[0]}); parsing + dispatch + the node's job, no sockets", flush=True)
+    counts = {}
+    for target, label in _TARGETS.items():
+        small, large = (_instructions(target, n, args.kre_src) for n in (SMALL, LARGE))
+        counts[target] = (large - small) / (LARGE - SMALL)
+        ratio = counts[target] / counts["reference"]
+        print(f"{label:<46} {counts[target]:>10,.0f}   {ratio:.2f} × reference", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
