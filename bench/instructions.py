@@ -2,6 +2,7 @@
 
     python bench/instructions.py                  # reference, kre-runner, kre-runner without elapsed points
     python bench/instructions.py --kre-src DIR    # kre-runner imported from a patched src/ tree
+    python bench/instructions.py --check          # CI smoke run: the stand-in still fits, no valgrind
 
 Each node runs in one process against a stand-in connection: real MSG protocol bytes (inputs with
 ``$JS.ACK`` reply subjects, then their PubAcks) go through nats-py's own parser, so parsing,
@@ -132,11 +133,18 @@ def _instructions(target: str, count: int, kre_src: str | None) -> int:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--kre-src", help="import kre_runner from this src directory (to count a patch)")
+    parser.add_argument("--check", action="store_true", help="smoke run for CI: each node handles 640 messages "
+                        "on the stand-in connection, without valgrind (no counts)")
     parser.add_argument("--worker", nargs=2, metavar=("TARGET", "COUNT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.worker:
+    if args.worker or args.check:
         sys.path.insert(0, str(BENCH_DIR))
-        asyncio.run(_feed(args.worker[0], int(args.worker[1])))
+        if args.kre_src:
+            sys.path.insert(0, args.kre_src)
+        for target, count in [args.worker] if args.worker else [(target, 640) for target in _TARGETS]:
+            asyncio.run(_feed(target, int(count)))
+        if args.check:
+            print("instructions.py --check: every node handled its messages on the stand-in connection")
         return 0
     if shutil.which("valgrind") is None:
         print("valgrind not found (apt-get install -y valgrind)")
