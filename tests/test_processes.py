@@ -184,3 +184,13 @@ def test_sigterm_while_starting_stops_at_once():
     assert proc.returncode == 0, out
     assert time.monotonic() - started < 5
     assert "stopped while starting" in out
+
+
+def test_the_demo_workflow_answers_every_request():
+    """The README's first command ends in `kre-runner demo`: it must work end to end."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KRT_")}
+    proc = subprocess.run([sys.executable, "-m", "kre_runner", "demo", "--requests", "40"], env=env,
+                          capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "40/40 replies (40 matched by tracking id, 0 errors)" in proc.stdout, proc.stdout[-3000:]
+    assert "via entrypoint -> services -> greeter -> decorator" in proc.stdout

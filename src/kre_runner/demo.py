@@ -25,6 +25,7 @@ from google.protobuf.any_pb2 import Any as AnyProto
 from nats.js.api import AckPolicy, ConsumerConfig, RetentionPolicy, StreamConfig
 
 from .config import redact_url
+from .dispatch import Dispatcher
 from .embedded import EmbeddedMongo, EmbeddedNats, EmbeddedVictoriaMetrics
 from .envelope import KreNatsMessage, decode, now_iso
 from .publisher import PubAckPublisher, Wire
@@ -207,7 +208,7 @@ async def _publish_all(nc: nats.aio.client.Client, subject: str, envelopes: list
             failures.append(error)
         window.release()
 
-    publisher = PubAckPublisher(nc, Wire(nc), 10.0, stored)
+    publisher = PubAckPublisher(nc, Dispatcher(nc), Wire(nc), 10.0, stored)
     await publisher.start()
     for i, data in enumerate(envelopes):
         await window.acquire()
