@@ -93,3 +93,29 @@ async def test_after_unsubscribe_a_route_gets_nothing(nats_server):
         assert got == [b"before"]
     finally:
         await nc.close()
+
+
+async def test_without_the_expected_internals_routes_are_plain_callbacks(nats_server):
+    """A nats-py whose parser hook looks different: the node must still get its messages."""
+    nc = await nats.connect(nats_server.url)
+    try:
+        original = nc._process_msg
+
+        async def changed(sid, subject, reply, data, headers, extra=None):  # another signature
+            await original(sid, subject, reply, data, headers)
+
+        nc._process_msg = changed
+        dispatcher = Dispatcher(nc)
+        assert not dispatcher.direct
+        got: list[tuple[str, str, bytes]] = []
+
+        async def route(subject: str, reply: str, data: bytes, headers: dict[str, str] | None) -> None:
+            got.append((subject, reply, data))
+
+        await dispatcher.subscribe("fallback", route)
+        await nc.publish("fallback", b"x", reply="r")
+        await nc.flush()
+        await asyncio.sleep(0.1)
+        assert got == [("fallback", "r", b"x")]
+    finally:
+        await nc.close()
