@@ -1,9 +1,9 @@
 """Receiving on the hot path: MSGs of the node's two busy subscriptions go straight to their handlers.
 
 nats-py hands every message to a subscription through a ``Msg`` object, an ``asyncio.Queue`` and
-the subscription's own task: ~25k CPU instructions per message here, more than kre-runner's
-whole job for a message. A node receives two MSGs per input (the input and its output's
-PubAck), so for those two subscriptions :class:`Dispatcher` takes each MSG from nats-py's
+the subscription's own task: ~25k CPU instructions per message here, and a node receives two
+MSGs per input (the input and its output's PubAck): together over a quarter of what a node
+spends on a message. For those two subscriptions :class:`Dispatcher` takes each MSG from nats-py's
 protocol parser and awaits the handler directly, in order, in the connection's reader task
 (about a tenth of the cost). SUB/UNSUB, resubscription after a reconnect and every other
 subscription stay nats-py's.
