@@ -37,19 +37,13 @@ _TARGETS = {
 }
 
 
-def _env() -> dict[str, str]:
-    return {"KRT_WORKFLOW_NAME": "bench", "KRT_RUNTIME_ID": "bench", "KRT_VERSION_ID": "v1-id", "KRT_VERSION": "v1",
-            "KRT_NODE_NAME": "node", "KRT_NATS_SERVER": "nats://localhost:4222", "KRT_NATS_STREAM": "bench",
-            "KRT_NATS_INPUT": "bench.in", "KRT_NATS_OUTPUT": "bench.out",
-            "KRT_NATS_ENTRYPOINT_SUBJECT": "bench.entrypoint", "KRT_BASE_PATH": str(BENCH_DIR),
-            "KRT_HANDLER_PATH": "handler.py:handler"}
-
-
 async def _feed(target: str, count: int) -> None:
     """Run one node on the stand-in connection and feed it ``count`` inputs and their PubAcks."""
     from envelopes import make_request
+    from jetstream import CONSUMER, NODE, OUTPUT, STREAM
     from nats.aio.client import Client
     from nats.protocol.parser import Parser
+    from nodes import kre_env
 
     class StandIn(Client):
         """A real nats-py client that believes it is connected; what it would write is dropped."""
@@ -79,7 +73,7 @@ async def _feed(target: str, count: int) -> None:
     if target == "reference":
         from reference_node import ReferenceNode
 
-        node = ReferenceNode(nc, "bench", "v1-node", "bench.out", "node", 256)
+        node = ReferenceNode(nc, STREAM, CONSUMER, OUTPUT, NODE, 256)
         await node.start()
         node._requested = 1 << 40  # credit is not what is measured: never pull
         inbox, prefix = node._inbox, node._prefix
@@ -92,8 +86,7 @@ async def _feed(target: str, count: int) -> None:
         from kre_runner.sinks.influx import Measurement
 
         measured = target == "kre-runner-measured"
-        settings = Settings.from_env({**_env(), "KRT_HANDLER_PATH": "handler.py:handler_measured"} if measured
-                                     else _env())
+        settings = Settings.from_env(kre_env("nats://localhost:4222", "handler_measured" if measured else "handler"))
         log = logging.getLogger("bench")
 
         class Sink:  # InfluxSink's hot-path half: lines into a bounded buffer
@@ -116,8 +109,9 @@ async def _feed(target: str, count: int) -> None:
     chunks = []
     for first in range(1, count + 1, _BATCH):
         numbers = range(first, first + _BATCH)
-        inputs = b"".join(b"MSG %s %d $JS.ACK.bench.v1-node.1.%d.%d.1763700000000000000.%d %d\r\n%s\r\n"
-                          % (inbox.encode(), sids[inbox], i, i, count - i, len(data), data) for i in numbers)
+        inputs = b"".join(b"MSG %s %d $JS.ACK.%s.%s.1.%d.%d.1763700000000000000.%d %d\r\n%s\r\n"
+                          % (inbox.encode(), sids[inbox], STREAM.encode(), CONSUMER.encode(), i, i, count - i,
+                             len(data), data) for i in numbers)
         pubacks = b"".join(b"MSG %s%d %d %d\r\n%s\r\n" % (prefix.encode(), i, sids[prefix + "*"], len(ack), ack)
                            for i in numbers for ack in [b'{"stream":"bench","seq":%d}' % i])
         chunks.append((inputs, pubacks))

@@ -15,9 +15,21 @@ from pathlib import Path
 
 from jetstream import CONSUMER, ENTRYPOINT, INPUT, NODE, OUTPUT, STREAM, VERSION
 
-__all__ = ["NodeProcess", "NodeSpec"]
+__all__ = ["NodeProcess", "NodeSpec", "kre_env"]
 
 BENCH_DIR = Path(__file__).resolve().parent
+
+
+def kre_env(nats_url: str, function: str = "handler", max_inflight: int = 256) -> dict[str, str]:
+    """The ``KRT_*`` environment kre-runner runs with in the bench (``function`` of handler.py)."""
+    return {
+        "KRT_WORKFLOW_NAME": "bench", "KRT_RUNTIME_ID": "bench", "KRT_VERSION_ID": f"{VERSION}-id",
+        "KRT_VERSION": VERSION, "KRT_NODE_NAME": NODE, "KRT_NATS_SERVER": nats_url,
+        "KRT_NATS_STREAM": STREAM, "KRT_NATS_INPUT": INPUT, "KRT_NATS_OUTPUT": OUTPUT,
+        "KRT_NATS_ENTRYPOINT_SUBJECT": ENTRYPOINT, "KRT_BASE_PATH": str(BENCH_DIR),
+        "KRT_HANDLER_PATH": f"handler.py:{function}", "KRT_MAX_INFLIGHT": str(max_inflight),
+        "KRT_DELIVER_POLICY": "all", "KRT_SHUTDOWN_GRACE": "5",
+    }
 
 
 @dataclass(frozen=True)
@@ -44,14 +56,7 @@ class NodeSpec:
             return [sys.executable, str(BENCH_DIR / "reference_node.py"), "--url", nats_url, "--stream", STREAM,
                     "--consumer", CONSUMER, "--output", OUTPUT, "--node", NODE,
                     "--max-inflight", str(self.max_inflight)], env
-        env.update({
-            "KRT_WORKFLOW_NAME": "bench", "KRT_RUNTIME_ID": "bench", "KRT_VERSION_ID": f"{VERSION}-id",
-            "KRT_VERSION": VERSION, "KRT_NODE_NAME": NODE, "KRT_NATS_SERVER": nats_url,
-            "KRT_NATS_STREAM": STREAM, "KRT_NATS_INPUT": INPUT, "KRT_NATS_OUTPUT": OUTPUT,
-            "KRT_NATS_ENTRYPOINT_SUBJECT": ENTRYPOINT, "KRT_BASE_PATH": str(BENCH_DIR),
-            "KRT_HANDLER_PATH": f"handler.py:{self.function}", "KRT_MAX_INFLIGHT": str(self.max_inflight),
-            "KRT_DELIVER_POLICY": "all", "KRT_SHUTDOWN_GRACE": "5",
-        })
+        env.update(kre_env(nats_url, self.function, self.max_inflight))
         if self.influx_url:
             env["KRT_INFLUX_URI"] = self.influx_url
         else:

@@ -34,6 +34,18 @@ from greeter_pb2 import Request, Response  # noqa: E402
 STREAM = "demo-v1-wf"
 
 
+# Settings for tests of the data services alone (no node runs: the NATS values are never dialled).
+SERVICES_BASE_ENV = {
+    "KRT_WORKFLOW_NAME": "wf", "KRT_RUNTIME_ID": "demo", "KRT_VERSION_ID": "v1-id", "KRT_VERSION": "v1",
+    "KRT_NODE_NAME": "node a", "KRT_NATS_SERVER": "nats://127.0.0.1:4222", "KRT_NATS_STREAM": "s",
+    "KRT_NATS_INPUT": "s.in", "KRT_NATS_OUTPUT": "s.out", "KRT_HANDLER_PATH": "h.py",
+}
+
+
+def services_settings(**env: str) -> Settings:
+    return Settings.from_env({**SERVICES_BASE_ENV, **env})
+
+
 def node_env(nats_url: str, handler: str, node: str = "greeter", **overrides: str) -> dict[str, str]:
     env = {
         "KRT_WORKFLOW_NAME": "wf",

@@ -21,6 +21,7 @@ from typing import Any
 
 import pytest
 from data_fixtures import MongoProcess, TimeSeriesDB, VictoriaMetricsProcess, unique
+from kre_helpers import services_settings as settings
 from nats.aio.client import Client
 
 from kre_runner.config import Settings
@@ -33,15 +34,6 @@ from kre_runner.sinks.mongo import DatabaseError
 pytestmark = pytest.mark.integration
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 LOGGER = logging.getLogger("test.data")
-BASE_ENV = {
-    "KRT_WORKFLOW_NAME": "wf", "KRT_RUNTIME_ID": "demo", "KRT_VERSION_ID": "v1-id", "KRT_VERSION": "v1",
-    "KRT_NODE_NAME": "node-a", "KRT_NATS_SERVER": "nats://127.0.0.1:4222", "KRT_NATS_STREAM": "s",
-    "KRT_NATS_INPUT": "s.in", "KRT_NATS_OUTPUT": "s.out", "KRT_HANDLER_PATH": "h.py",
-}
-
-
-def settings(**env: str) -> Settings:
-    return Settings.from_env({**BASE_ENV, **env})
 
 
 async def docs_in(reader: Any, database: str, coll: str, query: dict[str, Any]) -> list[dict[str, Any]]:

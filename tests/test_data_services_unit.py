@@ -10,8 +10,9 @@ from datetime import datetime, timedelta, timezone
 import pytest
 from bson import ObjectId
 from influxdb_client import Point
+from kre_helpers import services_settings as settings
 
-from kre_runner.config import ConfigError, Settings
+from kre_runner.config import ConfigError
 from kre_runner.context import ServiceNotConfigured
 from kre_runner.mongo_writer import WriterSettings
 from kre_runner.services import open_services
@@ -26,16 +27,6 @@ from kre_runner.sinks.mongo import (
     encode_writer_request,
 )
 from kre_runner.sinks.prediction import ERR_MISSING_VALUES, ERR_NEW_LABELS, Prediction
-
-BASE_ENV = {
-    "KRT_WORKFLOW_NAME": "wf", "KRT_RUNTIME_ID": "demo", "KRT_VERSION_ID": "v1-id", "KRT_VERSION": "v1",
-    "KRT_NODE_NAME": "node a", "KRT_NATS_SERVER": "nats://127.0.0.1:4222", "KRT_NATS_STREAM": "s",
-    "KRT_NATS_INPUT": "s.in", "KRT_NATS_OUTPUT": "s.out", "KRT_HANDLER_PATH": "h.py",
-}
-
-
-def settings(**env: str) -> Settings:
-    return Settings.from_env({**BASE_ENV, **env})
 
 
 def unreachable_db() -> MongoDB:
