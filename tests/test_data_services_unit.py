@@ -136,6 +136,8 @@ def test_measurement_datetime_naive_is_utc_and_default_is_now() -> None:
     (("m", {"f": None}), {}, ValueError),
     (("m", {"f": [1]}), {}, ValueError),
     (("m", {"f": 1}), {"tags": ["a"]}, TypeError),
+    (("m", {"f": 1}), {"tags": []}, TypeError),  # empty, but still not a dict
+    (("m", {"f": 1}), {"tags": ""}, TypeError),
     (("m", {"f": 1}), {"precision": "h"}, ValueError),
     (("m", {"f": 1}), {"time": True}, TypeError),
     (("m", {"f": 1}), {"time": object()}, TypeError),

@@ -347,12 +347,9 @@ class Measurement:
         timestamp = _time.time_ns() if time is None else _to_ns(time, precision)
         if not fields or (type(fields) is not dict and not isinstance(fields, Mapping)):  # ABC checks are slow
             raise ValueError("ctx.measurement.save: fields must be a non-empty dict, e.g. {'value': 1.0}")
-        if tags:
-            if type(tags) is not dict and not isinstance(tags, Mapping):
-                raise TypeError(f"ctx.measurement.save: tags must be a dict or None, got {type(tags).__name__}")
-            head_key: Any = (measurement, *tags.items())
-        else:
-            head_key = measurement
+        if tags is not None and type(tags) is not dict and not isinstance(tags, Mapping):
+            raise TypeError(f"ctx.measurement.save: tags must be a dict or None, got {type(tags).__name__}")
+        head_key: Any = (measurement, *tags.items()) if tags else measurement
         try:
             head = self._heads.get(head_key)
         except TypeError:  # an unhashable tag value: Point turns it into a string
@@ -360,9 +357,9 @@ class Measurement:
         if head is None:
             head = self._head(measurement, tags, head_key)
             if head is None:
-                return self._point_line(measurement, fields, {**(tags or {}), **self._system_tags}, timestamp)
+                return self._point_line(measurement, fields, self._all_tags(tags), timestamp)
         if type(timestamp) is not int:
-            return self._point_line(measurement, fields, {**(tags or {}), **self._system_tags}, timestamp)
+            return self._point_line(measurement, fields, self._all_tags(tags), timestamp)
         parts = []
         keys = self._keys
         for key, value in sorted(fields.items()) if len(fields) > 1 else fields.items():
@@ -384,17 +381,17 @@ class Measurement:
             elif kind is str:
                 parts.append(f'{name}="{escape_field_str(value)}"')
             else:
-                return self._point_line(measurement, fields, {**(tags or {}), **self._system_tags}, timestamp)
+                return self._point_line(measurement, fields, self._all_tags(tags), timestamp)
         if not parts:
             raise ValueError("ctx.measurement.save: no field has a value (None, NaN and inf are left out)")
         return f"{head}{','.join(parts)} {timestamp}"
 
     def _head(self, measurement: str, tags: Mapping[str, Any] | None, head_key: Any) -> str | None:
-        """``measurement,tag=value,... `` escaped and sorted as ``Point`` writes it (system tags win over
-        user tags, as in the original), remembered for next time; None when ``Point`` must format it."""
+        """``measurement,tag=value,... `` escaped and sorted as ``Point`` writes it, remembered for next
+        time; None when ``Point`` must format it."""
         if not isinstance(measurement, str) or not measurement:
             raise ValueError(f"ctx.measurement.save: measurement must be a non-empty string, got {measurement!r}")
-        all_tags = {**tags, **self._system_tags} if tags else self._system_tags
+        all_tags = self._all_tags(tags)
         if not all(type(value) is str for value in all_tags.values()):
             return None
         head = escape_measurement(measurement) + _tag_set(all_tags)
@@ -402,6 +399,10 @@ class Measurement:
             if len(self._heads) < _KEY_CACHE_SIZE:
                 self._heads[head_key] = head
         return head
+
+    def _all_tags(self, tags: Mapping[str, Any] | None) -> Mapping[str, Any]:
+        """The user's tags and the system tags; system tags win, as in the original."""
+        return {**tags, **self._system_tags} if tags else self._system_tags
 
     @staticmethod
     def _point_line(measurement: str, fields: Mapping[str, Any], tags: Mapping[str, Any],
