@@ -589,10 +589,7 @@ class Consumer:
             delay = _NAK_DELAYS[min(job.delivered, len(_NAK_DELAYS)) - 1]
             self._log.warning("input seq %d will be retried in %gs: %s", job.seq, delay, job.failed)
             command = b'-NAK {"delay": %d}' % int(delay * 1e9)
-        try:
-            await self._wire.publish(job.ack_subject, command)
-        except Exception as exc:  # lost: the ack wait redelivers, and Nats-Msg-Id dedupes the output
-            self._log.warning("could not send %s for input seq %d: %s", command[:4].decode(), job.seq, exc)
+        await self._safe_publish(job.ack_subject, command)
         if self._backlog and self._running < self._max_inflight:
             self._start(*self._backlog.popleft())
         if not self._jobs:
