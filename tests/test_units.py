@@ -11,10 +11,11 @@ from kre_helpers import request_envelope
 
 from kre_runner.cli import main as cli_main
 from kre_runner.config import VARIABLES, ConfigError, Settings, consumer_name, redact_url
-from kre_runner.consumer import _parse_ack_subject, _subject_in
 from kre_runner.elapsed import ElapsedRecorder
 from kre_runner.envelope import EnvelopeError, KreNatsMessage, decode, encode, parse_iso
 from kre_runner.handler import HandlerLoadError, load_user_code
+from kre_runner.jetstream import subject_in
+from kre_runner.settlement import parse_ack_subject
 
 BASE_ENV = {
     "KRT_WORKFLOW_NAME": "wf",
@@ -236,16 +237,16 @@ def test_handler_load_errors_are_clear(tmp_path, source, spec, message):
 
 
 def test_ack_subject_parsing_v1_and_v2():
-    assert _parse_ack_subject("$JS.ACK.S.C.3.41.40.1700000000.0") == ("S", 41, 3)
-    assert _parse_ack_subject("$JS.ACK.dom.acchash.S.C.2.41.40.1700000000.0.tok") == ("S", 41, 2)
-    assert _parse_ack_subject("weird") == ("unknown", 0, 1)
+    assert parse_ack_subject("$JS.ACK.S.C.3.41.40.1700000000.0") == ("S", 41, 3)
+    assert parse_ack_subject("$JS.ACK.dom.acchash.S.C.2.41.40.1700000000.0.tok") == ("S", 41, 2)
+    assert parse_ack_subject("weird") == ("unknown", 0, 1)
 
 
 def test_subject_matching_for_the_output_stream():
-    assert _subject_in("wf.out", ["wf.*"])
-    assert _subject_in("wf.a.b", ["wf.>"])
-    assert not _subject_in("wf.a.b", ["wf.*"])
-    assert not _subject_in("other.out", ["wf.*"])
+    assert subject_in("wf.out", ["wf.*"])
+    assert subject_in("wf.a.b", ["wf.>"])
+    assert not subject_in("wf.a.b", ["wf.*"])
+    assert not subject_in("other.out", ["wf.*"])
 
 
 def test_readme_documents_every_variable():

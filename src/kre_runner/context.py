@@ -33,7 +33,8 @@ class Context:
     """One per node, shared by ``init`` and every handler call.
 
     Values stored with :meth:`set` (a model loaded in ``init``, say) are seen by every later call.
-    ``early_reply`` acts on the message whose handler is running, in whichever task or thread.
+    ``early_reply`` and ``early_exit`` act on the message whose handler is running, in whichever
+    task or thread.
     """
 
     def __init__(
@@ -45,6 +46,7 @@ class Context:
         measurement: Any = None,
         prediction: Any = None,
         early_reply: Callable[[Message], Awaitable[None]] | None = None,
+        early_exit: Callable[[], None] | None = None,
     ) -> None:
         self.base_path = base_path
         self.logger = logger
@@ -52,6 +54,7 @@ class Context:
         self.measurement = measurement or _Unconfigured("measurement", "set KRT_INFLUX_URI")
         self.prediction = prediction or _Unconfigured("prediction", "set KRT_MONGO_URI or KRT_NATS_MONGO_WRITER")
         self._early_reply = early_reply
+        self._early_exit = early_exit
         self._values: dict[str, Any] = {}
 
     def path(self, relative: str) -> str:
@@ -73,3 +76,13 @@ class Context:
         if self._early_reply is None:
             raise RuntimeError("early_reply is only available while a message is being handled")
         return self._early_reply(response)
+
+    def early_exit(self) -> None:
+        """End the workflow here for this request: the handler's output goes to the entrypoint.
+
+        The output envelope carries ``early_exit = true`` and is published to
+        ``KRT_NATS_ENTRYPOINT_SUBJECT`` instead of ``KRT_NATS_OUTPUT``, so later nodes never see it.
+        """
+        if self._early_exit is None:
+            raise RuntimeError("early_exit is only available while a message is being handled")
+        self._early_exit()

@@ -25,10 +25,10 @@ from google.protobuf.any_pb2 import Any as AnyProto
 from nats.js.api import AckPolicy, ConsumerConfig, RetentionPolicy, StreamConfig
 
 from .config import redact_url
-from .dispatch import Dispatcher
 from .embedded import EmbeddedMongo, EmbeddedNats, EmbeddedVictoriaMetrics
 from .envelope import KreNatsMessage, decode, now_iso
-from .publisher import PubAckPublisher, Wire
+from .natsfast import Dispatcher, Wire
+from .publisher import PubAckPublisher
 
 __all__ = ["run_demo"]
 

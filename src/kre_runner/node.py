@@ -67,6 +67,9 @@ async def _run_node(settings: Settings, stop: asyncio.Event, logger: logging.Log
         def early_reply(response: Message) -> Awaitable[None]:
             return consumer.early_reply(response)  # the consumer is built below, with this ctx
 
+        def early_exit() -> None:
+            consumer.early_exit()
+
         ctx = Context(
             base_path=settings.base_path,
             logger=logging.getLogger(f"kre_runner.handler.{settings.node_name}"),
@@ -74,6 +77,7 @@ async def _run_node(settings: Settings, stop: asyncio.Event, logger: logging.Log
             measurement=services.measurement,
             prediction=services.prediction,
             early_reply=early_reply,
+            early_exit=early_exit,
         )
         record = None
         if services.influx is not None and settings.elapsed_metrics:

@@ -5,17 +5,12 @@ subscription receives every PubAck and reports it for the waiter registered unde
 keeps many publishes in flight with no task, future or inbox per message (nats-py's
 ``js.publish`` creates all three and waits a round trip), which is what lets a Python node
 approach the server's rate. A PubAck that does not come within the timeout counts as a failure,
-so a lost PubAck never wedges the message that waits for it.
-
-``Wire`` writes the protocol lines itself while connected: nats-py's ``publish`` re-validates and
-re-encodes a header dict on every call, which costs more than the rest of a publish (~5.5 µs vs
-~3.8 µs here), and a node publishes twice per message (output and ack).
+so a lost PubAck never wedges the message that waits for it. The bytes go out through
+:class:`~kre_runner.natsfast.Wire`.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import json
 import time
 from collections.abc import Awaitable, Callable
@@ -23,50 +18,10 @@ from typing import Any
 
 from nats.aio.client import Client
 from nats.aio.subscription import Subscription
-from nats.errors import MaxPayloadError
 
-from .dispatch import Dispatcher
+from .natsfast import Dispatcher, Wire
 
-__all__ = ["PubAckPublisher", "Wire"]
-
-_FLUSH_WAIT = 5.0  # seconds a publish waits for a full outgoing buffer to be written
-
-
-class Wire:
-    """``PUB``/``HPUB`` straight into nats-py's outgoing buffer; its public API when not connected."""
-
-    def __init__(self, nc: Client) -> None:
-        self._nc = nc
-        # The fast path relies on nats-py internals (pinned <3); without them, the public API serves.
-        self._fast = all(hasattr(nc, name) for name in ("_pending", "_pending_data_size", "_max_pending_size",
-                                                         "_flush_queue", "_flush_pending", "_max_payload"))
-
-    async def publish(self, subject: str, payload: bytes, reply: str = "", msg_id: str | None = None) -> None:
-        nc = self._nc
-        if not self._fast or not nc.is_connected:
-            # Reconnecting: the public API applies nats-py's buffering limits and closed-state errors.
-            headers = {"Nats-Msg-Id": msg_id} if msg_id is not None else None
-            await nc.publish(subject, payload, reply=reply, headers=headers)
-            return
-        size = len(payload)
-        if size > nc._max_payload:
-            raise MaxPayloadError
-        if msg_id is None:
-            command = b"PUB %s %s %d\r\n%s\r\n" % (subject.encode(), reply.encode(), size, payload)
-        else:
-            header = b"NATS/1.0\r\nNats-Msg-Id: %s\r\n\r\n" % msg_id.encode()
-            command = b"HPUB %s %s %d %d\r\n%s%s\r\n" % (subject.encode(), reply.encode(), len(header),
-                                                           len(header) + size, header, payload)
-        # What nats-py's _send_command does, without its coroutine: queue the bytes, and wake the
-        # flusher task, or wait for it when the buffer is over its limit: backpressure, bounded,
-        # since this may run in the reader task (see dispatch.py).
-        nc._pending.append(command)
-        nc._pending_data_size += len(command)
-        if nc._max_pending_size > 0 and nc._pending_data_size > nc._max_pending_size:
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(nc._flush_pending(force_flush=True), _FLUSH_WAIT)
-        elif nc._flush_queue is not None and nc._flush_queue.empty():
-            await nc._flush_pending()
+__all__ = ["PubAckPublisher"]
 
 
 class PubAckPublisher:

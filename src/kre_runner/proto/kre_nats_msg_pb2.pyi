@@ -7,7 +7,7 @@ from typing import ClassVar as _ClassVar, Iterable as _Iterable, Mapping as _Map
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class KreNatsMessage(_message.Message):
-    __slots__ = ("tracking_id", "tracking", "reply", "payload", "error", "replied")
+    __slots__ = ("tracking_id", "tracking", "reply", "payload", "error", "replied", "early_exit")
     class Tracking(_message.Message):
         __slots__ = ("node_name", "start", "end")
         NODE_NAME_FIELD_NUMBER: _ClassVar[int]
@@ -23,10 +23,12 @@ class KreNatsMessage(_message.Message):
     PAYLOAD_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
     REPLIED_FIELD_NUMBER: _ClassVar[int]
+    EARLY_EXIT_FIELD_NUMBER: _ClassVar[int]
     tracking_id: str
     tracking: _containers.RepeatedCompositeFieldContainer[KreNatsMessage.Tracking]
     reply: str
     payload: _any_pb2.Any
     error: str
     replied: bool
-    def __init__(self, tracking_id: _Optional[str] = ..., tracking: _Optional[_Iterable[_Union[KreNatsMessage.Tracking, _Mapping]]] = ..., reply: _Optional[str] = ..., payload: _Optional[_Union[_any_pb2.Any, _Mapping]] = ..., error: _Optional[str] = ..., replied: bool = ...) -> None: ...
+    early_exit: bool
+    def __init__(self, tracking_id: _Optional[str] = ..., tracking: _Optional[_Iterable[_Union[KreNatsMessage.Tracking, _Mapping]]] = ..., reply: _Optional[str] = ..., payload: _Optional[_Union[_any_pb2.Any, _Mapping]] = ..., error: _Optional[str] = ..., replied: bool = ..., early_exit: bool = ...) -> None: ...

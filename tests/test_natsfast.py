@@ -1,4 +1,4 @@
-"""The direct MSG path (dispatch.py) against a real nats-server: in use, in order, and harmless to the rest."""
+"""natsfast.py against a real nats-server: probed on, in order, harmless to the rest, and its fallback."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import asyncio
 import nats
 import pytest
 
-from kre_runner.dispatch import Dispatcher
+from kre_runner.natsfast import Dispatcher
 
 pytestmark = pytest.mark.integration
 

@@ -1,0 +1,172 @@
+"""Every use of nats-py's private internals, behind one probe: the node's fast paths in and out.
+
+Two busy streams of bytes cross nats-py on every message, and its public API costs more than the
+node's own work for them:
+
+* **In**: nats-py hands each MSG to a subscription through a ``Msg``, an ``asyncio.Queue`` and the
+  subscription's task (~25k CPU instructions; a node receives two MSGs per input: the input and
+  its output's PubAck). :class:`Dispatcher` takes the MSGs of chosen subscriptions straight from
+  the protocol parser (``Client._process_msg``) and awaits their route in the reader task.
+* **Out**: ``Client.publish`` re-validates and re-encodes a header dict on every call.
+  :class:`Wire` writes ``PUB``/``HPUB`` lines into the outgoing buffer (``Client._pending``) and
+  wakes the flusher as ``Client._send_command`` would, without its coroutine.
+
+:func:`probe` checks that the installed nats-py behaves as these paths expect — types,
+coroutine-ness and signatures, not just names — and :func:`describe` says so once at start.
+Where it does not, routes are plain subscription callbacks and publishes go through the public
+API: slower, never wrong. ``tests/test_natsfast.py`` fails when the pinned nats-py loses a path.
+
+Rules for routes (they run in nats-py's reader task): never raise (the read loop would stop;
+the dispatcher logs and swallows) and never wait for something only the server's next bytes can
+bring (a flush, a request): the reader that would read them is the one waiting.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+import nats
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+from nats.errors import MaxPayloadError
+
+__all__ = ["TESTED_NATS_PY", "Dispatcher", "FastPath", "Route", "Wire", "describe", "probe"]
+
+# The nats-py releases these paths were tested with (pyproject.toml pins the same range).
+TESTED_NATS_PY = ">=2.16,<2.17"
+
+# (subject, reply, data, headers) of one MSG.
+Route = Callable[[str, str, bytes, "dict[str, str] | None"], Awaitable[None]]
+
+_FLUSH_WAIT = 5.0  # seconds a publish waits for a full outgoing buffer to be written
+_log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class FastPath:
+    """Which fast paths this connection can take, and why not when it cannot."""
+
+    receive: bool
+    send: bool
+    reason: str = ""
+
+
+def probe(nc: Client) -> FastPath:
+    """Check the internals both paths rely on, by behaviour as far as it can be seen without I/O."""
+    problems: list[str] = []
+    process_msg = getattr(nc, "_process_msg", None)
+    if not inspect.iscoroutinefunction(process_msg):
+        problems.append("Client._process_msg is not a coroutine function")
+    elif list(inspect.signature(process_msg).parameters) != ["sid", "subject", "reply", "data", "headers"]:
+        problems.append(f"Client._process_msg takes {list(inspect.signature(process_msg).parameters)}")
+    if not inspect.iscoroutinefunction(getattr(nc, "_process_headers", None)):
+        problems.append("Client._process_headers is not a coroutine function")
+    if not isinstance(getattr(nc, "_subs", None), dict):
+        problems.append("Client._subs is not a dict")
+    receive = not problems
+
+    send_problems: list[str] = []
+    if not isinstance(getattr(nc, "_pending", None), list):
+        send_problems.append("Client._pending is not a list")
+    for name in ("_pending_data_size", "_max_pending_size", "_max_payload"):
+        if not isinstance(getattr(nc, name, None), int):
+            send_problems.append(f"Client.{name} is not an int")
+    flush = getattr(nc, "_flush_pending", None)
+    if not inspect.iscoroutinefunction(flush) or "force_flush" not in inspect.signature(flush).parameters:
+        send_problems.append("Client._flush_pending(force_flush=...) is not a coroutine function")
+    queue = getattr(nc, "_flush_queue", None)
+    if not (queue is None or isinstance(queue, asyncio.Queue)):
+        send_problems.append("Client._flush_queue is not an asyncio.Queue")
+    problems += send_problems
+    return FastPath(receive=receive, send=not send_problems, reason="; ".join(problems))
+
+
+def describe(path: FastPath) -> str:
+    """One line for the start-up log."""
+    version = getattr(nats, "__version__", "?")
+    if path.receive and path.send:
+        return f"nats-py {version}: fast paths on (direct MSG dispatch, direct PUB writes)"
+    return (f"nats-py {version} (tested: {TESTED_NATS_PY}): fast paths partly off, using the public API "
+            f"(slower, same behaviour): {path.reason}")
+
+
+class Dispatcher:
+    """Routes the MSGs of chosen subscriptions of one connection straight to their handlers."""
+
+    def __init__(self, nc: Client, path: FastPath | None = None) -> None:
+        self._nc = nc
+        self._routes: dict[int, Route] = {}
+        self._direct = (path or probe(nc)).receive
+        if self._direct:
+            self._nats_process_msg = nc._process_msg
+            nc._process_msg = self._process_msg  # type: ignore[method-assign]  # the parser calls nc._process_msg
+
+    @property
+    def direct(self) -> bool:
+        """Whether routes bypass nats-py's subscription queues (False: plain callbacks)."""
+        return self._direct
+
+    async def subscribe(self, subject: str, route: Route) -> Subscription:
+        """Subscribe to ``subject`` with ``route`` as its handler (no pending limits: credits bound it)."""
+
+        async def callback(msg: Msg) -> None:  # only used without the direct path
+            await route(msg.subject, msg.reply, msg.data, msg.headers)
+
+        sub = await self._nc.subscribe(subject, cb=callback, pending_msgs_limit=-1, pending_bytes_limit=-1)
+        if self._direct:
+            self._routes[sub._id] = route
+        return sub
+
+    async def _process_msg(self, sid: int, subject: bytes, reply: bytes, data: bytes, headers: bytes) -> None:
+        route = self._routes.get(sid)
+        # A MSG can arrive after our UNSUB went out (it was already on its way): nats-py has forgotten
+        # the subscription by then and drops it; so must we.
+        if route is None or sid not in self._nc._subs:
+            await self._nats_process_msg(sid, subject, reply, data, headers)
+            return
+        try:
+            parsed = await self._nc._process_headers(headers) if headers else None
+            await route(subject.decode(), reply.decode(), data, parsed)
+        except Exception:  # an exception here would end nats-py's read loop, and with it the connection
+            _log.exception("handling a message on %s failed", subject.decode(errors="replace"))
+
+
+class Wire:
+    """``PUB``/``HPUB`` straight into nats-py's outgoing buffer; its public API when not connected."""
+
+    def __init__(self, nc: Client, path: FastPath | None = None) -> None:
+        self._nc = nc
+        self._fast = (path or probe(nc)).send
+
+    async def publish(self, subject: str, payload: bytes, reply: str = "", msg_id: str | None = None) -> None:
+        nc = self._nc
+        if not self._fast or not nc.is_connected:
+            # Reconnecting: the public API applies nats-py's buffering limits and closed-state errors.
+            headers = {"Nats-Msg-Id": msg_id} if msg_id is not None else None
+            await nc.publish(subject, payload, reply=reply, headers=headers)
+            return
+        size = len(payload)
+        if size > nc._max_payload:
+            raise MaxPayloadError
+        if msg_id is None:
+            command = b"PUB %s %s %d\r\n%s\r\n" % (subject.encode(), reply.encode(), size, payload)
+        else:
+            header = b"NATS/1.0\r\nNats-Msg-Id: %s\r\n\r\n" % msg_id.encode()
+            command = b"HPUB %s %s %d %d\r\n%s%s\r\n" % (subject.encode(), reply.encode(), len(header),
+                                                           len(header) + size, header, payload)
+        # What nats-py's _send_command does, without its coroutine: queue the bytes, and wake the
+        # flusher task, or wait for it when the buffer is over its limit: backpressure, bounded,
+        # since this may run in the reader task.
+        nc._pending.append(command)
+        nc._pending_data_size += len(command)
+        if nc._max_pending_size > 0 and nc._pending_data_size > nc._max_pending_size:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(nc._flush_pending(force_flush=True), _FLUSH_WAIT)
+        elif nc._flush_queue is not None and nc._flush_queue.empty():
+            await nc._flush_pending()

@@ -1,0 +1,158 @@
+"""Settlement: the one module that acks, naks and keeps inputs alive. Every reason is here.
+
+Each delivered input is a :class:`Job` holding references: one for its handler (released by the
+consumer in a ``finally``, whatever raised or was cancelled), one per publish waiting for its
+PubAck (output, error envelope, early reply). When the last reference goes, the input is
+settled, exactly once (``Job.settled``):
+
+* ``+ACK`` — every publish it made was stored (an output, an error envelope, a pass-through; or
+  nothing to publish: a filter, a last node whose request was already answered);
+* ``-NAK`` with a delay growing with the delivery count — a publish failed or its PubAck did not
+  come in time, or the pipeline was interrupted before its outcome was published: retried, and
+  the redelivery republishes with the same ``Nats-Msg-Id``, so the stream drops the duplicate;
+* ``-NAK`` at once (:meth:`Settlement.hand_back`) — the node is stopping: a message that never
+  started, or one still running when the shutdown grace ran out, goes to another replica now
+  rather than after the ack wait;
+* ``+WPI`` (:meth:`Settlement.keep_alive`) — a handler still running, or a message waiting for a
+  free slot, past half the ack wait: JetStream must not redeliver it meanwhile. A job whose
+  handler is done gets none past the publish timeout: its PubAcks are due by then.
+
+A lost ack or nak (the connection dropped) is logged: JetStream redelivers after the ack wait and
+``Nats-Msg-Id`` keeps the output single.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Iterable
+
+from .envelope import KreNatsMessage
+from .natsfast import Wire
+
+__all__ = ["Job", "Settlement", "parse_ack_subject"]
+
+_ACK = b"+ACK"
+_IN_PROGRESS = b"+WPI"
+_HAND_BACK = b"-NAK"
+_NAK_DELAYS = (0.5, 1, 2, 5, 10, 30)  # seconds, by delivery count, for inputs whose outcome was not stored
+
+
+class Job:
+    """One input message from delivery to settlement."""
+
+    __slots__ = ("ack_subject", "done", "early_exit", "envelope", "failed", "msg_id", "refs", "replied",
+                 "settled", "task", "touched")
+
+    def __init__(self, ack_subject: str, msg_id: str, now: float) -> None:
+        self.ack_subject = ack_subject
+        self.msg_id = msg_id  # Nats-Msg-Id of its output: the same for every delivery of the input
+        self.refs = 1  # the handler's own reference
+        self.failed: str | None = None  # why a publish was not stored
+        self.envelope: KreNatsMessage | None = None
+        self.replied = False  # ctx.early_reply succeeded
+        self.early_exit = False  # ctx.early_exit() was called
+        self.touched = now  # last sign of life sent to JetStream (delivery, or +WPI)
+        self.done = 0.0  # when its handler's part was over (0: still running or waiting)
+        self.settled = False
+        self.task: asyncio.Task[None] | None = None
+
+    @property
+    def seq(self) -> int:
+        """The input's stream sequence (parsed when needed: only logs and naks use it)."""
+        return parse_ack_subject(self.ack_subject)[1]
+
+    @property
+    def delivered(self) -> int:
+        return parse_ack_subject(self.ack_subject)[2]
+
+
+class Settlement:
+    """Acks, naks and keep-alives of one consumer. ``jobs``: the inputs being handled or published."""
+
+    def __init__(self, wire: Wire, logger: logging.Logger, *, ack_wait: float, publish_timeout: float) -> None:
+        self._wire = wire
+        self._log = logger
+        self._keepalive_after = ack_wait / 2
+        self._publish_timeout = publish_timeout
+        self.jobs: set[Job] = set()  # added by the consumer when a handler starts, removed here
+        self.acked = 0
+        self.nakked = 0
+
+    async def release(self, job: Job, error: str | None = None) -> bool:
+        """Drop one reference (``error``: why its part failed, None if it succeeded); True if this settled the input."""
+        if error is not None and job.failed is None:
+            job.failed = error
+        job.refs -= 1
+        if job.refs or job.settled:
+            return False
+        job.settled = True
+        self.jobs.discard(job)
+        if job.failed is None:
+            self.acked += 1
+            command = _ACK
+        else:
+            self.nakked += 1
+            delay = _NAK_DELAYS[min(job.delivered, len(_NAK_DELAYS)) - 1]
+            self._log.warning("input seq %d will be retried in %gs: %s", job.seq, delay, job.failed)
+            command = b'-NAK {"delay": %d}' % int(delay * 1e9)
+        try:
+            await self._wire.publish(job.ack_subject, command)
+        except Exception as exc:
+            self._lost(job, command, exc)
+        return True
+
+    async def hand_back(self, job: Job, why: str) -> None:
+        """The node is stopping: give an unsettled input to another replica now (``why`` is logged)."""
+        if job.settled:
+            return
+        job.settled = True
+        self.jobs.discard(job)
+        self.nakked += 1
+        self._log.warning("returning input seq %d for redelivery: %s", job.seq, why)
+        try:
+            await self._wire.publish(job.ack_subject, _HAND_BACK)
+        except Exception as exc:
+            self._lost(job, _HAND_BACK, exc)
+
+    async def keep_alive(self, now: float, waiting: Iterable[Job]) -> list[Job]:
+        """``+WPI`` for inputs still being handled or waiting for a slot; returns those settled as stuck.
+
+        A job whose handler is done waits only for PubAcks, which the publisher fails after the
+        publish timeout; one still unsettled twice that long after has lost a reference (a bug):
+        it is nakked rather than kept forever.
+        """
+        stuck: list[Job] = []
+        for job in [*self.jobs, *waiting]:
+            if job.done and now - job.done > self._publish_timeout:
+                if now - job.done > 2 * self._publish_timeout + 1:
+                    self._log.error("input seq %d was never settled (%d references left): retrying it",
+                                    job.seq, job.refs)
+                    job.refs = 1
+                    await self.release(job, "never settled")
+                    stuck.append(job)
+                continue
+            if now - job.touched > self._keepalive_after:
+                job.touched = now
+                try:
+                    await self._wire.publish(job.ack_subject, _IN_PROGRESS)
+                except Exception as exc:
+                    self._lost(job, _IN_PROGRESS, exc)
+        return stuck
+
+    def _lost(self, job: Job, command: bytes, exc: Exception) -> None:
+        self._log.warning("could not send %s for input seq %d (redelivered after the ack wait; its output is "
+                          "not duplicated): %s", command[:4].decode(), job.seq, exc)
+
+
+def parse_ack_subject(reply: str) -> tuple[str, int, int]:
+    """(stream, stream sequence, delivery count) from a ``$JS.ACK`` reply subject (v1 or v2 form)."""
+    tokens = reply.split(".")
+    try:
+        if len(tokens) == 9:  # $JS.ACK.<stream>.<consumer>.<delivered>.<sseq>.<cseq>.<ts>.<pending>
+            return tokens[2], int(tokens[5]), int(tokens[4])
+        if len(tokens) >= 11:  # $JS.ACK.<domain>.<account>.<stream>.<consumer>.<delivered>.<sseq>...
+            return tokens[4], int(tokens[7]), int(tokens[6])
+    except ValueError:
+        pass
+    return "unknown", 0, 1
