@@ -115,7 +115,7 @@ async def test_prediction_saved_in_original_shape(mongo_uri: str, mongo_db_name:
         assert prediction is not None
         await prediction.save("cat", "dog", extra={"score": 0.9})
         await prediction.save(error=prediction.ERR_MISSING_VALUES)
-        with pytest.raises(ValueError):
+        with pytest.raises(ValueError, match="must be non-empty strings"):
             await prediction.save("cat", "")
         stored = await docs_in(motor_reader, mongo_db_name, "classificationMetrics", {"versionId": "v1-id"})
         assert len(stored) == 2

@@ -26,7 +26,7 @@ from kre_runner.sinks.mongo import (
     decode_writer_payload,
     encode_writer_request,
 )
-from kre_runner.sinks.prediction import ERR_MISSING_VALUES, ERR_NEW_LABELS, Prediction
+from kre_runner.sinks.prediction import ERR_NEW_LABELS, Prediction
 
 
 def unreachable_db() -> MongoDB:
@@ -181,22 +181,26 @@ async def test_prediction_document_shape_and_date_format() -> None:
         "date": "2022-06-01T12:00:00.000007Z", "error": "", "predictedValue": "cat", "trueValue": "dog",
         "extra": {"score": 0.5}, "versionId": "v1-id", "versionName": "v1",
     })]
-    assert prediction.ERR_MISSING_VALUES == ERR_MISSING_VALUES == "missing_values"
-    assert prediction.ERR_NEW_LABELS == ERR_NEW_LABELS == "new_labels"
+    # The error constants are the strings the original stored, and the ones a handler reaches via ctx work.
+    await prediction.save(error=prediction.ERR_MISSING_VALUES, utcdate=datetime(2022, 6, 1))
+    await prediction.save(error=ERR_NEW_LABELS, utcdate=datetime(2022, 6, 1))
+    assert [doc["error"] for _, doc in saved[1:]] == ["missing_values", "new_labels"]
 
 
-@pytest.mark.parametrize("kwargs", [
-    {"predicted_value": "", "true_value": "x"},
-    {"predicted_value": "x", "true_value": ""},
-    {"predicted_value": "x", "true_value": "y", "error": "boom"},
-    {"predicted_value": 1, "true_value": "y"},
-    {"predicted_value": "x", "true_value": "y", "extra": [1]},
-    {"predicted_value": "x", "true_value": "y", "utcdate": "2022-01-01"},
-    {"predicted_value": "x", "true_value": "y", "utcdate": datetime(2022, 1, 1, tzinfo=timezone(timedelta(hours=2)))},
+@pytest.mark.parametrize(("kwargs", "error", "match"), [
+    ({"predicted_value": "", "true_value": "x"}, ValueError, "must be non-empty strings"),
+    ({"predicted_value": "x", "true_value": ""}, ValueError, "must be non-empty strings"),
+    ({"predicted_value": "x", "true_value": "y", "error": "boom"}, ValueError, "error must be ''"),
+    ({"predicted_value": 1, "true_value": "y"}, TypeError, "must be strings"),
+    ({"predicted_value": "x", "true_value": "y", "extra": [1]}, TypeError, "extra must be a dict or None, got list"),
+    ({"predicted_value": "x", "true_value": "y", "utcdate": "2022-01-01"}, TypeError,
+     "utcdate must be a datetime, got str"),
+    ({"predicted_value": "x", "true_value": "y", "utcdate": datetime(2022, 1, 1, tzinfo=timezone(timedelta(hours=2)))},
+     ValueError, "utcdate must be in UTC, got offset 2:00:00"),
 ])
-def test_prediction_rejects_bad_arguments(kwargs: dict[str, object]) -> None:
+def test_prediction_rejects_bad_arguments(kwargs: dict[str, object], error: type[Exception], match: str) -> None:
     prediction = Prediction(None, version_id="i", version_name="n")  # type: ignore[arg-type]
-    with pytest.raises((ValueError, TypeError)):
+    with pytest.raises(error, match=match):
         prediction.document(**kwargs)  # type: ignore[arg-type]
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import gzip
+import logging
 from datetime import datetime
 
 import pytest
@@ -21,6 +22,7 @@ from kre_helpers import (
 from kre_runner.connection import StartupError
 from kre_runner.envelope import KreNatsMessage
 from kre_runner.handler import HandlerLoadError
+from kre_runner.jetstream import SetupError
 
 pytestmark = pytest.mark.integration
 
@@ -48,16 +50,25 @@ async def test_round_trip_like_the_original(nats_server, js, workflow_stream):
     assert result.tracking[0] == sent.tracking[0]
 
 
-async def test_init_runs_once_before_the_first_message(nats_server, js, workflow_stream):
+async def test_init_runs_once_before_the_first_message(nats_server, js, workflow_stream, caplog):
     out = await Collector(js, OUT).start()
     env = node_env(nats_server.url, "greet.py")
-    async with running_node(env, js):
-        pass  # creates the durable consumer, as a first deployment would
+    with caplog.at_level(logging.INFO, logger="kre_runner"):
+        async with running_node(env, js):
+            pass  # creates the durable consumer, as a first deployment would
+    # The start-up log says which fast paths are on, and that the new consumer skips older messages.
+    assert "fast paths on (direct MSG dispatch, direct PUB writes)" in caplog.text
+    assert ("created durable pull consumer v1-greeter on stream demo-v1-wf for demo-v1-wf.greeter; it starts at new "
+            "messages (KRT_DELIVER_POLICY=new: messages already in the stream are not processed)") in caplog.text
     # A backlog waits when the node (re)starts: every message must still see init's result.
     for i in range(50):
         await js.publish(IN, request_envelope(f"n{i}").SerializeToString())
-    async with running_node(env, js):
-        results = await out.take(50)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="kre_runner"):
+        async with running_node(env, js):
+            results = await out.take(50)
+    assert ("reusing durable pull consumer v1-greeter on stream demo-v1-wf for demo-v1-wf.greeter: it resumes after "
+            "the last acked message (50 waiting, 0 unacked)") in caplog.text
     assert len(results) == 50
     assert all("init=1 " in greeting(r) for r in results), {greeting(r) for r in results}
 
@@ -290,7 +301,7 @@ async def test_server_restart_loses_nothing(nats_server, js, workflow_stream, nc
 
 
 async def test_start_fails_clearly_without_the_stream(nats_server, js):
-    with pytest.raises(Exception, match="stream 'demo-v1-wf' does not exist"):
+    with pytest.raises(SetupError, match="stream 'demo-v1-wf' does not exist"):
         async with running_node(node_env(nats_server.url, "greet.py"), js):
             pass
 

@@ -3,19 +3,53 @@
 from __future__ import annotations
 
 import asyncio
+from importlib.metadata import version
 
 import nats
 import pytest
 
-from kre_runner.natsfast import Dispatcher
+from kre_runner.natsfast import Dispatcher, FastPath, Wire, describe, probe
 
 pytestmark = pytest.mark.integration
 
 
-async def test_the_pinned_nats_py_takes_the_direct_path(nc):
-    # If a nats-py upgrade changes the internals, the node still works (plain callbacks) but loses
-    # its fast path: this is the test that says so.
+async def test_the_pinned_nats_py_takes_both_fast_paths(nc):
+    # If a nats-py upgrade changes the internals, the node still works (public API) but loses its
+    # fast paths: this is the test that says so.
+    path = probe(nc)
+    assert path == FastPath(receive=True, send=True, reason="")
     assert Dispatcher(nc).direct
+    assert describe(path) == f"nats-py {version('nats-py')}: fast paths on (direct MSG dispatch, direct PUB writes)"
+
+
+async def test_the_probe_checks_behaviour_not_names(nc, monkeypatch):
+    monkeypatch.setattr(nc, "_flush_pending", lambda force_flush=False: None)  # there, but not a coroutine
+    monkeypatch.setattr(nc, "_pending", ())  # there, but not a list
+    path = probe(nc)
+    assert path.receive and not path.send
+    assert "Client._pending is not a list" in path.reason
+    assert "Client._flush_pending(force_flush=...) is not a coroutine function" in path.reason
+    assert "fast paths partly off" in describe(path) and ">=2.16,<2.17" in describe(path)
+
+
+async def test_without_the_send_path_publishes_go_through_the_public_api(nats_server):
+    nc = await nats.connect(nats_server.url)
+    try:
+        got: list[tuple[str, bytes, dict[str, str] | None]] = []
+
+        async def on_msg(msg: nats.aio.msg.Msg) -> None:
+            got.append((msg.reply, msg.data, msg.headers))
+
+        await nc.subscribe("out", cb=on_msg)
+        for wire in (Wire(nc, FastPath(receive=True, send=False)), Wire(nc)):
+            await wire.publish("out", b"plain", reply="r")
+            await wire.publish("out", b"with id", msg_id="n:s:1")
+        await nc.flush()
+        await asyncio.sleep(0.1)
+        expected = [("r", b"plain", None), ("", b"with id", {"Nats-Msg-Id": "n:s:1"})]
+        assert got == expected * 2  # the same bytes on the wire either way
+    finally:
+        await nc.close()
 
 
 async def test_routes_get_every_message_in_order_with_headers_and_other_subscriptions_still_work(nats_server):
@@ -70,6 +104,26 @@ async def test_a_failing_route_is_logged_and_the_connection_keeps_reading(nats_s
         # The read loop is alive: a request/reply round trip still works.
         await nc.flush(timeout=2)
         assert nc.is_connected
+    finally:
+        await nc.close()
+
+
+async def test_a_msg_arriving_after_unsubscribe_is_dropped(nats_server):
+    """A MSG can be on its way when our UNSUB goes out: it must not reach the route any more."""
+    nc = await nats.connect(nats_server.url)
+    try:
+        dispatcher = Dispatcher(nc)
+        got: list[bytes] = []
+
+        async def route(subject: str, reply: str, data: bytes, headers: dict[str, str] | None) -> None:
+            got.append(data)
+
+        sub = await dispatcher.subscribe("direct", route)
+        sid = sub._id
+        await nc._ps.parse(b"MSG direct %d 6\r\nbefore\r\n" % sid)  # as the server's bytes reach the parser
+        await sub.unsubscribe()
+        await nc._ps.parse(b"MSG direct %d 5\r\nafter\r\n" % sid)  # sent by the server before it saw UNSUB
+        assert got == [b"before"]
     finally:
         await nc.close()
 

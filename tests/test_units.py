@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import gzip
 import sys
+import time
 from datetime import datetime, timezone
+from types import SimpleNamespace
 
 import pytest
 from kre_helpers import request_envelope
@@ -269,3 +271,25 @@ def test_tracking_clock_matches_the_original_timestamp_format():
     assert abs(parsed.replace(tzinfo=tz.utc).timestamp() - ts) < 1e-5
     later = clock.now()[1]
     assert later >= text
+
+
+@pytest.mark.parametrize("times", [
+    [1_767_225_599.999_998, 1_767_225_600.000_001],  # into a new second, minute, hour, day and year
+    [1_767_225_600.5, 1_767_225_599.25],  # the system clock stepped back across a second
+    [1_767_225_600.5, 1_767_225_600.25],  # ... and within one
+    [1_767_225_600.5, 1_767_225_630.75],  # a jump ahead
+])
+def test_tracking_clock_is_exact_across_seconds_and_clock_steps(monkeypatch, times):
+    from kre_runner import envelope as envelope_module
+    from kre_runner.envelope import TrackingClock
+
+    clock = TrackingClock()
+    for ts in times:
+        monkeypatch.setattr(envelope_module, "time", SimpleNamespace(time=lambda ts=ts: ts, gmtime=time.gmtime,
+                                                                     strftime=time.strftime))
+        expected = datetime.fromtimestamp(ts, timezone.utc).replace(tzinfo=None)
+        got_ts, text = clock.now()
+        got = datetime.fromisoformat(text)
+        assert got_ts == ts and len(text) == 26
+        assert got.replace(microsecond=0) == expected.replace(microsecond=0)  # the right second, after any step
+        assert abs(got.microsecond - expected.microsecond) <= 1  # float rounding of the fraction

@@ -25,12 +25,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib.metadata
 import inspect
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-import nats
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
@@ -89,11 +89,18 @@ def probe(nc: Client) -> FastPath:
 
 def describe(path: FastPath) -> str:
     """One line for the start-up log."""
-    version = getattr(nats, "__version__", "?")
+    version = _nats_py_version()
     if path.receive and path.send:
         return f"nats-py {version}: fast paths on (direct MSG dispatch, direct PUB writes)"
     return (f"nats-py {version} (tested: {TESTED_NATS_PY}): fast paths partly off, using the public API "
             f"(slower, same behaviour): {path.reason}")
+
+
+def _nats_py_version() -> str:
+    try:
+        return importlib.metadata.version("nats-py")
+    except importlib.metadata.PackageNotFoundError:
+        return "?"
 
 
 class Dispatcher:

@@ -1,0 +1,153 @@
+"""Pull credits and settlement without a server: the arithmetic and the exactly-once rule."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+
+from kre_runner.credits import Credits
+from kre_runner.settlement import Job, Settlement
+
+ACK = "$JS.ACK.s.c.{delivered}.{seq}.{seq}.1763700000000000000.0"
+
+
+# --- credits -------------------------------------------------------------------------------------
+
+def test_an_idle_replica_asks_for_max_inflight_and_no_more():
+    credits = Credits(256)
+    assert credits.want(held=0, waiting=0) == 256
+    credits.requested = 256
+    assert credits.want(held=0, waiting=0) == 0
+
+
+def test_while_busy_it_asks_only_in_chunks_of_a_quarter():
+    credits = Credits(256)
+    credits.requested, credits.running = 200, 56
+    assert credits.want(held=56, waiting=0) == 0  # 256 - 56 - 200 = 0 free
+    credits.requested = 150
+    assert credits.want(held=56, waiting=0) == 0  # 50 free: under a quarter (64), wait for more
+    credits.requested = 136
+    assert credits.want(held=56, waiting=0) == 64
+
+
+def test_messages_waiting_only_for_pub_acks_are_bounded_by_a_second_max_inflight():
+    credits = Credits(8)
+    # No handler runs, but 16 inputs are held (their outputs wait for PubAcks): nothing more may come.
+    assert credits.free(held=16, waiting=0) == 0 and credits.want(held=16, waiting=0) == 0
+    assert credits.free(held=12, waiting=0) == 4
+
+
+def test_prefetch_holds_a_quarter_more_while_handlers_wait():
+    credits = Credits(64)
+    credits.running = 64
+    assert credits.free(held=64, waiting=0) == 0
+    credits.handlers_wait(True)
+    assert credits.free(held=64, waiting=0) == 16 and credits.want(held=64, waiting=0) == 16
+    assert credits.free(held=64, waiting=16) == 0  # those 16 came and wait for a slot
+    credits.handlers_wait(False)
+    assert credits.free(held=64, waiting=0) == 0
+
+
+def test_deliveries_and_ended_requests_return_credit():
+    credits = Credits(4)
+    credits.requested = 4
+    credits.delivered()
+    assert credits.requested == 3
+    credits.request_ended(2)  # a request expired with 2 messages unused
+    assert credits.requested == 1
+    credits.request_ended(5)
+    assert credits.requested == 0
+    credits.requested = 3
+    credits.request_ended(None)  # unknown: all of it (a reconnect, a 409)
+    assert credits.requested == 0
+    credits.delivered()  # a message for a request we had given up on
+    assert credits.requested == 0
+
+
+def test_may_start_is_bounded_by_max_inflight():
+    credits = Credits(2)
+    credits.running = 1
+    assert credits.may_start()
+    credits.running = 2
+    assert not credits.may_start()
+
+
+# --- settlement ----------------------------------------------------------------------------------
+
+class _Wire:
+    def __init__(self, fail: bool = False) -> None:
+        self.sent: list[tuple[str, bytes]] = []
+        self.fail = fail
+
+    async def publish(self, subject: str, payload: bytes, reply: str = "", msg_id: str | None = None) -> None:
+        if self.fail:
+            raise ConnectionError("connection closed")
+        self.sent.append((subject, payload))
+
+
+def _settlement(wire: _Wire) -> Settlement:
+    return Settlement(wire, logging.getLogger("test.settlement"), ack_wait=30, publish_timeout=5)  # type: ignore[arg-type]
+
+
+def _job(seq: int = 7, delivered: int = 1) -> Job:
+    return Job(ACK.format(seq=seq, delivered=delivered), f"n:s:{seq}", now=0.0)
+
+
+async def test_acked_when_the_last_reference_goes_and_never_twice():
+    wire = _Wire()
+    settlement = _settlement(wire)
+    job = _job()
+    settlement.jobs.add(job)
+    job.refs += 1  # a publish
+    assert not await settlement.release(job)  # the handler's part: the publish is still out
+    assert await settlement.release(job)  # its PubAck
+    assert not await settlement.release(job)  # a stray release settles nothing more
+    await settlement.hand_back(job, "late")
+    assert wire.sent == [(job.ack_subject, b"+ACK")]
+    assert settlement.jobs == set() and (settlement.acked, settlement.nakked) == (1, 0)
+
+
+@pytest.mark.parametrize(("delivered", "delay_ns"), [(1, 500_000_000), (3, 2_000_000_000), (40, 30_000_000_000)])
+async def test_a_failed_publish_naks_with_a_delay_growing_with_deliveries(delivered, delay_ns):
+    wire = _Wire()
+    settlement = _settlement(wire)
+    job = _job(delivered=delivered)
+    job.refs += 1
+    await settlement.release(job, None)
+    await settlement.release(job, "no PubAck within 5s")
+    assert wire.sent == [(job.ack_subject, b'-NAK {"delay": %d}' % delay_ns)]
+
+
+async def test_hand_back_naks_at_once_and_later_releases_do_nothing():
+    wire = _Wire()
+    settlement = _settlement(wire)
+    job = _job()
+    settlement.jobs.add(job)
+    await settlement.hand_back(job, "shutdown grace over")
+    assert not await settlement.release(job)  # the cancelled handler's finally
+    assert wire.sent == [(job.ack_subject, b"-NAK")] and settlement.jobs == set()
+
+
+async def test_a_lost_ack_is_logged_and_the_input_counts_as_settled(caplog):
+    settlement = _settlement(_Wire(fail=True))
+    job = _job()
+    settlement.jobs.add(job)
+    assert await settlement.release(job)
+    assert job.settled and settlement.jobs == set()
+    assert "could not send +ACK for input seq 7" in caplog.text
+
+
+async def test_keep_alive_spares_finished_jobs_and_retries_leaked_ones():
+    wire = _Wire()
+    settlement = _settlement(wire)
+    running, waiting, publishing, leaked = _job(1), _job(2), _job(3), _job(4)
+    publishing.done, leaked.done = 90.0, 80.0  # handlers done 10 s and 20 s ago; publish timeout 5 s
+    publishing.refs = leaked.refs = 2
+    settlement.jobs.update({running, publishing, leaked})
+    stuck = await settlement.keep_alive(100.0, [waiting])
+    assert stuck == [leaked]
+    assert sorted(wire.sent) == sorted([(running.ack_subject, b"+WPI"), (waiting.ack_subject, b"+WPI"),
+                                        (leaked.ack_subject, b'-NAK {"delay": 500000000}')])
+    wire.sent.clear()
+    assert await settlement.keep_alive(101.0, [waiting]) == [] and wire.sent == []  # touched a second ago
