@@ -68,8 +68,8 @@ async def run_once(code: UserCode, messages: Sequence[Message], out: TextIO, err
         if code.init is not None:
             try:
                 await _call(code.init, ctx)
-            except Exception:
-                err.write(f"init(ctx) in {code.path} failed:\n{traceback.format_exc()}")
+            except Exception as exc:
+                err.write(f"init(ctx) in {code.path} failed:\n{_user_traceback(exc)}")
                 return 1
         for i, message in enumerate(messages, 1):
             payload = AnyProto()
@@ -79,10 +79,10 @@ async def run_once(code: UserCode, messages: Sequence[Message], out: TextIO, err
                 if result is not None and not isinstance(result, Message):
                     raise TypeError(f"the handler returned {type(result).__name__}: expected a protobuf message, "
                                     f"a google.protobuf.Any or None")
-            except Exception:
+            except Exception as exc:
                 failed += 1
                 where = f" on input {i}" if len(messages) > 1 else ""
-                err.write(f"handler{where} failed:\n{traceback.format_exc()}")
+                err.write(f"handler{where} failed:\n{_user_traceback(exc)}")
                 continue
             out.write(to_json(result) + "\n")
             out.flush()
@@ -98,3 +98,11 @@ async def _call(function: Any, *args: Any) -> Any:
     if inspect.isawaitable(result):
         result = await result
     return result
+
+
+def _user_traceback(exc: BaseException) -> str:
+    """The traceback from the user's code on: the runner's own frames are noise here."""
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_frame.f_code.co_filename == __file__:
+        tb = tb.tb_next
+    return "".join(traceback.format_exception(type(exc), exc, tb))
