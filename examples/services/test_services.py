@@ -6,7 +6,7 @@ from pathlib import Path
 # The example shares the greeter's protobufs (services.py does the same).
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "greeter"))
 
-from greeter_pb2 import Request  # noqa: E402
+from greeter_pb2 import Request
 
 
 async def test_each_request_is_recorded_and_passed_on(kre_node):

@@ -11,6 +11,7 @@ import uuid
 from collections.abc import Sequence
 
 import nats.errors
+import nats.js.errors
 from google.protobuf.any_pb2 import Any as AnyProto
 from google.protobuf.message import Message
 from nats.aio.client import Client
@@ -68,12 +69,14 @@ async def call_workflow(nc: Client, input_subject: str, entrypoint_subject: str,
         for envelope in envelopes:
             try:
                 await js.publish(input_subject, encode(envelope, nc.max_payload), timeout=timeout)
-            except nats.errors.NoRespondersError:
+            except (nats.errors.NoRespondersError, nats.js.errors.NoStreamResponseError):
                 raise CallError(f"no stream captures {input_subject}: is the workflow running "
                                 f"(kre-runner up), or create the stream (kre-runner stream create)") from None
             except nats.errors.TimeoutError:
                 raise CallError(f"JetStream did not confirm the request on {input_subject} within {timeout:g}s") \
                     from None
+            except nats.js.errors.APIError as exc:
+                raise CallError(f"JetStream refused the request on {input_subject}: {exc}") from None
         try:
             return list(await asyncio.wait_for(asyncio.gather(*waiting.values()), timeout))
         except asyncio.TimeoutError:

@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from nats.js import JetStreamContext
-from nats.js.api import AckPolicy, DeliverPolicy
+from nats.js.api import AckPolicy
 from nats.js.errors import NotFoundError
 
 from .config import ConfigError, Settings, redact_url
@@ -81,7 +81,7 @@ async def _stream_checks(js: JetStreamContext, s: Settings) -> list[Finding]:
         return [Finding(False, f"JetStream: {type(exc).__name__}: {exc}", "start nats-server with -js")]
     subjects = list(info.config.subjects or [])
     findings = [Finding(True, f"stream {s.stream} exists (subjects {', '.join(subjects)}, "
-                              f"{info.state.messages} messages, retention {info.config.retention.value})")]
+                              f"{info.state.messages} messages, retention {_value(info.config.retention)})")]
     wanted = [("KRT_NATS_INPUT", s.input_subject), ("KRT_NATS_OUTPUT", s.output_subject)]
     if s.entrypoint_subject:
         wanted.append(("KRT_NATS_ENTRYPOINT_SUBJECT", s.entrypoint_subject))
@@ -120,15 +120,15 @@ async def _consumer_check(js: JetStreamContext, s: Settings) -> Finding:
         return Finding(False, f"consumer {name} is a push consumer (left by the original runner?): kre-runner "
                               f"will refuse to start", f"once its messages are processed: nats consumer rm "
                                                        f"{s.stream} {name}")
-    if c.ack_policy != AckPolicy.EXPLICIT:
-        return Finding(False, f"consumer {name} has ack policy {c.ack_policy.value}: kre-runner needs explicit acks",
+    if _value(c.ack_policy) != AckPolicy.EXPLICIT.value:
+        return Finding(False, f"consumer {name} has ack policy {_value(c.ack_policy)}: kre-runner needs explicit acks",
                        f"nats consumer rm {s.stream} {name} (the node recreates it)")
     notes = []
     if c.filter_subject != s.input_subject:
         notes.append(f"its filter {c.filter_subject or '(none)'} is changed to {s.input_subject} at start")
     if c.ack_wait is not None and abs(c.ack_wait - s.ack_wait) > 1e-6:
         notes.append(f"its ack wait {c.ack_wait:g}s is changed to KRT_ACK_WAIT={s.ack_wait:g}s at start")
-    policy = c.deliver_policy.value if isinstance(c.deliver_policy, DeliverPolicy) else str(c.deliver_policy)
+    policy = _value(c.deliver_policy)
     if policy != s.deliver_policy:
         notes.append(f"KRT_DELIVER_POLICY={s.deliver_policy} only applies to a new consumer: this one resumes "
                      f"where it stopped")
@@ -136,3 +136,8 @@ async def _consumer_check(js: JetStreamContext, s: Settings) -> Finding:
             f"filter {c.filter_subject or '(none)'}; {info.num_pending} message(s) waiting, "
             f"{info.num_ack_pending} unacknowledged")
     return Finding(True, text + ("; " + "; ".join(notes) if notes else ""))
+
+
+def _value(option: object) -> str:
+    """nats-py gives some config fields as enums and some as plain strings."""
+    return str(getattr(option, "value", option))
