@@ -213,10 +213,10 @@ def _node(directory: Path, raw: Any, where: str, problems: list[str]) -> NodeSpe
     if not isinstance(raw, dict):
         problems.append(f"{where}: expected a mapping with name: and handler:")
         return None
-    for key in sorted(set(raw) - _NODE_KEYS):
-        problems.append(f"{where}: unknown key {key!r} (expected {', '.join(sorted(_NODE_KEYS))})")
     name = _name(raw.get("name"), f"{where}.name", problems, required=True)
     where = f"node {name!r}" if name else where
+    for key in sorted(set(raw) - _NODE_KEYS):
+        problems.append(f"{where}: unknown key {key!r} (expected {', '.join(sorted(_NODE_KEYS))})")
     spec = raw.get("handler")
     if not isinstance(spec, str) or not spec.strip():
         problems.append(f"{where}: handler: is missing (a file relative to the YAML, e.g. handler: greeter.py)")
