@@ -112,3 +112,21 @@ async def test_memory_db_finds_as_the_handler_expects():
     assert db["c"][1] == {"name": "b", "score": 1} and db["missing"] == []
     with pytest.raises(ValueError, match="non-empty dict"):
         await db.find("c", {})
+
+
+def test_scripts_test_says_how_to_provide_victoria_metrics_where_it_cannot_install_it(tmp_path):
+    """A machine without apt-get (macOS, other Linux): one line saying what to do, exit 1, no crash."""
+    import os
+    import shutil
+    import subprocess
+
+    bin_dir = tmp_path / "bin"  # what such a machine has: a shell and Python, no apt-get, no victoria-metrics
+    bin_dir.mkdir()
+    for tool in ("bash", "env", "dirname", "id", "python3"):
+        os.symlink(shutil.which(tool), bin_dir / tool)
+    script = Path(__file__).parents[1] / "scripts" / "test"
+    proc = subprocess.run([str(bin_dir / "bash"), str(script)], env={"PATH": str(bin_dir), "HOME": str(tmp_path)},
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1
+    assert proc.stderr.count("\n") == 1 and "victoria-metrics is not on PATH" in proc.stderr
+    assert "KRE_TEST_INFLUX_URL" in proc.stderr and "command not found" not in proc.stderr
