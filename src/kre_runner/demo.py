@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import dataclasses
 import json
+import sys
 import time
 import urllib.parse
 import urllib.request
@@ -75,7 +76,7 @@ async def run_demo(requests: int = 500, examples: str | None = None, services: b
     try:
         workflow = load_workflow(examples_dir(examples) / "workflow.yaml")
     except FileNotFoundError as exc:
-        print(f"kre-runner demo: {exc}")
+        print(f"kre-runner demo: {exc}", file=sys.stderr)
         return 2
     if not services:
         workflow = dataclasses.replace(workflow, nodes=tuple(n for n in workflow.nodes if n.name != "services"))

