@@ -197,6 +197,26 @@ def test_up_reload_restarts_a_node_when_its_file_changes(tmp_path):
         assert up.stop(signal.SIGTERM) == 0, up.output
 
 
+def test_up_on_a_given_nats_server_leaves_it_and_the_stream_running(tmp_path, nats_server):
+    workflow = _workflow(tmp_path, """
+        workflow: wf
+        runtime: mine
+        nodes: [{name: echo, handler: echo.py}]
+    """, echo=ECHO)
+    up = Up(str(workflow), "--nats", nats_server.url)
+    try:
+        up.wait_for("is ready")
+        assert f"stream mine-v1-wf (created, subjects mine-v1-wf.*) on {nats_server.url}" in up.output
+        proc = kre("call", str(workflow), "--type", "Request", "--json", '{"name": "Di"}')
+        assert proc.returncode == 0 and json.loads(proc.stdout)["greeting"].startswith("Di pid="), proc.stderr
+    finally:
+        assert up.stop() == 0, up.output
+    deployed = ["--nats", nats_server.url, "--stream", "mine-v1-wf", "--subject", "mine-v1-wf.echo",
+                "--proto-path", str(tmp_path), "--type", "Request", "--json", "{}", "--timeout", "1"]
+    after = kre("call", *deployed)  # the server and the stream outlive up; no node answers any more
+    assert after.returncode == 1 and "got no answer" in after.stderr
+
+
 def test_up_stops_with_exit_1_when_a_node_cannot_start(tmp_path):
     workflow = _workflow(tmp_path, """
         workflow: wf
@@ -404,6 +424,11 @@ async def test_services_are_captured(kre_node):
                                   "time": None}]
 
 
+async def test_a_failing_init_is_raised_by_start(kre_node):
+    with pytest.raises(Exception, match="init.ctx. in .*bad_init.py failed: RuntimeError: no model"):
+        await kre_node.start("bad_init.py")
+
+
 async def test_this_one_fails_on_purpose(kre_node):
     node = await kre_node.start("greeter.py")
     assert (await node.call(Request(name="Ann"), Response)).greeting == "Bonjour"
@@ -429,13 +454,15 @@ def test_the_pytest_plugin_in_a_user_project(tmp_path):
         shutil.copy(PROTOS / name, tmp_path / name)
     (tmp_path / "failing.py").write_text("def handler(ctx, data):\n    raise ValueError('no')\n")
     (tmp_path / "stores.py").write_text(STORES)
+    (tmp_path / "bad_init.py").write_text("def init(ctx):\n    raise RuntimeError('no model')\n"
+                                          "def handler(ctx, data):\n    return None\n")
     (tmp_path / "test_my_handler.py").write_text(USER_TEST)
     (tmp_path / "pytest.ini").write_text("[pytest]\nasyncio_mode = auto\n")
     env = _env()
     env.pop("PYTHONPATH", None)
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
-    assert "1 failed, 4 passed" in proc.stdout, proc.stdout[-4000:]
+    assert "1 failed, 5 passed" in proc.stdout, proc.stdout[-4000:]
     assert "test_this_one_fails_on_purpose" in proc.stdout and "'Hello, Ann!' == 'Bonjour'" in proc.stdout
 
 
