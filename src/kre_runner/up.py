@@ -83,7 +83,11 @@ def _write_endpoint(path: Path, endpoint: Endpoint) -> None:
 
 
 class _Watcher:
-    """Polls the modification times of a node's files (no dependency, works on every OS and filesystem)."""
+    """Polls the modification times of a node's Python files (no dependency, works on every OS and filesystem).
+
+    Only ``*.py``: a log, a database or any file the node itself writes next to its code must not
+    restart it (a loop, with ``up > up.log`` in the same directory).
+    """
 
     _SKIP = ("__pycache__", ".git", ".venv", "node_modules")
 
@@ -98,7 +102,7 @@ class _Watcher:
             for root, dirs, files in os.walk(directory):
                 dirs[:] = [d for d in dirs if not d.startswith(".") and d not in self._SKIP]
                 for name in files:
-                    if name.startswith(".") or name.endswith((".pyc", ".swp", "~")):
+                    if name.startswith(".") or not name.endswith(".py"):
                         continue
                     path = os.path.join(root, name)
                     with contextlib.suppress(OSError):
