@@ -1,8 +1,24 @@
 """kre-runner: turn ``handler(ctx, data)`` into a KRE workflow node on NATS JetStream."""
 
+from typing import TYPE_CHECKING, Any
+
 from .config import ConfigError, Settings
-from .context import Context, ServiceNotConfigured
-from .sinks.mongo import DatabaseError
+
+if TYPE_CHECKING:
+    from .context import Context, ServiceNotConfigured
+    from .sinks.mongo import DatabaseError
 
 __all__ = ["ConfigError", "Context", "DatabaseError", "ServiceNotConfigured", "Settings", "__version__"]
 __version__ = "0.1.0"
+
+# Imported on first use: the pytest plugin (kre_runner.testing) loads this package in every pytest
+# run, which must not pay for nats-py, motor and protobuf.
+_LAZY = {"Context": ".context", "ServiceNotConfigured": ".context", "DatabaseError": ".sinks.mongo"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name], __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,4 +1,9 @@
-"""``kre-runner``: ``run`` (a node's main), ``demo``, ``mongo-writer``. The only place that exits."""
+"""``kre-runner``: ``run`` (a node's main), the local tools (``up``, ``call``, ``run-once``, ``check``,
+``stream create``, ``demo``) and ``mongo-writer``. The only place that exits.
+
+Exit codes: 0 done, 1 failed (a handler error, an unreachable server, no answer), 2 usage or
+configuration error (the one-line message names what to fix).
+"""
 
 from __future__ import annotations
 
@@ -12,7 +17,7 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
 from . import __version__
-from .config import VARIABLES, ConfigError, Settings
+from .config import VARIABLES, ConfigError, Settings, redact_url
 from .connection import StartupError
 from .consumer import SetupError
 from .handler import HandlerLoadError
@@ -41,9 +46,52 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     commands.add_parser("run", help="run the node described by the KRT_* environment (a pod's main)",
                         epilog=_variables_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
-    demo = commands.add_parser("demo", help="run the example workflow on an embedded NATS server")
+    up = commands.add_parser(
+        "up", help="run a workflow YAML locally: embedded NATS, the stream, every node as a process",
+        description="Run every node of WORKFLOW.yaml as a `kre-runner run` process with the environment the KRE "
+                    "manager gives a pod, on an embedded JetStream server (or --nats). Ctrl-C stops everything.")
+    up.add_argument("workflow", metavar="WORKFLOW.yaml")
+    up.add_argument("--nats", metavar="URL", help="use this NATS server instead of starting one")
+    up.add_argument("--reload", action="store_true", help="restart a node when a .py file under its directory changes")
+    up.add_argument("--services", action="store_true",
+                    help="also start a local MongoDB stand-in and VictoriaMetrics for ctx.db/prediction/measurement "
+                         "(unless KRT_MONGO_URI / KRT_INFLUX_URI are set)")
+    call = commands.add_parser(
+        "call", help="send requests to a workflow as its entrypoint does and print the answers as JSON",
+        description="Send one request (--json) or several (JSON lines) to the workflow started by `kre-runner up "
+                    "WORKFLOW.yaml`, or to a deployed one (--nats --stream --subject), wait for each answer on the "
+                    "entrypoint subject and print it as JSON. Exit 1 when an answer is an error.")
+    call.add_argument("workflow", metavar="WORKFLOW.yaml", nargs="?")
+    call.add_argument("--nats", metavar="URL", help="a deployed workflow's NATS server (instead of WORKFLOW.yaml)")
+    call.add_argument("--stream", help="its stream, e.g. demo-v1-greeter")
+    call.add_argument("--subject", help="its first node's input subject, e.g. demo-v1-greeter.greeter")
+    call.add_argument("--entrypoint", metavar="SUBJECT", help="where answers come (default {stream}.entrypoint)")
+    call.add_argument("--proto-path", metavar="DIR", action="append", default=[],
+                      help="also look for *_pb2 modules here (repeatable; default: the handlers' directories, or .)")
+    _add_input_options(call)
+    call.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the answers (default 10)")
+    once = commands.add_parser(
+        "run-once", help="run a handler on one input (or JSON lines of inputs) without NATS",
+        description="Load HANDLER (file.py or file.py:function), run init(ctx) once, then handler(ctx, data) on each "
+                    "input, and print each output as JSON. Data services come from the usual KRT_* variables when "
+                    "set. Exit 1 (with the traceback) when the handler raises.")
+    once.add_argument("handler", metavar="HANDLER")
+    _add_input_options(once)
+    commands.add_parser(
+        "check", help="lint a node's environment: configuration, handler, NATS, stream, subjects, consumer",
+        description="Check what `kre-runner run` would find with this environment; one line per check (✔/✘) "
+                    "with the fix. Exit 0 when all pass, 1 otherwise.",
+        epilog=_variables_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
+    stream = commands.add_parser("stream", help="manage the workflow stream (stream create)")
+    stream_commands = stream.add_subparsers(dest="stream_command", metavar="ACTION", required=True)
+    create = stream_commands.add_parser(
+        "create", help="create KRT_NATS_STREAM with subjects {stream}.* and interest retention, as the manager does")
+    create.add_argument("--nats", metavar="URL", help="NATS server (default KRT_NATS_SERVER)")
+    create.add_argument("--stream", help="stream name (default KRT_NATS_STREAM)")
+    demo = commands.add_parser("demo", help="run the example workflow (examples/workflow.yaml) and send requests")
     demo.add_argument("--requests", type=int, default=500, help="requests to send (default 500)")
-    demo.add_argument("--examples", default=None, help="examples directory (default: the repository's)")
+    demo.add_argument("--examples", default=None,
+                      help="examples directory holding workflow.yaml (default: ./examples, else the repository's)")
     demo.add_argument("--no-services", action="store_true",
                       help="leave out the node that uses MongoDB and the time-series DB")
     commands.add_parser(
@@ -61,7 +109,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "demo":
         from .demo import run_demo
 
-        return asyncio.run(run_demo(args.requests, args.examples, services=not args.no_services))
+        return _tool("demo", run_demo(args.requests, args.examples, services=not args.no_services))
+    if args.command == "up":
+        return _up(args)
+    if args.command == "call":
+        return _tool("call", _call(args))
+    if args.command == "run-once":
+        return _run_once(args)
+    if args.command == "check":
+        return _tool("check", _check())
+    if args.command == "stream":
+        return _tool("stream create", _stream_create(args))
     if args.command == "mongo-writer":
         from .mongo_writer import WriterSettings, run_writer
 
@@ -93,3 +151,210 @@ def _serve(command: str, load: Callable[[Mapping[str, str]], Any],
         logger.error("cannot start: %s", exc)
         return 1
     return 0
+
+
+class _UsageError(Exception):
+    """Bad arguments or input: exit code 2 with a one-line message."""
+
+
+class _Failure(Exception):
+    """The command ran and failed: exit code 1 with a one-line message."""
+
+
+def _add_input_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--type", dest="type_name", metavar="MESSAGE",
+                        help="the request's protobuf message: Request, pkg.Request or module_pb2.Request")
+    parser.add_argument("--json", metavar="JSON", help="the request as JSON (JSON lines: one request per line)")
+    parser.add_argument("--file", metavar="FILE", help="read the JSON (or JSON lines) from FILE ('-': stdin)")
+
+
+def _tool(command: str, work: Awaitable[int]) -> int:
+    """Run a local tool's coroutine; turn its errors into one line and the exit code."""
+    from .calling import CallError
+    from .messages import MessageTypeError
+    from .up import UpError
+    from .workflow import WorkflowError
+
+    try:
+        return asyncio.run(work)  # type: ignore[arg-type]
+    except (_UsageError, WorkflowError, MessageTypeError, ConfigError) as exc:
+        print(f"kre-runner {command}: {exc}", file=sys.stderr)
+        return 2
+    except (_Failure, CallError, UpError, StartupError, HandlerLoadError) as exc:
+        print(f"kre-runner {command}: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+def _read_inputs(args: argparse.Namespace) -> list[Any]:
+    from .messages import parse_json_inputs
+
+    if (args.json is None) == (args.file is None):
+        raise _UsageError("give the request with --json '{...}' or --file FILE (JSON or JSON lines)")
+    if args.json is not None:
+        return parse_json_inputs(args.json, "--json")
+    try:
+        text = sys.stdin.read() if args.file == "-" else open(args.file, encoding="utf-8").read()  # noqa: SIM115
+    except OSError as exc:
+        raise _UsageError(f"--file {args.file}: {exc.strerror}") from None
+    return parse_json_inputs(text, f"--file {args.file}")
+
+
+def _messages(type_name: str | None, values: list[Any], directories: list[Any]) -> list[Any]:
+    from .messages import find_message_type, from_json
+
+    if not type_name:
+        raise _UsageError("--type is required: the request's message, e.g. --type Request")
+    cls = find_message_type(type_name, directories)
+    return [from_json(value, cls) for value in values]
+
+
+async def _call(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    import nats as nats_client
+
+    from .calling import call_workflow
+    from .messages import to_json
+    from .up import read_endpoint
+    from .workflow import load_workflow
+
+    deployed = [args.nats, args.stream, args.subject]
+    if args.workflow and any(deployed):
+        raise _UsageError("give WORKFLOW.yaml (a workflow started by `kre-runner up`) or --nats/--stream/--subject "
+                          "(a deployed one), not both")
+    default_type = None
+    if args.workflow:
+        workflow = load_workflow(args.workflow)
+        endpoint = read_endpoint(workflow.path)
+        if endpoint is None:
+            raise _Failure(f"{args.workflow} is not running: start it with `kre-runner up {args.workflow}` "
+                           f"(in another terminal), or call a deployed workflow with --nats --stream --subject")
+        url, input_subject, entrypoint = endpoint.nats_url, endpoint.input_subject, endpoint.entrypoint_subject
+        directories = [d for node in workflow.nodes for d in node.directories]
+        default_type = workflow.request_type
+    elif all(deployed):
+        url, input_subject = args.nats, args.subject
+        entrypoint = args.entrypoint or f"{args.stream}.entrypoint"
+        directories = [Path.cwd()]
+    else:
+        raise _UsageError("give WORKFLOW.yaml, or --nats URL --stream STREAM --subject SUBJECT for a deployed workflow")
+    directories += [Path(p) for p in args.proto_path]
+    requests = _messages(args.type_name or default_type, _read_inputs(args), directories)
+    try:
+        nc = await nats_client.connect(url, connect_timeout=2, max_reconnect_attempts=1, allow_reconnect=False)
+    except Exception as exc:
+        raise _Failure(f"cannot connect to NATS at {redact_url(url)}: {type(exc).__name__}: {exc}") from None
+    try:
+        answers = await call_workflow(nc, input_subject, entrypoint, requests, args.timeout)
+    finally:
+        await nc.close()
+    failed = 0
+    for answer in answers:
+        if answer.error:
+            failed += 1
+            print(answer.error, file=sys.stderr)
+        else:
+            print(to_json(answer.payload), flush=True)
+    return 1 if failed else 0
+
+
+def _run_once(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    file_part, _, function = args.handler.rpartition(":")
+    if not file_part or "/" in function or function.endswith(".py"):
+        file_part = args.handler
+    if not Path(file_part).is_file():
+        print(f"kre-runner run-once: handler file {file_part} does not exist (HANDLER is file.py or "
+              f"file.py:function)", file=sys.stderr)
+        return 2
+    return _tool("run-once", _run_handler_once(args))
+
+
+async def _run_handler_once(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .handler import load_user_code
+    from .run_once import run_once
+
+    values = _read_inputs(args)  # bad input is reported before the handler is imported
+    settings_level = os.environ.get("KRT_LOG_LEVEL", "INFO").upper()
+    configure_logging(settings_level if settings_level in ("DEBUG", "INFO", "WARNING", "ERROR") else "INFO",
+                      stream=sys.stderr)
+    code = load_user_code(Path.cwd(), args.handler)
+    messages = _messages(args.type_name, values, [code.path.parent])
+    return await run_once(code, messages, sys.stdout, sys.stderr)
+
+
+async def _check() -> int:
+    from .check import run_checks
+
+    findings = await run_checks(os.environ)
+    for finding in findings:
+        print(finding.line())
+    return 0 if all(f.ok for f in findings) else 1
+
+
+async def _stream_create(args: argparse.Namespace) -> int:
+    import nats as nats_client
+
+    from .streams import ensure_stream
+
+    url = args.nats or os.environ.get("KRT_NATS_SERVER", "").strip()
+    stream = args.stream or os.environ.get("KRT_NATS_STREAM", "").strip()
+    if not url or not stream:
+        raise _UsageError("set KRT_NATS_SERVER and KRT_NATS_STREAM (or pass --nats URL --stream NAME), "
+                          "e.g. KRT_NATS_STREAM=demo-v1-greeter")
+    if any(c in stream for c in ".*> \t/\\"):
+        raise _UsageError(f"stream name {stream!r} is invalid: no . * > / \\ or spaces, e.g. demo-v1-greeter")
+    try:
+        nc = await nats_client.connect(url.split(",")[0], connect_timeout=2, max_reconnect_attempts=1,
+                                       allow_reconnect=False)
+    except Exception as exc:
+        raise _Failure(f"cannot connect to NATS at {redact_url(url)}: {type(exc).__name__}: {exc}") from None
+    try:
+        created = await ensure_stream(nc.jetstream(), stream)
+    except Exception as exc:
+        raise _Failure(f"JetStream refused: {type(exc).__name__}: {exc} (is nats-server started with -js?)") from None
+    finally:
+        await nc.close()
+    print(f"stream {stream} {'created' if created else 'already exists'} (subjects {stream}.*, interest retention)")
+    return 0
+
+
+def _up(args: argparse.Namespace) -> int:
+    import contextlib
+
+    from .workflow import WorkflowError, load_workflow
+
+    try:
+        workflow = load_workflow(args.workflow)
+    except WorkflowError as exc:
+        print(f"kre-runner up: {exc}", file=sys.stderr)
+        return 2
+    return _tool("up", _run_up(workflow, args.nats, args.reload, args.services, contextlib.ExitStack()))
+
+
+async def _run_up(workflow: Any, nats_url: str | None, reload: bool, services: bool, stack: Any) -> int:
+    import time
+
+    from .up import LocalWorkflow, how_to_call, start_local_services
+
+    started = time.monotonic()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+
+    def ready(endpoint: Any) -> None:
+        print(f"kre-runner up: {how_to_call(workflow, endpoint)}\n  (ready {time.monotonic() - started:.1f}s after "
+              f"start{'; --reload: nodes restart when their files change' if reload else ''})", flush=True)
+
+    with stack:
+        extra = start_local_services(stack, lambda text: print(f"kre-runner up: {text}")) if services else None
+        async with LocalWorkflow(workflow, nats_url=nats_url, reload=reload, extra_env=extra, on_ready=ready) as local:
+            code = await local.wait(stop)
+        print("kre-runner up: stopped", flush=True)
+    return code

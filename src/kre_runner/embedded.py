@@ -59,7 +59,7 @@ def find_nx_27017() -> str:
 
 
 def find_victoria_metrics() -> str:
-    return _find_script("victoria-metrics", "apt-get install -y victoria-metrics")
+    return _find_script("victoria-metrics", "apt-get install -y victoria-metrics (macOS: brew install victoriametrics)")
 
 
 class _LocalServer:
@@ -76,7 +76,10 @@ class _LocalServer:
         raise NotImplementedError
 
     def start(self, timeout: float = 20.0) -> Any:
-        self._proc = subprocess.Popen(self._command(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        # Its own session: a Ctrl-C meant for the process that started it must not stop it before the
+        # nodes using it have shut down.
+        self._proc = subprocess.Popen(self._command(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                      start_new_session=True)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self._proc.poll() is not None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
+from typing import TextIO
 
 __all__ = ["configure_logging"]
 
@@ -18,12 +19,13 @@ class _Formatter(logging.Formatter):
         return super().format(record)
 
 
-def configure_logging(level: str = "INFO") -> logging.Logger:
+def configure_logging(level: str = "INFO", stream: TextIO | None = None) -> logging.Logger:
     """Configure the root logger once for the process and return kre-runner's logger.
 
-    Only the CLI calls this; a library user keeps control of their own logging.
+    Only the CLI calls this; a library user keeps control of their own logging. Lines go to stdout
+    unless ``stream`` says otherwise (``run-once`` keeps stdout for its JSON).
     """
-    handler = logging.StreamHandler(sys.stdout)
+    handler = logging.StreamHandler(stream or sys.stdout)
     handler.setFormatter(_Formatter("%(asctime)s.%(msecs)03dZ %(levelname)s %(message)s", "%Y-%m-%dT%H:%M:%S"))
     root = logging.getLogger()
     root.handlers[:] = [handler]

@@ -5,8 +5,8 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
-from collections.abc import Awaitable
-from typing import TypeVar
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 from google.protobuf.message import Message
 
@@ -16,7 +16,7 @@ from .consumer import Consumer
 from .context import Context
 from .elapsed import ElapsedRecorder
 from .handler import load_user_code
-from .services import open_services
+from .services import Services, open_services
 
 __all__ = ["StartupError", "run_node"]
 
@@ -40,16 +40,24 @@ async def _unless_stopped(step: Awaitable[T], stop: asyncio.Event) -> T:
     raise _Stopped
 
 
-async def run_node(settings: Settings, stop: asyncio.Event, logger: logging.Logger) -> Consumer | None:
-    """Run the node until ``stop`` is set; return the consumer (for its counters), None if stopped while starting."""
+ServicesOpener = Callable[[Settings, Any, logging.Logger], Awaitable[Services]]
+
+
+async def run_node(settings: Settings, stop: asyncio.Event, logger: logging.Logger, *,
+                   services_opener: ServicesOpener = open_services) -> Consumer | None:
+    """Run the node until ``stop`` is set; return the consumer (for its counters), None if stopped while starting.
+
+    ``services_opener`` builds ctx's data services (the testing plugin's keeps them in memory).
+    """
     try:
-        return await _run_node(settings, stop, logger)
+        return await _run_node(settings, stop, logger, services_opener)
     except _Stopped:
         logger.info("stopped while starting")
         return None
 
 
-async def _run_node(settings: Settings, stop: asyncio.Event, logger: logging.Logger) -> Consumer:
+async def _run_node(settings: Settings, stop: asyncio.Event, logger: logging.Logger,
+                    services_opener: ServicesOpener) -> Consumer:
     code = load_user_code(settings.base_path, settings.handler_path)
     logger.info("loaded handler %s (%s)", code.path, "async" if code.handler_is_async else "sync")
     holder: list[Consumer] = []
@@ -62,7 +70,7 @@ async def _run_node(settings: Settings, stop: asyncio.Event, logger: logging.Log
                                        on_reconnect=renew_pulls), stop)
     services = None
     try:
-        services = await open_services(settings, nc, logger)
+        services = await services_opener(settings, nc, logger)
 
         def early_reply(response: Message) -> Awaitable[None]:
             return consumer.early_reply(response)  # the consumer is built below, with this ctx

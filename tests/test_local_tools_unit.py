@@ -1,0 +1,132 @@
+"""The pieces of the local tools that need no server: workflow YAML, JSON ↔ protobuf, subjects, MemoryDB."""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+import pytest
+from kre_helpers import PROTOS
+
+from kre_runner.messages import MessageTypeError, find_message_type, from_json, parse_json_inputs, to_json
+from kre_runner.streams import subject_in
+from kre_runner.testing import MemoryDB
+from kre_runner.workflow import WorkflowError, load_workflow
+
+
+def _yaml(tmp_path: Path, text: str) -> Path:
+    for name in ("a.py", "b.py"):
+        (tmp_path / name).write_text("def handler(ctx, data):\n    return None\n")
+    path = tmp_path / "wf.yaml"
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+def test_node_environment_is_what_the_manager_gives_each_pod(tmp_path):
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "c.py").write_text("def go(ctx, data):\n    return None\n")
+    wf = load_workflow(_yaml(tmp_path, """
+        workflow: greeter
+        runtime: rt
+        env: {KRT_LOG_LEVEL: DEBUG, KRT_MAX_INFLIGHT: 8}
+        nodes:
+          - {name: first, handler: a.py}
+          - {name: middle, handler: "sub/c.py:go", base_path: ., env: {KRT_HANDLER_THREADS: 2, X: true}}
+          - {name: last, handler: b.py, replicas: 2}
+    """))
+    assert wf.stream == "rt-v1-greeter" and wf.input_subject == "rt-v1-greeter.first"
+    first, middle, last = (wf.node_env(n, "nats://h:1") for n in wf.nodes)
+    assert first["KRT_NATS_INPUT"] == "rt-v1-greeter.first" and first["KRT_NATS_OUTPUT"] == "rt-v1-greeter.middle"
+    assert first["KRT_IS_LAST_NODE"] == "false" and first["KRT_BASE_PATH"] == str(tmp_path)
+    assert middle["KRT_HANDLER_PATH"] == "sub/c.py:go" and middle["KRT_BASE_PATH"] == str(tmp_path)
+    assert middle["KRT_HANDLER_THREADS"] == "2" and middle["X"] == "true" and middle["KRT_MAX_INFLIGHT"] == "8"
+    assert last["KRT_NATS_OUTPUT"] == "rt-v1-greeter.entrypoint" and last["KRT_IS_LAST_NODE"] == "true"
+    assert last["KRT_NATS_ENTRYPOINT_SUBJECT"] == "rt-v1-greeter.entrypoint"
+    assert {first["KRT_VERSION"], first["KRT_NATS_SERVER"], first["KRT_WORKFLOW_NAME"]} == {"v1", "nats://h:1",
+                                                                                            "greeter"}
+    assert wf.nodes[2].replicas == 2
+
+
+def test_every_problem_of_a_workflow_is_reported_at_once(tmp_path):
+    with pytest.raises(WorkflowError) as caught:
+        load_workflow(_yaml(tmp_path, """
+            workflow: my flow
+            extra: 1
+            nodes:
+              - {name: a, handler: a.py}
+              - {name: a, handler: b.py, replicas: -1, colour: red}
+              - {name: entrypoint, handler: nope.py}
+              - {handler: a.py}
+        """))
+    problems = caught.value.problems
+    assert "workflow: 'my flow' is invalid: expected letters, digits, - or _ (it names subjects)" in problems
+    assert any("unknown key 'extra'" in p for p in problems)
+    assert any("name 'a' is used twice" in p for p in problems)
+    assert any("node 'a': unknown key 'colour'" in p for p in problems)
+    assert any("node 'a': replicas: -1 is invalid" in p for p in problems)
+    assert any("nope.py does not exist" in p for p in problems)
+    assert any("cannot be called 'entrypoint'" in p for p in problems)
+    assert any("nodes[4].name: is missing" in p for p in problems)
+
+
+def test_json_inputs_are_one_value_or_json_lines():
+    assert parse_json_inputs('{"a": 1}', "--json") == [{"a": 1}]
+    assert parse_json_inputs('{\n  "a": 1\n}', "--json") == [{"a": 1}]  # pretty-printed is one value
+    assert parse_json_inputs('{"a": 1}\n\n{"a": 2}\n', "--json") == [{"a": 1}, {"a": 2}]
+    with pytest.raises(MessageTypeError, match="--file x line 2 is not valid JSON"):
+        parse_json_inputs('{"a": 1}\n{"a": \n', "--file x")
+
+
+def test_message_types_by_short_full_or_module_name_and_json_both_ways():
+    request = find_message_type("Request", [PROTOS])
+    assert find_message_type("greeter_pb2.Request", [PROTOS]) is request
+    message = from_json({"name": "Ann"}, request)
+    assert to_json(message) == '{"name": "Ann"}'
+    assert to_json(request()) == '{"name": ""}'  # every field shown, defaults included
+    from google.protobuf.any_pb2 import Any
+
+    packed = Any()
+    packed.Pack(message)
+    assert to_json(packed) == '{"name": "Ann"}'  # an Any of a known type is unpacked
+    packed.type_url = "type.googleapis.com/unknown.Thing"
+    assert to_json(packed).startswith('{"@type": "type.googleapis.com/unknown.Thing", "value": ')
+    with pytest.raises(MessageTypeError, match="no field named"):
+        from_json({"nam": "x"}, request)
+
+
+@pytest.mark.parametrize(("subject", "patterns", "captured"), [
+    ("s.a", ["s.*"], True), ("s.a.b", ["s.*"], False), ("s.a.b", ["s.>"], True), ("t.a", ["s.*"], False),
+    ("s", ["s.>"], False), ("s.a", ["x", "s.a"], True),
+])
+def test_subject_in(subject, patterns, captured):
+    assert subject_in(subject, patterns) is captured
+
+
+async def test_memory_db_finds_as_the_handler_expects():
+    db = MemoryDB()
+    for name, score in (("a", 2), ("b", 1), ("a", 3)):
+        await db.save("c", {"name": name, "score": score})
+    assert await db.find("c", {"name": "a"}, projection={"_id": 0, "score": 1}, sort=[("score", -1)]) == [
+        {"score": 3}, {"score": 2}]
+    assert await db.find("c", {"name": "a"}, sort="score", limit=1) == [{"name": "a", "score": 2}]
+    assert db["c"][1] == {"name": "b", "score": 1} and db["missing"] == []
+    with pytest.raises(ValueError, match="non-empty dict"):
+        await db.find("c", {})
+
+
+def test_scripts_test_says_how_to_provide_victoria_metrics_where_it_cannot_install_it(tmp_path):
+    """A machine without apt-get (macOS, other Linux): one line saying what to do, exit 1, no crash."""
+    import os
+    import shutil
+    import subprocess
+
+    bin_dir = tmp_path / "bin"  # what such a machine has: a shell and Python, no apt-get, no victoria-metrics
+    bin_dir.mkdir()
+    for tool in ("bash", "env", "dirname", "id", "python3"):
+        os.symlink(shutil.which(tool), bin_dir / tool)
+    script = Path(__file__).parents[1] / "scripts" / "test"
+    proc = subprocess.run([str(bin_dir / "bash"), str(script)], env={"PATH": str(bin_dir), "HOME": str(tmp_path)},
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1
+    assert proc.stderr.count("\n") == 1 and "victoria-metrics is not on PATH" in proc.stderr
+    assert "KRE_TEST_INFLUX_URL" in proc.stderr and "command not found" not in proc.stderr
