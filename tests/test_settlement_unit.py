@@ -14,15 +14,34 @@ ACK = "$JS.ACK.s.c.{delivered}.{seq}.{seq}.1763700000000000000.0"
 
 # --- credits -------------------------------------------------------------------------------------
 
-def test_an_idle_replica_asks_for_max_inflight_and_no_more():
+def _credits(max_inflight: int, **kwargs: int) -> Credits:
+    credits = Credits(max_inflight, **kwargs)
+    credits.careful = False  # past start: a first delivery came
+    return credits
+
+
+def test_at_start_and_after_a_redelivery_one_message_at_a_time():
     credits = Credits(256)
+    assert credits.careful
+    assert credits.want(held=0, waiting=0) == 1
+    credits.requested = 1
+    assert credits.want(held=0, waiting=0) == 0
+    credits.delivered(10)
+    assert credits.want(held=1, waiting=0) == 0  # that one is still being handled
+    assert credits.want(held=0, waiting=0) == 1
+    credits.careful = False  # the consumer saw a first delivery
+    assert credits.want(held=0, waiting=0) == 256
+
+
+def test_an_idle_replica_asks_for_max_inflight_and_no_more():
+    credits = _credits(256)
     assert credits.want(held=0, waiting=0) == 256
     credits.requested = 256
     assert credits.want(held=0, waiting=0) == 0
 
 
 def test_while_busy_it_asks_only_in_chunks_of_a_quarter():
-    credits = Credits(256)
+    credits = _credits(256)
     credits.requested, credits.running = 200, 56
     assert credits.want(held=56, waiting=0) == 0  # 256 - 56 - 200 = 0 free
     credits.requested = 150
@@ -32,14 +51,14 @@ def test_while_busy_it_asks_only_in_chunks_of_a_quarter():
 
 
 def test_messages_waiting_only_for_pub_acks_are_bounded_by_a_second_max_inflight():
-    credits = Credits(8)
+    credits = _credits(8)
     # No handler runs, but 16 inputs are held (their outputs wait for PubAcks): nothing more may come.
     assert credits.free(held=16, waiting=0) == 0 and credits.want(held=16, waiting=0) == 0
     assert credits.free(held=12, waiting=0) == 4
 
 
 def test_prefetch_holds_a_quarter_more_while_handlers_wait():
-    credits = Credits(64)
+    credits = _credits(64)
     credits.running = 64
     assert credits.free(held=64, waiting=0) == 0
     credits.handlers_wait(True)
@@ -50,9 +69,9 @@ def test_prefetch_holds_a_quarter_more_while_handlers_wait():
 
 
 def test_deliveries_and_ended_requests_return_credit():
-    credits = Credits(4)
+    credits = _credits(4)
     credits.requested = 4
-    credits.delivered()
+    credits.delivered(10)
     assert credits.requested == 3
     credits.request_ended(2)  # a request expired with 2 messages unused
     assert credits.requested == 1
@@ -61,12 +80,36 @@ def test_deliveries_and_ended_requests_return_credit():
     credits.requested = 3
     credits.request_ended(None)  # unknown: all of it (a reconnect, a 409)
     assert credits.requested == 0
-    credits.delivered()  # a message for a request we had given up on
+    credits.delivered(10)  # a message for a request we had given up on
     assert credits.requested == 0
 
 
+def test_bytes_held_and_asked_for_stay_within_the_byte_budget():
+    mib = 1024 * 1024
+    credits = _credits(256, max_bytes=16 * mib, message_bytes=mib)
+    assert credits.want(held=0, waiting=0) == 256 and credits.bytes_left() == 16 * mib
+    credits.requested, credits.requested_bytes = 256, 16 * mib  # one request carries the whole budget
+    for _ in range(16):
+        credits.delivered(mib - 100)  # envelopes of almost 1 MiB arrive
+    assert credits.held_bytes == 16 * (mib - 100)
+    credits.request_ended(240, 0)  # the server stopped at the request's max_bytes
+    assert credits.requested == 0 and credits.requested_bytes == 0
+    # Less than one largest message left: no request while anything is held, whatever the count allows.
+    assert credits.bytes_left() < mib and credits.want(held=16, waiting=0) == 0
+    for _ in range(10):
+        credits.settled(mib - 100)
+    assert credits.bytes_left() > 10 * mib and credits.want(held=6, waiting=0) == 256
+    credits.settled(6 * (mib - 100))
+    assert credits.held_bytes == 0
+
+
+def test_an_idle_replica_always_asks_even_with_a_small_budget():
+    credits = _credits(4, max_bytes=2 * 1024 * 1024, message_bytes=1024 * 1024)
+    assert credits.want(held=0, waiting=0) == 4
+
+
 def test_may_start_is_bounded_by_max_inflight():
-    credits = Credits(2)
+    credits = _credits(2)
     credits.running = 1
     assert credits.may_start()
     credits.running = 2

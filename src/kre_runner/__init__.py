@@ -5,15 +5,16 @@ from typing import TYPE_CHECKING, Any
 from .config import ConfigError, Settings
 
 if TYPE_CHECKING:
-    from .context import Context, ServiceNotConfigured
+    from .context import Context, Retry, ServiceNotConfigured
     from .sinks.mongo import DatabaseError
 
-__all__ = ["ConfigError", "Context", "DatabaseError", "ServiceNotConfigured", "Settings", "__version__"]
+__all__ = ["ConfigError", "Context", "DatabaseError", "Retry", "ServiceNotConfigured", "Settings", "__version__"]
 __version__ = "0.1.0"
 
 # Imported on first use: the pytest plugin (kre_runner.testing) loads this package in every pytest
 # run, which must not pay for nats-py, motor and protobuf.
-_LAZY = {"Context": ".context", "ServiceNotConfigured": ".context", "DatabaseError": ".sinks.mongo"}
+_LAZY = {"Context": ".context", "Retry": ".context", "ServiceNotConfigured": ".context",
+         "DatabaseError": ".sinks.mongo"}
 
 
 def __getattr__(name: str) -> Any:

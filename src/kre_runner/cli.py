@@ -88,6 +88,19 @@ def _parser() -> argparse.ArgumentParser:
         "create", help="create KRT_NATS_STREAM with subjects {stream}.* and interest retention, as the manager does")
     create.add_argument("--nats", metavar="URL", help="NATS server (default KRT_NATS_SERVER)")
     create.add_argument("--stream", help="stream name (default KRT_NATS_STREAM)")
+    dead = commands.add_parser(
+        "dead-letter", help="inspect and act on dead-lettered inputs (list, show, replay, purge)",
+        description="Inputs that failed on every delivery are kept in the dead-letter stream "
+                    "(KRT_DEAD_LETTER_STREAM, default {KRT_NATS_STREAM}-dead-letter). `replay` publishes them again "
+                    "to their input subject and removes them; `purge` removes them.")
+    dead.add_argument("action", choices=["list", "show", "replay", "purge"])
+    dead.add_argument("seq", nargs="*", type=int, help="dead-letter sequence numbers (show/replay/purge; "
+                                                      "replay and purge need them, or --all)")
+    dead.add_argument("--all", action="store_true", help="replay or purge every dead letter (of --node)")
+    dead.add_argument("--node", help="only this node's dead letters")
+    dead.add_argument("--nats", metavar="URL", help="NATS server (default KRT_NATS_SERVER)")
+    dead.add_argument("--stream", help="dead-letter stream (default KRT_DEAD_LETTER_STREAM, "
+                                       "else {KRT_NATS_STREAM}-dead-letter)")
     demo = commands.add_parser("demo", help="run the example workflow (examples/workflow.yaml) and send requests")
     demo.add_argument("--requests", type=int, default=500, help="requests to send (default 500)")
     demo.add_argument("--examples", default=None,
@@ -120,6 +133,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _tool("check", _check())
     if args.command == "stream":
         return _tool("stream create", _stream_create(args))
+    if args.command == "dead-letter":
+        return _tool("dead-letter", _dead_letter(args))
     if args.command == "mongo-writer":
         from .mongo_writer import WriterSettings, run_writer
 
@@ -321,6 +336,62 @@ async def _stream_create(args: argparse.Namespace) -> int:
     finally:
         await nc.close()
     print(f"stream {stream} {'created' if created else 'already exists'} (subjects {stream}.*, interest retention)")
+    return 0
+
+
+async def _dead_letter(args: argparse.Namespace) -> int:
+    import json
+
+    import nats as nats_client
+    from nats.js.errors import NotFoundError
+
+    from . import deadletter
+
+    url = args.nats or os.environ.get("KRT_NATS_SERVER", "").strip()
+    workflow_stream = os.environ.get("KRT_NATS_STREAM", "").strip()
+    stream = args.stream or os.environ.get("KRT_DEAD_LETTER_STREAM", "").strip() or (
+        f"{workflow_stream}-dead-letter" if workflow_stream else "")
+    if not url or not stream:
+        raise _UsageError("set KRT_NATS_SERVER and KRT_NATS_STREAM (or pass --nats URL --stream DEAD_LETTER_STREAM)")
+    if args.action in ("replay", "purge") and not args.seq and not args.all:
+        raise _UsageError(f"{args.action} needs dead-letter sequence numbers or --all")
+    try:
+        nc = await nats_client.connect(url.split(",")[0], connect_timeout=2, max_reconnect_attempts=1,
+                                       allow_reconnect=False)
+    except Exception as exc:
+        raise _Failure(f"cannot connect to NATS at {redact_url(url)}: {type(exc).__name__}: {exc}") from None
+    try:
+        js = nc.jetstream()
+        try:
+            letters = await deadletter.read(js, stream, args.node)
+        except NotFoundError:
+            raise _Failure(f"dead-letter stream {stream!r} does not exist: no node has dead-lettered anything "
+                           f"(or set KRT_DEAD_LETTER_STREAM / --stream)") from None
+        chosen = letters if (args.all or not args.seq) else [d for d in letters if d.seq in set(args.seq)]
+        missing = set(args.seq) - {d.seq for d in letters}
+        if missing:
+            raise _Failure(f"no dead letter {', '.join(map(str, sorted(missing)))} in {stream}")
+        for letter in chosen:
+            h = letter.headers
+            if args.action == "list":
+                print(f"{letter.seq:>6}  {h.get('Kre-Time', '?')}  {h.get('Kre-Node', '?')}  "
+                      f"{h.get('Kre-Subject', '?')} seq {h.get('Kre-Sequence', '?')}  "
+                      f"({h.get('Kre-Deliveries', '?')} deliveries): {h.get('Kre-Error', '')[:120]}")
+            elif args.action == "show":
+                envelope = letter.envelope()
+                print(json.dumps({"seq": letter.seq, "subject": letter.subject, "headers": h, "bytes": len(letter.data),
+                                  "tracking_id": envelope.tracking_id if envelope else None,
+                                  "payload_type": envelope.payload.type_url if envelope else None}, indent=2))
+            elif args.action == "replay":
+                await deadletter.replay(js, stream, letter)
+                print(f"replayed {letter.seq} to {h.get('Kre-Subject')}")
+            else:
+                await js.delete_msg(stream, letter.seq)
+                print(f"purged {letter.seq}")
+        if args.action == "list":
+            print(f"{len(chosen)} dead letter(s) in {stream}")
+    finally:
+        await nc.close()
     return 0
 
 

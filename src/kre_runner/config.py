@@ -61,6 +61,13 @@ VARIABLES: tuple[tuple[str, bool, str, str], ...] = (
      "are kept alive with in-progress acks", "30"),
     ("KRT_PUBLISH_TIMEOUT", False, "seconds to wait for an output's PubAck before retrying (default 5)", "5"),
     ("KRT_SHUTDOWN_GRACE", False, "seconds in-flight messages get to finish on SIGTERM (default 25)", "25"),
+    ("KRT_MAX_DELIVER", False, "handler attempts per input (default 5); then it is dead-lettered", "5"),
+    ("KRT_DEAD_LETTER_STREAM", False, "stream keeping dead-lettered inputs (default {KRT_NATS_STREAM}-dead-letter; "
+     "created if missing)", "demo-v1-greeter-dead-letter"),
+    ("KRT_MAX_INFLIGHT_BYTES", False, "bytes of input held in flight per replica, and asked for per pull request "
+     "(default 16777216); keeps large messages far below the server's slow-consumer limit", "16777216"),
+    ("KRT_MIGRATE_PUSH_CONSUMER", False, "take over the original runner's push consumer without a gap (default "
+     "true); false refuses to start instead", "true"),
     ("KRT_DELIVER_POLICY", False, "where a new consumer starts: new (as the original) or all (default new)",
      "new"),
     ("KRT_DB_TIMEOUT", False, "seconds a ctx.db / ctx.prediction call may take (default 5)", "5"),
@@ -111,12 +118,21 @@ class Settings:
     publish_timeout: float = 5.0
     shutdown_grace: float = 25.0
     deliver_policy: str = "new"
+    max_deliver: int = 5
+    dead_letter_stream: str = ""
+    max_inflight_bytes: int = 16 * 1024 * 1024
+    migrate_push_consumer: bool = True
     db_timeout: float = 5.0
     log_level: str = "INFO"
 
     @property
     def consumer_name(self) -> str:
         return consumer_name(self.version, self.node_name)
+
+    @property
+    def dead_letter_subject(self) -> str:
+        """Where this node's dead letters go: ``{dead-letter stream}.{node}``."""
+        return f"{self.dead_letter_stream}.{_NAME_UNSAFE_RE.sub('_', self.node_name)}"
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> Settings:
@@ -156,6 +172,13 @@ class Settings:
             ack_wait=reader.optional("KRT_ACK_WAIT", 30.0, _positive_float, "seconds > 0"),
             publish_timeout=reader.optional("KRT_PUBLISH_TIMEOUT", 5.0, _positive_float, "seconds > 0"),
             shutdown_grace=reader.optional("KRT_SHUTDOWN_GRACE", 25.0, _positive_float, "seconds > 0"),
+            max_deliver=reader.optional("KRT_MAX_DELIVER", 5, _positive_int, "an integer ≥ 1"),
+            dead_letter_stream=reader.optional("KRT_DEAD_LETTER_STREAM",
+                                               f"{env.get('KRT_NATS_STREAM', '').strip()}-dead-letter",
+                                               _parse_stream, "a stream name without . * > or spaces"),
+            max_inflight_bytes=reader.optional("KRT_MAX_INFLIGHT_BYTES", 16 * 1024 * 1024, _at_least(2 * 1024 * 1024),
+                                               "an integer ≥ 2097152 (two 1 MiB messages)"),
+            migrate_push_consumer=reader.optional("KRT_MIGRATE_PUSH_CONSUMER", True, _parse_bool, "true or false"),
             deliver_policy=reader.optional("KRT_DELIVER_POLICY", "new", _choice("new", "all"), "new or all"),
             db_timeout=reader.optional("KRT_DB_TIMEOUT", 5.0, _positive_float, "seconds > 0"),
             log_level=reader.optional("KRT_LOG_LEVEL", "INFO", _choice("DEBUG", "INFO", "WARNING", "ERROR"),
@@ -238,6 +261,16 @@ def _non_negative_int(raw: str) -> int:
     if value < 0:
         raise ValueError(raw)
     return value
+
+
+def _at_least(minimum: int) -> Callable[[str], int]:
+    def parse(raw: str) -> int:
+        value = int(raw)
+        if value < minimum:
+            raise ValueError(raw)
+        return value
+
+    return parse
 
 
 def _positive_float(raw: str) -> float:

@@ -38,13 +38,16 @@ from google.protobuf.any_pb2 import Any as AnyProto
 from google.protobuf.message import Message
 from nats.aio.client import Client
 from nats.aio.subscription import Subscription
+from nats.js.api import ConsumerInfo
+from nats.js.errors import NotFoundError
 
 from .config import Settings
-from .context import Context
+from .context import Context, Retry
 from .credits import Credits
+from .deadletter import DeadLetters
 from .envelope import EnvelopeError, KreNatsMessage, TrackingClock, decode
 from .handler import UserCode
-from .jetstream import SetupError, prepare
+from .jetstream import SetupError, prepare, recreate
 from .natsfast import Dispatcher, Wire, describe, probe
 from .outcome import Outcome, Outcomes
 from .publisher import PubAckPublisher
@@ -57,6 +60,8 @@ _HEARTBEAT = 5.0  # server heartbeat on an open pull request; 3 missed => reques
 _SLOW_INLINE_S = 0.5  # a sync handler slower than this should run in threads: say so once
 _WAITING_HANDLER_S = 0.001  # a handler call this long waited on something: keep messages at hand
 _INTERRUPTED = "interrupted before its outcome was published"
+_CONSUMER_CHECK_TICKS = 5  # seconds between looks at the consumer (ack floor, existence)
+_MISSING_LOG_EVERY = 30.0  # seconds between log lines while the stream or consumer is missing
 
 # The job whose handler is running in this task or handler thread (read by ctx.early_reply/early_exit).
 _current_job: contextvars.ContextVar[Job] = contextvars.ContextVar("kre_current_job")
@@ -86,11 +91,13 @@ class Consumer:
         self._wire = Wire(nc, self.fast_path)
         self._dispatcher = Dispatcher(nc, self.fast_path)
         self._publisher = PubAckPublisher(nc, self._dispatcher, self._wire, settings.publish_timeout, self._release)
-        self._settlement = Settlement(self._wire, logger, ack_wait=settings.ack_wait,
-                                      publish_timeout=settings.publish_timeout)
-        self._jobs = self._settlement.jobs  # started and not yet settled (settlement removes them)
         self._outcomes = Outcomes(settings, self._clock, logger)
-        self._credits = Credits(settings.max_inflight)
+        self._credits = Credits(settings.max_inflight, settings.max_inflight_bytes)
+        self._settlement = Settlement(self._wire, logger, ack_wait=settings.ack_wait,
+                                      publish_timeout=settings.publish_timeout, max_deliver=settings.max_deliver,
+                                      dead_letter=DeadLetters(settings, self._publisher, self._outcomes).send,
+                                      credits=self._credits)
+        self._jobs = self._settlement.jobs  # started and not yet settled (settlement removes them)
         self._pool = ThreadPoolExecutor(settings.handler_threads, "kre-handler") if settings.handler_threads else None
         self._inline = not code.handler_is_async and self._pool is None  # handler runs in the inbox route
         self._inline_job: Job | None = None  # the job whose inline (sync) handler is running
@@ -111,6 +118,10 @@ class Consumer:
         self._idle = asyncio.Event()
         self._idle.set()
         self._warned_slow = False
+        self._ack_floor: int | None = None  # the consumer's ack floor (stream seq) when last looked at
+        self._recovering: asyncio.Task[None] | None = None
+        self.bound = False  # the durable consumer exists and we pull from it (readiness)
+        self.consumer_info: ConsumerInfo | None = None  # refreshed every few seconds
 
     @property
     def processed(self) -> int:
@@ -128,6 +139,7 @@ class Consumer:
         """Check the stream, create or reuse the durable consumer, learn the publish limit."""
         self._log.info(describe(self.fast_path))
         self._outcomes.set_publish_limit(await prepare(self._nc, self._s, self._log))
+        self._credits.message_bytes = self._nc.max_payload
         self._log.info("consuming %s from stream %s with durable pull consumer %s (max in flight %d)",
                        self._s.input_subject, self._s.stream, self._s.consumer_name, self._s.max_inflight)
 
@@ -150,6 +162,7 @@ class Consumer:
         await self._publisher.start()
         self._inbox_sub = await self._dispatcher.subscribe(self._inbox, self._on_delivery)
         self._pulling = True
+        self.bound = True
         await self._pull()
         ticker = asyncio.create_task(self._tick())
         try:
@@ -160,6 +173,13 @@ class Consumer:
             await asyncio.gather(ticker, return_exceptions=True)
 
     async def on_reconnect(self) -> None:
+        """After a reconnect: PubAcks of publishes in flight are lost, and pull requests may be: again, at once."""
+        resent = await self._publisher.resend()
+        if resent:
+            self._log.info("reconnected: published again the %d outputs waiting for their PubAck", resent)
+        await self._renew_pulls()
+
+    async def _renew_pulls(self) -> None:
         """Pull requests may not have survived (a restarted server forgets them): ask again."""
         self._credits.request_ended(None)
         await self._pull()
@@ -173,32 +193,91 @@ class Consumer:
         want = self._credits.want(len(self._jobs), len(self._waiting))
         if not want:
             return
-        self._credits.requested += want
-        request = b'{"batch":%d,"expires":%d,"idle_heartbeat":%d}' % (want, _PULL_EXPIRES * 1e9, _HEARTBEAT * 1e9)
+        credits = self._credits
+        max_bytes = credits.bytes_left()
+        credits.requested += want
+        credits.requested_bytes += max_bytes
+        request = b'{"batch":%d,"max_bytes":%d,"expires":%d,"idle_heartbeat":%d}' % (
+            want, max_bytes, _PULL_EXPIRES * 1e9, _HEARTBEAT * 1e9)
         try:
             await self._wire.publish(self._pull_subject, request, self._inbox)
         except Exception as exc:
-            self._credits.requested -= want
+            credits.requested -= want
+            credits.requested_bytes -= max_bytes
             self._log.warning("pull request failed: %s", exc)
 
     async def _tick(self) -> None:
-        """Once a second: PubAck timeouts, keep-alives, lost pull requests."""
+        """Once a second: PubAck timeouts, keep-alives, lost pull requests; every few seconds, the consumer."""
+        ticks = 0
         while True:
             await asyncio.sleep(1.0)
+            ticks += 1
             try:
                 await self._publisher.expire()
                 now = time.monotonic()
                 if await self._settlement.keep_alive(now, [job for job, _ in self._waiting]):
                     self._settled()
+                if ticks % _CONSUMER_CHECK_TICKS == 0 and self._pulling:
+                    await self._check_consumer()
                 if self._pulling and self._credits.requested and now - self._last_seen > 3 * _HEARTBEAT:
                     self._log.warning("no heartbeat from the server for %.0fs: renewing pull requests",
                                       now - self._last_seen)
                     self._last_seen = now
-                    await self.on_reconnect()
+                    await self._check_consumer()
+                    await self._renew_pulls()
                 else:
                     await self._pull()
             except Exception:  # the ticker must survive anything, or timeouts stop being enforced
                 self._log.exception("periodic maintenance failed")
+
+    async def _check_consumer(self) -> None:
+        """Consumer info: its ack floor (where a recreated consumer starts), and whether it still exists."""
+        if self._recovering is not None or not self._nc.is_connected:
+            return
+        try:
+            info = await self._nc.jetstream().consumer_info(self._s.stream, self._s.consumer_name)
+        except NotFoundError:
+            self._consumer_lost("it no longer exists")
+            return
+        except Exception as exc:
+            self._log.debug("consumer info failed: %s", exc)
+            return
+        self.consumer_info = info
+        if info.ack_floor is not None:
+            self._ack_floor = info.ack_floor.stream_seq
+
+    def _consumer_lost(self, why: str) -> None:
+        if self._recovering is None and self._pulling:
+            self.bound = False
+            self._log.error("durable consumer %s on stream %s is gone (%s): recreating it", self._s.consumer_name,
+                            self._s.stream, why)
+            self._recovering = asyncio.create_task(self._recover())
+
+    async def _recover(self) -> None:
+        """Recreate the deleted consumer (or wait for its stream), then pull again."""
+        js = self._nc.jetstream()
+        start = None if self._ack_floor is None else self._ack_floor + 1
+        waited = 0.0
+        try:
+            while self._pulling:
+                try:
+                    if await recreate(js, self._s, self._log, start):
+                        break
+                    if waited % _MISSING_LOG_EVERY == 0:
+                        self._log.error("stream %s (KRT_NATS_STREAM) does not exist: waiting for it; the node is "
+                                        "not ready", self._s.stream)
+                    start = None  # a stream created again holds only new messages: take them all
+                except Exception as exc:
+                    if waited % _MISSING_LOG_EVERY == 0:
+                        self._log.error("cannot recreate consumer %s yet: %s", self._s.consumer_name, exc)
+                await asyncio.sleep(1.0)
+                waited += 1.0
+            else:
+                return
+            self.bound = True
+            await self._renew_pulls()
+        finally:
+            self._recovering = None
 
     def _on_status(self, headers: dict[str, str] | None) -> None:
         headers = headers or {}
@@ -206,13 +285,17 @@ class Consumer:
         if status == "100":
             return  # idle heartbeat
         pending = headers.get("Nats-Pending-Messages")
+        description = headers.get("Description", "")
         if pending is not None:
             # A request ended (expired, or the server could not fill it); return its unused credit.
-            self._credits.request_ended(int(pending))
-        elif status in ("408", "409"):
+            pending_bytes = headers.get("Nats-Pending-Bytes")
+            self._credits.request_ended(int(pending), None if pending_bytes is None else int(pending_bytes))
+        elif status in ("408", "409", "404"):
             self._credits.request_ended(None)
-        if status == "409" and "Exceeded" not in headers.get("Description", ""):
-            self._log.warning("pull request ended: %s %s", status, headers.get("Description", ""))
+        if status == "409" and "Consumer Deleted" in description:
+            self._consumer_lost("409 Consumer Deleted")
+        elif status == "409" and "Exceeded" not in description and "Batch Completed" not in description:
+            self._log.warning("pull request ended: %s %s", status, description)
 
     # ---------------------------------------------------------------- per message
 
@@ -224,9 +307,25 @@ class Consumer:
             await self._pull()
             return
         credits = self._credits
-        credits.delivered()
-        job = self._new_job(reply)
-        if not credits.may_start():
+        credits.delivered(len(data))
+        # Nats-Msg-Id = {node}:{stream}:{stream sequence}, read off the ack subject
+        # $JS.ACK.<stream>.<consumer>.<delivered>.<stream seq>.<consumer seq>.<time>.<pending>.
+        if reply.startswith(self._ack_prefix):
+            delivered, seq, _ = reply[self._ack_prefix_len:].split(".", 2)
+            job = Job(reply, self._msg_id_prefix + seq, self._last_seen, data)
+        else:  # the longer form with a JetStream domain and account
+            stream, sequence, count = parse_ack_subject(reply)
+            delivered = str(count)
+            job = Job(reply, f"{self._node_id}:{stream}:{sequence}", self._last_seen, data)
+        if delivered != "1":
+            credits.careful = True
+            if await self._redelivered(job, int(delivered)):
+                delivered = ""  # settled without running the handler
+        elif credits.careful:
+            credits.careful = False
+        if not delivered:
+            pass
+        elif not credits.may_start():
             self._waiting.append((job, data))
         elif not self._inline:
             self._start(job, data)
@@ -264,7 +363,7 @@ class Consumer:
         try:
             result = self._code.handler(self._ctx, envelope.payload)
         except Exception as exc:
-            return self._outcomes.failed(job, envelope, exc, start)
+            return self._failed(job, envelope, exc, start)
         finally:
             self._inline_job = None
         end = now()
@@ -274,20 +373,19 @@ class Consumer:
             self._record_elapsed(envelope, start[0], end[0])
         return self._outcomes.output(job, envelope, result, start, end)
 
-    def _new_job(self, reply: str) -> Job:
-        # Nats-Msg-Id = {node}:{stream}:{stream sequence}, read off the ack subject
-        # $JS.ACK.<stream>.<consumer>.<delivered>.<stream seq>.<consumer seq>.<time>.<pending>.
-        if reply.startswith(self._ack_prefix):
-            delivered, seq, _ = reply[self._ack_prefix_len:].split(".", 2)
-            msg_id = self._msg_id_prefix + seq
-        else:  # the longer form with a JetStream domain and account
-            stream, sequence, count = parse_ack_subject(reply)
-            delivered = str(count)
-            msg_id = f"{self._node_id}:{stream}:{sequence}"
-        job = Job(reply, msg_id, self._last_seen)
-        if delivered != "1":
-            self._log.info("input seq %d redelivered (delivery %s)", job.seq, delivered)
-        return job
+    async def _redelivered(self, job: Job, delivered: int) -> bool:
+        """A redelivery: settle it here when running the handler again would be wrong; True if so."""
+        self._log.info("input seq %d redelivered (delivery %d)", job.seq, delivered)
+        if await self._settlement.acked_before(job):
+            return True
+        if self._settlement.out_of_deliveries(delivered):
+            job.failed = (f"the handler ran {self._s.max_deliver} times (KRT_MAX_DELIVER) with no outcome: the "
+                          f"process died or hung on it, or its acks were lost")
+            self._jobs.add(job)
+            job.done = time.monotonic()
+            await self._release(job)  # settlement dead-letters it
+            return True
+        return False
 
     def _start(self, job: Job, data: bytes) -> None:
         """Take a slot and start a worker on this input (async handlers, or sync ones in threads)."""
@@ -346,7 +444,7 @@ class Consumer:
         try:
             result = await self._call_handler(envelope.payload)
         except Exception as exc:
-            return self._outcomes.failed(job, envelope, exc, start)
+            return self._failed(job, envelope, exc, start)
         finally:
             _current_job.reset(token)
         end = now()
@@ -362,6 +460,14 @@ class Consumer:
         assert self._pool is not None  # sync handlers not run inline run in the pool
         call = contextvars.copy_context().run
         return await asyncio.get_running_loop().run_in_executor(self._pool, call, code.handler, self._ctx, payload)
+
+    def _failed(self, job: Job, envelope: KreNatsMessage, exc: Exception, start: tuple[float, str]) -> Outcome:
+        """The handler raised: an error envelope, or for ``Retry`` nothing now and a retry later."""
+        if isinstance(exc, Retry):
+            job.failed = f"the handler asked for a retry: {exc or 'Retry'}"
+            job.retry_delay = exc.delay
+            return None
+        return self._outcomes.failed(job, envelope, exc, start)
 
     def _internal_error(self, job: Job, exc: Exception) -> str:
         """Building or publishing an outcome failed in a way the outcome builders could not absorb."""
@@ -450,6 +556,8 @@ class Consumer:
             await self._settlement.hand_back(job, "shutdown grace over")
             if job.task is not None:
                 job.task.cancel()
+        if self._recovering is not None:
+            self._recovering.cancel()
         await self._publisher.close()
         if self._pool is not None:
             self._pool.shutdown(wait=False, cancel_futures=True)

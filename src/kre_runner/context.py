@@ -9,11 +9,26 @@ from typing import Any
 
 from google.protobuf.message import Message
 
-__all__ = ["Context", "ServiceNotConfigured"]
+__all__ = ["Context", "Retry", "ServiceNotConfigured"]
 
 
 class ServiceNotConfigured(RuntimeError):
     """A handler used a service whose settings were left out."""
+
+
+class Retry(Exception):
+    """Raise from a handler for a transient failure (a database or GPU briefly unavailable).
+
+    The input is not answered with an error: it is handed back and handled again after ``delay``
+    seconds. After ``KRT_MAX_DELIVER`` deliveries in all it is dead-lettered instead, and the
+    entrypoint gets an error envelope.
+    """
+
+    def __init__(self, reason: str = "", *, delay: float = 1.0) -> None:
+        if not delay >= 0:
+            raise ValueError(f"Retry(delay=...) must be ≥ 0 seconds, got {delay!r}")
+        super().__init__(reason)
+        self.delay = float(delay)
 
 
 class _Unconfigured:

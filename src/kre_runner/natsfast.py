@@ -151,11 +151,14 @@ class Wire:
         self._nc = nc
         self._fast = (path or probe(nc)).send
 
-    async def publish(self, subject: str, payload: bytes, reply: str = "", msg_id: str | None = None) -> None:
+    async def publish(self, subject: str, payload: bytes, reply: str = "", msg_id: str | None = None,
+                      headers: dict[str, str] | None = None) -> None:
+        """Publish; ``headers`` (rare: dead letters) go through the public API."""
         nc = self._nc
-        if not self._fast or not nc.is_connected:
+        if not self._fast or not nc.is_connected or headers is not None:
             # Reconnecting: the public API applies nats-py's buffering limits and closed-state errors.
-            headers = {"Nats-Msg-Id": msg_id} if msg_id is not None else None
+            if msg_id is not None:
+                headers = {**(headers or {}), "Nats-Msg-Id": msg_id}
             await nc.publish(subject, payload, reply=reply, headers=headers)
             return
         size = len(payload)

@@ -51,6 +51,10 @@ class Outcomes:
         self.errors = 0  # error envelopes built for this node's own failures
         self.passed_errors = 0  # inputs that already carried an error
 
+    def now(self) -> str:
+        """The current time as a tracking timestamp."""
+        return self._clock.now()[1]
+
     def set_publish_limit(self, max_bytes: int) -> None:
         """The server's or output stream's message size limit, less room for headers."""
         self.limit = max_bytes - _HEADER_ROOM

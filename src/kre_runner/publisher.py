@@ -40,33 +40,61 @@ class PubAckPublisher:
         self._prefix = nc.new_inbox() + "."
         self._prefix_len = len(self._prefix)
         self._counter = 0
-        # token -> (deadline, owner); insertion order is deadline order (one fixed timeout).
-        self._waiting: dict[str, tuple[float, Any]] = {}
+        # token -> (deadline, owner, what was published); insertion order is deadline order (one fixed
+        # timeout). What was published is kept to send it again at once after a reconnect.
+        self._waiting: dict[str, tuple[float, Any, _Sent]] = {}
         self._sub: Subscription | None = None
 
     async def start(self) -> None:
         self._sub = await self._dispatcher.subscribe(self._prefix + "*", self._on_puback)
 
-    async def publish(self, subject: str, data: bytes, msg_id: str, owner: Any) -> None:
+    async def publish(self, subject: str, data: bytes, msg_id: str, owner: Any,
+                      headers: dict[str, str] | None = None) -> None:
         """Publish ``data``; its outcome is reported later for ``owner``."""
         self._counter += 1
         token = str(self._counter)
-        self._waiting[token] = (time.monotonic() + self._timeout, owner)
+        self._waiting[token] = (time.monotonic() + self._timeout, owner, (subject, data, msg_id, headers))
         try:
-            await self._wire.publish(subject, data, self._prefix + token, msg_id)
+            await self._wire.publish(subject, data, self._prefix + token, msg_id, headers)
         except Exception as exc:  # disconnected with a full buffer, payload too large, ...
             self._waiting.pop(token, None)
             await self._on_stored(owner, f"publish to {subject} failed: {type(exc).__name__}: {exc}")
+
+    @property
+    def pending(self) -> int:
+        """Publishes waiting for their PubAck."""
+        return len(self._waiting)
 
     async def expire(self) -> None:
         """Fail every publish whose PubAck is overdue (called about once a second)."""
         now = time.monotonic()
         while self._waiting:
-            token, (deadline, owner) = next(iter(self._waiting.items()))
+            token, (deadline, owner, _) = next(iter(self._waiting.items()))
             if deadline > now:
                 break
             del self._waiting[token]
             await self._on_stored(owner, f"no PubAck within {self._timeout:g}s")
+
+    async def resend(self) -> int:
+        """After a reconnect: publish again, at once, everything still waiting for a PubAck.
+
+        PubAcks of publishes in flight when the connection dropped can never arrive; waiting for
+        the timeout would leave their inputs (and the credit they hold) idle. The same
+        ``Nats-Msg-Id`` goes with each, so the stream drops what it had already stored.
+        """
+        waiting = list(self._waiting.items())
+        deadline = time.monotonic() + self._timeout
+        for token, (_, owner, sent) in waiting:
+            if self._waiting.pop(token, None) is None:
+                continue  # its PubAck came meanwhile
+            self._waiting[token] = (deadline, owner, sent)  # at the end: deadline order holds
+            subject, data, msg_id, headers = sent
+            try:
+                await self._wire.publish(subject, data, self._prefix + token, msg_id, headers)
+            except Exception as exc:
+                if self._waiting.pop(token, None) is not None:
+                    await self._on_stored(owner, f"publish to {subject} failed: {type(exc).__name__}: {exc}")
+        return len(waiting)
 
     async def close(self) -> None:
         if self._sub is not None:
@@ -79,6 +107,10 @@ class PubAckPublisher:
             return  # already timed out and retried
         # A PubAck is {"stream":..,"seq":..[,"duplicate":true]}; only failures carry "error".
         await self._on_stored(entry[1], None if data and b'"error"' not in data else _puback_error(data, headers))
+
+
+# (subject, data, Nats-Msg-Id, other headers) of one publish.
+_Sent = tuple[str, bytes, str, "dict[str, str] | None"]
 
 
 def _puback_error(data: bytes, headers: dict[str, str] | None) -> str:

@@ -10,6 +10,14 @@ settled, exactly once (``Job.settled``):
 * ``-NAK`` with a delay growing with the delivery count — a publish failed or its PubAck did not
   come in time, or the pipeline was interrupted before its outcome was published: retried, and
   the redelivery republishes with the same ``Nats-Msg-Id``, so the stream drops the duplicate;
+  with the handler's own delay when it raised ``kre_runner.Retry``;
+* dead-lettered, then ``+TERM`` — the input failed so on its ``KRT_MAX_DELIVER``-th delivery, or
+  arrives for a further delivery (the process died or hung on it every time): a copy goes to the
+  dead-letter stream and an error envelope to the entrypoint; once both are stored it is
+  terminated (never delivered again). If they cannot be stored it is nakked and tried again;
+* ``+ACK`` at once, without running the handler — a redelivered input this node acked recently (a
+  restarted server that lost recent ack state): running it again would duplicate its output once
+  the stream has forgotten its ``Nats-Msg-Id``;
 * ``-NAK`` at once (:meth:`Settlement.hand_back`) — the node is stopping: a message that never
   started, or one still running when the shutdown grace ran out, goes to another replica now
   rather than after the ack wait;
@@ -25,30 +33,39 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 
+from .credits import Credits
 from .envelope import KreNatsMessage
 from .natsfast import Wire
 
-__all__ = ["Job", "Settlement", "parse_ack_subject"]
+__all__ = ["Job", "Settlement", "nak_delay", "parse_ack_subject"]
 
 _ACK = b"+ACK"
 _IN_PROGRESS = b"+WPI"
 _HAND_BACK = b"-NAK"
+_TERMINATE = b"+TERM"
 _NAK_DELAYS = (0.5, 1, 2, 5, 10, 30)  # seconds, by delivery count, for inputs whose outcome was not stored
+_ACK_MEMORY = 32768  # inputs acked recently, remembered per generation (two generations)
+
+# Publishes the dead-letter copy and error envelope of a job (one reference each), see deadletter.py.
+DeadLetter = Callable[["Job", str], Awaitable[None]]
 
 
 class Job:
     """One input message from delivery to settlement."""
 
-    __slots__ = ("ack_subject", "done", "early_exit", "envelope", "failed", "msg_id", "refs", "replied",
-                 "settled", "task", "touched")
+    __slots__ = ("ack_subject", "data", "dead_letter", "done", "early_exit", "envelope", "failed", "msg_id", "refs",
+                 "replied", "retry_delay", "settled", "task", "touched")
 
-    def __init__(self, ack_subject: str, msg_id: str, now: float) -> None:
+    def __init__(self, ack_subject: str, msg_id: str, now: float, data: bytes = b"") -> None:
         self.ack_subject = ack_subject
         self.msg_id = msg_id  # Nats-Msg-Id of its output: the same for every delivery of the input
+        self.data = data  # the input as delivered (its size counts against KRT_MAX_INFLIGHT_BYTES)
         self.refs = 1  # the handler's own reference
-        self.failed: str | None = None  # why a publish was not stored
+        self.failed: str | None = None  # why its outcome was not stored, or why it must be retried
+        self.retry_delay: float | None = None  # the handler's Retry(delay=...)
+        self.dead_letter = False  # being dead-lettered: its publishes are the copy and the error envelope
         self.envelope: KreNatsMessage | None = None
         self.replied = False  # ctx.early_reply succeeded
         self.early_exit = False  # ctx.early_exit() was called
@@ -70,14 +87,25 @@ class Job:
 class Settlement:
     """Acks, naks and keep-alives of one consumer. ``jobs``: the inputs being handled or published."""
 
-    def __init__(self, wire: Wire, logger: logging.Logger, *, ack_wait: float, publish_timeout: float) -> None:
+    def __init__(self, wire: Wire, logger: logging.Logger, *, ack_wait: float, publish_timeout: float,
+                 max_deliver: int = 0, dead_letter: DeadLetter | None = None, credits: Credits | None = None) -> None:
         self._wire = wire
         self._log = logger
         self._keepalive_after = ack_wait / 2
         self._publish_timeout = publish_timeout
+        self._max_deliver = max_deliver  # 0: no limit
+        self._dead_letter = dead_letter
         self.jobs: set[Job] = set()  # added by the consumer when a handler starts, removed here
         self.acked = 0
         self.nakked = 0
+        self.dead_lettered = 0
+        self._credits = credits or Credits(1)  # settling an input frees the bytes it held
+        self._acked_now: set[str] = set()  # Nats-Msg-Ids of inputs acked recently, in two generations
+        self._acked_before: set[str] = set()
+
+    def out_of_deliveries(self, delivered: int) -> bool:
+        """Whether a delivery this late only moves the input to the dead letters (its handler had its chances)."""
+        return 0 < self._max_deliver < delivered
 
     async def release(self, job: Job, error: str | None = None) -> bool:
         """Drop one reference (``error``: why its part failed, None if it succeeded); True if this settled the input."""
@@ -86,21 +114,56 @@ class Settlement:
         job.refs -= 1
         if job.refs or job.settled:
             return False
-        job.settled = True
-        self.jobs.discard(job)
         if job.failed is None:
-            self.acked += 1
-            command = _ACK
+            command = _TERMINATE if job.dead_letter else _ACK
+            if job.dead_letter:
+                self.dead_lettered += 1
+            else:
+                self.acked += 1
+                self._remember(job.msg_id)
+        elif not job.dead_letter and self._dead_letter is not None and job.delivered >= self._max_deliver > 0:
+            # Out of deliveries: the dead-letter copy and error envelope hold the job until stored.
+            job.dead_letter, reason, job.failed = True, job.failed, None
+            self._log.error("input seq %d failed on all %d deliveries: dead-lettering it: %s", job.seq,
+                            job.delivered, reason)
+            job.refs = 1
+            await self._dead_letter(job, reason)
+            return await self.release(job)
         else:
             self.nakked += 1
-            delay = _NAK_DELAYS[min(job.delivered, len(_NAK_DELAYS)) - 1]
+            delay = job.retry_delay
+            if delay is None:
+                delay = nak_delay(job.delivered)
             self._log.warning("input seq %d will be retried in %gs: %s", job.seq, delay, job.failed)
             command = b'-NAK {"delay": %d}' % int(delay * 1e9)
+        job.settled = True
+        self.jobs.discard(job)
+        self._credits.settled(len(job.data))
         try:
             await self._wire.publish(job.ack_subject, command)
         except Exception as exc:
             self._lost(job, command, exc)
         return True
+
+    async def acked_before(self, job: Job) -> bool:
+        """A redelivered input this node acked recently: ack it again, at once; True if so."""
+        if job.msg_id not in self._acked_now and job.msg_id not in self._acked_before:
+            return False
+        self._log.warning("input seq %d was acked already (the server lost its ack state?): acking it again "
+                          "without running the handler", job.seq)
+        job.settled = True
+        self._credits.settled(len(job.data))
+        try:
+            await self._wire.publish(job.ack_subject, _ACK)
+        except Exception as exc:
+            self._lost(job, _ACK, exc)
+        return True
+
+    def _remember(self, msg_id: str) -> None:
+        acked = self._acked_now
+        acked.add(msg_id)
+        if len(acked) >= _ACK_MEMORY:
+            self._acked_before, self._acked_now = acked, set()
 
     async def hand_back(self, job: Job, why: str) -> None:
         """The node is stopping: give an unsettled input to another replica now (``why`` is logged)."""
@@ -108,6 +171,7 @@ class Settlement:
             return
         job.settled = True
         self.jobs.discard(job)
+        self._credits.settled(len(job.data))
         self.nakked += 1
         self._log.warning("returning input seq %d for redelivery: %s", job.seq, why)
         try:
@@ -143,6 +207,11 @@ class Settlement:
     def _lost(self, job: Job, command: bytes, exc: Exception) -> None:
         self._log.warning("could not send %s for input seq %d (redelivered after the ack wait; its output is "
                           "not duplicated): %s", command[:4].decode(), job.seq, exc)
+
+
+def nak_delay(delivered: int) -> float:
+    """Seconds before an input whose outcome was not stored on its ``delivered``-th delivery is retried."""
+    return _NAK_DELAYS[min(delivered, len(_NAK_DELAYS)) - 1]
 
 
 def parse_ack_subject(reply: str) -> tuple[str, int, int]:

@@ -1,0 +1,132 @@
+"""Dead letters: inputs that failed on every delivery, kept until someone acts on them.
+
+When an input runs out of deliveries (``KRT_MAX_DELIVER``; see settlement.py), the node publishes
+a copy of it, as delivered, to ``{KRT_DEAD_LETTER_STREAM}.{node}`` with headers saying where it
+came from and why it failed, and an error envelope for its ``tracking_id`` to the entrypoint;
+once both are stored the input is terminated. The dead-letter stream has *limits* retention (not
+the workflow stream's interest retention, under which a subject nobody consumes keeps nothing), so
+the copies stay until an operator lists, replays or purges them with ``kre-runner dead-letter``.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from datetime import datetime, timezone
+
+from nats.js import JetStreamContext
+from nats.js.api import RetentionPolicy, StorageType, StreamConfig
+from nats.js.errors import NotFoundError
+
+from .config import Settings
+from .envelope import EnvelopeError, KreNatsMessage, decode
+from .outcome import Outcomes
+from .publisher import PubAckPublisher
+from .settlement import Job, parse_ack_subject
+
+__all__ = ["HEADERS", "DeadLetter", "DeadLetters", "ensure_stream", "read", "replay"]
+
+# Headers of a dead letter: what an operator needs to find the input's origin and the failure.
+HEADERS = ("Kre-Subject", "Kre-Stream", "Kre-Sequence", "Kre-Deliveries", "Kre-Node", "Kre-Error", "Kre-Time")
+
+
+class DeadLetters:
+    """Sends a node's dead letters (settlement.py calls :meth:`send` with the job's reference held)."""
+
+    def __init__(self, settings: Settings, publisher: PubAckPublisher, outcomes: Outcomes) -> None:
+        self._s = settings
+        self._publisher = publisher
+        self._outcomes = outcomes
+
+    async def send(self, job: Job, reason: str) -> None:
+        """Publish the copy and the error envelope, each holding one reference of ``job`` until stored."""
+        stream, seq, delivered = parse_ack_subject(job.ack_subject)
+        headers = {
+            "Kre-Subject": self._s.input_subject,
+            "Kre-Stream": stream,
+            "Kre-Sequence": str(seq),
+            "Kre-Deliveries": str(delivered),
+            "Kre-Node": self._s.node_name,
+            "Kre-Error": reason.replace("\r", " ").replace("\n", " ")[:2000],
+            "Kre-Time": datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+        }
+        job.refs += 1
+        await self._publisher.publish(self._s.dead_letter_subject, job.data, f"{job.msg_id}:dead-letter", job, headers)
+        envelope = job.envelope
+        if envelope is None:
+            try:
+                envelope = decode(job.data)
+            except EnvelopeError:
+                envelope = KreNatsMessage()
+        error = self._outcomes.error(job, envelope, f"dead-lettered after {delivered} deliveries: {reason}",
+                                     self._outcomes.now())
+        if error is not None:
+            job.refs += 1
+            await self._publisher.publish(error[0], error[1], job.msg_id, job)
+
+
+async def ensure_stream(js: JetStreamContext, settings: Settings, logger: logging.Logger) -> None:
+    """Create the dead-letter stream when it is missing (a warning, not a failure, if that is not allowed)."""
+    name = settings.dead_letter_stream
+    try:
+        await js.stream_info(name)
+        return
+    except NotFoundError:
+        pass
+    try:
+        await js.add_stream(StreamConfig(name=name, subjects=[f"{name}.>"], retention=RetentionPolicy.LIMITS,
+                                         storage=StorageType.FILE))
+        logger.info("created dead-letter stream %s (subjects %s.>)", name, name)
+    except Exception as exc:
+        logger.warning("dead-letter stream %s is missing and cannot be created (%s): inputs that run out of "
+                       "deliveries will be retried until it exists (KRT_DEAD_LETTER_STREAM)", name, exc)
+
+
+@dataclass(frozen=True)
+class DeadLetter:
+    """One stored dead letter."""
+
+    seq: int  # in the dead-letter stream
+    subject: str
+    headers: dict[str, str]
+    data: bytes
+    time: datetime
+
+    def envelope(self) -> KreNatsMessage | None:
+        try:
+            return decode(self.data)
+        except EnvelopeError:
+            return None
+
+
+async def read(js: JetStreamContext, stream: str, node: str | None = None) -> list[DeadLetter]:
+    """Every dead letter in ``stream`` (of ``node`` when given), oldest first."""
+    info = await js.stream_info(stream)
+    letters = []
+    for seq in range(info.state.first_seq, info.state.last_seq + 1):
+        try:
+            msg = await js.get_msg(stream, seq)
+        except NotFoundError:
+            continue  # purged or replayed
+        headers = dict(msg.headers or {})
+        if node is not None and headers.get("Kre-Node") != node:
+            continue
+        letters.append(DeadLetter(seq=msg.seq or seq, subject=msg.subject or "", headers=headers,
+                                  data=msg.data or b"", time=_parse_time(headers.get("Kre-Time", ""))))
+    return letters
+
+
+async def replay(js: JetStreamContext, stream: str, letter: DeadLetter) -> None:
+    """Publish the input again to its original subject (stored, checked), then remove the dead letter."""
+    subject = letter.headers.get("Kre-Subject")
+    if not subject:
+        raise ValueError(f"dead letter {letter.seq} has no Kre-Subject header: cannot tell where to replay it")
+    await js.publish(subject, letter.data)
+    await js.delete_msg(stream, letter.seq)
+
+
+def _parse_time(text: str) -> datetime:
+    try:
+        return datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        return datetime.fromtimestamp(0, timezone.utc)
