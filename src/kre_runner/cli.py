@@ -78,7 +78,9 @@ def _serve(command: str, load: Callable[[Mapping[str, str]], Any],
     except ConfigError as exc:
         print(f"kre-runner {command}: {exc}", file=sys.stderr)
         return 2
-    logger = configure_logging(settings.log_level)
+    logger = configure_logging(settings.log_level, getattr(settings, "log_format", "text"),
+                               {"node": settings.node_name, "workflow": settings.workflow_name}
+                               if isinstance(settings, Settings) else {"service": command})
 
     async def serve() -> None:
         stop = asyncio.Event()

@@ -53,7 +53,7 @@ def _node_env(nats_url: str, examples: Path, node: str, handler: str, output: st
         "KRT_NATS_STREAM": STREAM, "KRT_NATS_INPUT": f"{STREAM}.{node}", "KRT_NATS_OUTPUT": output,
         "KRT_NATS_ENTRYPOINT_SUBJECT": ENTRYPOINT, "KRT_BASE_PATH": str(examples / "greeter"),
         "KRT_HANDLER_PATH": handler, "KRT_IS_LAST_NODE": "true" if last else "false",
-        "KRT_SHUTDOWN_GRACE": "5",
+        "KRT_SHUTDOWN_GRACE": "5", "KRT_HTTP_PORT": "0",  # three nodes on one host: no probes needed
     })
     return env
 
