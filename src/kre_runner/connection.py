@@ -100,30 +100,45 @@ async def connect(servers: tuple[str, ...], logger: logging.Logger, *, name: str
         if on_reconnect is not None:
             await on_reconnect()
 
+    hopeless = asyncio.Event()
+
     async def error(exc: Exception) -> None:
         if not connected:
             errors.append(exc)  # the first connect's failures explain themselves at the end, in one line
+            # After a certificate it cannot verify, nats-py neither retries nor gives up (it hangs): a TLS
+            # failure will not heal by itself within a start, so it ends the first connect at once.
+            if isinstance(exc, ssl.SSLError):
+                hopeless.set()
             return
         logger.warning("NATS: %s: %s", type(exc).__name__, _reason(exc))
 
     connect_timeout = 2.0
+    attempt = asyncio.ensure_future(nats.connect(
+        servers=list(servers),
+        name=name,
+        connect_timeout=connect_timeout,
+        allow_reconnect=True,
+        # Bounded for the first connection (pods start in any order, but a wrong URL must fail)...
+        max_reconnect_attempts=attempts,
+        reconnect_time_wait=0.5,
+        skip_subject_validation=True,  # every subject was validated once, in config
+        disconnected_cb=disconnected,
+        reconnected_cb=reconnected,
+        error_cb=error,
+        **options,
+    ))
+    gave_up = asyncio.ensure_future(hopeless.wait())
     try:
-        # nats-py bounds the attempts, but a TLS handshake that fails is retried by some versions without
-        # counting: bound the whole first connect too.
-        client = await asyncio.wait_for(nats.connect(
-            servers=list(servers),
-            name=name,
-            connect_timeout=connect_timeout,
-            allow_reconnect=True,
-            # Bounded for the first connection (pods start in any order, but a wrong URL must fail)...
-            max_reconnect_attempts=attempts,
-            reconnect_time_wait=0.5,
-            skip_subject_validation=True,  # every subject was validated once, in config
-            disconnected_cb=disconnected,
-            reconnected_cb=reconnected,
-            error_cb=error,
-            **options,
-        ), timeout=attempts * (connect_timeout + 0.5) * max(1, len(servers)) + 5)
+        await asyncio.wait({attempt, gave_up}, return_when=asyncio.FIRST_COMPLETED,
+                           timeout=attempts * (connect_timeout + 0.5) * max(1, len(servers)) + 5)
+    finally:
+        gave_up.cancel()
+    if not attempt.done():
+        attempt.cancel()
+        await asyncio.gather(attempt, return_exceptions=True)
+        raise StartupError(_connect_failure(shown, auth, [*errors, TimeoutError("gave up")]))
+    try:
+        client = attempt.result()
     except Exception as exc:  # nats-py raises several types for an unreachable server
         raise StartupError(_connect_failure(shown, auth, [*errors, exc])) from None
     connected = True
@@ -147,8 +162,7 @@ def _connect_failure(shown: str, auth: NatsAuth, errors: list[BaseException]) ->
     verify = next((e for e in errors if isinstance(e, ssl.SSLCertVerificationError)), None)
     if verify is not None:
         return (f"cannot verify the TLS certificate of NATS at {shown}: {verify.verify_message or _reason(verify)}: "
-                f"set KRT_NATS_TLS_CA to the CA that signed it (KRT_NATS_TLS_CA="
-                f"{auth.tls_ca or 'unset'})")
+                f"set KRT_NATS_TLS_CA to the CA that signed it (now {auth.tls_ca or 'unset: system CAs'})")
     tls = next((e for e in errors if isinstance(e, ssl.SSLError)), None)
     if tls is not None:
         return (f"TLS with NATS at {shown} failed: {_reason(tls)}: check KRT_NATS_TLS_CA, and KRT_NATS_TLS_CERT/"

@@ -137,6 +137,10 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(line, ensure_ascii=False, default=str)
 
 
+def _drop_ssl_eof_warning(record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith("returning true from eof_received()")
+
+
 def configure_logging(level: str = "INFO", fmt: str = "text",
                       fields: Mapping[str, str] | None = None) -> logging.Logger:
     """Configure the root logger once for the process and return kre-runner's logger.
@@ -151,6 +155,8 @@ def configure_logging(level: str = "INFO", fmt: str = "text",
     root.setLevel("WARNING" if level == "WARN" else level)
     # nats-py logs every reconnect attempt at ERROR with a traceback; our callbacks say it in one line.
     logging.getLogger("nats.aio.client").setLevel(logging.CRITICAL)
+    # asyncio warns on every TLS connection nats-py closes; it says nothing about the node.
+    logging.getLogger("asyncio").addFilter(_drop_ssl_eof_warning)
     # aiohttp logs each probe request at INFO; only its errors matter here.
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
     return logging.getLogger("kre_runner")
