@@ -61,7 +61,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "demo":
         from .demo import run_demo
 
-        return asyncio.run(run_demo(args.requests, args.examples, services=not args.no_services))
+        try:
+            return asyncio.run(run_demo(args.requests, args.examples, services=not args.no_services))
+        except FileNotFoundError as exc:  # nats-server (the demo extra) or the examples are missing
+            print(f"kre-runner demo: {exc}", file=sys.stderr)
+            return 1
     if args.command == "mongo-writer":
         from .mongo_writer import WriterSettings, run_writer
 
