@@ -158,7 +158,8 @@ def _write(path: Path, data: bytes) -> Path:
 
 def _validity(builder: x509.CertificateBuilder) -> x509.CertificateBuilder:
     now = datetime.datetime.now(datetime.timezone.utc)
-    return builder.not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
+    day = datetime.timedelta(days=1)
+    return builder.not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + day)
 
 
 def _ca(name: str) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
