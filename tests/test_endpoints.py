@@ -230,3 +230,47 @@ def test_a_busy_http_port_stops_the_start_in_one_line():
         out = _stop(proc, None)
     assert proc.returncode == 1, out
     assert f"cannot serve HTTP on port {port} (KRT_HTTP_PORT)" in out and "Traceback" not in out
+
+
+async def test_probes_answer_quickly_while_the_node_drains_a_backlog(nats_server, nc, js, workflow_stream):
+    """The issue's target: /healthz and /readyz answer in < 50 ms while a backlog drains at full speed."""
+    from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+
+    out = await Collector(js, OUT).start()
+    # The node's durable consumer, made as the node makes it, so the backlog waits for it.
+    await js.add_consumer(STREAM, ConsumerConfig(durable_name="v1-greeter", filter_subject=IN,
+                                                 ack_policy=AckPolicy.EXPLICIT, deliver_policy=DeliverPolicy.ALL,
+                                                 ack_wait=30, max_deliver=-1, max_ack_pending=-1, max_waiting=512))
+    total = 60_000
+    data = request_envelope("backlog").SerializeToString()
+    for _ in range(total):
+        await nc.publish(IN, data)
+    await nc.flush()
+    port = free_port()
+    proc = start_process(node_env(nats_server.url, "greet.py", KRT_HTTP_PORT=str(port)))
+    latencies: list[float] = []
+    try:
+        await _until(port, "/healthz", 200)
+        started = time.monotonic()
+        while time.monotonic() - started < 60:
+            for path in ("/healthz", "/readyz"):
+                status, _, seconds = await _get(port, path)
+                if status:
+                    latencies.append(seconds)
+            info = await js.consumer_info(STREAM, "v1-greeter")
+            if info.num_pending == 0 and info.num_ack_pending == 0:
+                break
+            await asyncio.sleep(0.02)
+        drained = time.monotonic() - started
+        assert len(await out.take(total, timeout=30)) == total
+    finally:
+        log = _stop(proc)
+    latencies.sort()
+    p50, p99 = latencies[len(latencies) // 2], latencies[int(len(latencies) * 0.99)]
+    print(f"probe latency while draining {total} messages in {drained:.1f}s ({total / drained:,.0f}/s): "
+          f"{len(latencies)} requests, p50 {p50 * 1000:.1f} ms, p99 {p99 * 1000:.1f} ms, "
+          f"max {latencies[-1] * 1000:.1f} ms")
+    assert proc.returncode == 0, log
+    assert len(latencies) >= 10
+    # The median is the target; the tail also carries this shared machine's scheduling noise.
+    assert p50 < 0.05 and latencies[-1] < 1.0, (p50, p99, latencies[-1])
