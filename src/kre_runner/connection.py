@@ -131,6 +131,9 @@ async def connect(servers: tuple[str, ...], logger: logging.Logger, *, name: str
     try:
         await asyncio.wait({attempt, gave_up}, return_when=asyncio.FIRST_COMPLETED,
                            timeout=attempts * (connect_timeout + 0.5) * max(1, len(servers)) + 5)
+    except asyncio.CancelledError:  # SIGTERM while starting
+        attempt.cancel()
+        raise
     finally:
         gave_up.cancel()
     if not attempt.done():

@@ -6,18 +6,27 @@ what liveness means. A sync ``init`` runs off the loop, so the probes answer whi
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import platform
+import time
 from collections.abc import Callable
 from typing import Any
 
+import nats.aio.client
 from aiohttp import web
+from nats.aio.client import Client
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
+from . import __version__
+from .config import Settings, redacted_settings
 from .connection import StartupError
+from .handler import UserCode
 from .health import Health
+from .metrics import NodeMetrics
 
-__all__ = ["Endpoints"]
+__all__ = ["Endpoints", "info_document"]
 
 
 class Endpoints:
@@ -75,3 +84,31 @@ class Endpoints:
 
     async def _info_handler(self, request: web.Request) -> web.Response:
         return web.json_response(self._info(), dumps=lambda obj: json.dumps(obj, indent=2, default=str))
+
+
+def info_document(settings: Settings, code: list[UserCode], health: Health, metrics: NodeMetrics,
+          nc: list[Client]) -> dict[str, Any]:
+    """``/info``: what runs here, in the spirit of KGrid's ``/info``; secrets redacted."""
+    server = None
+    if nc and nc[0].is_connected:
+        with contextlib.suppress(Exception):
+            server = str(nc[0].connected_server_version)
+    return {
+        "name": "kre-runner",
+        "version": __version__,
+        "python": platform.python_version(),
+        "nats_py": nats.aio.client.__version__,
+        "nats_server": server,
+        "node": settings.node_name,
+        "workflow": settings.workflow_name,
+        "workflow_version": settings.version,
+        "handler": {"spec": settings.handler_path, "path": str(code[0].path),
+                    "function": getattr(code[0].handler, "__name__", "handler"), "async": code[0].handler_is_async,
+                    "init": code[0].init is not None, "threads": settings.handler_threads} if code else
+                   {"spec": settings.handler_path},
+        "phase": health.phase,
+        "uptime_seconds": round(time.monotonic() - health.started, 3),
+        "processed": metrics.processed,
+        "errors": metrics.errors,
+        "settings": redacted_settings(settings),
+    }

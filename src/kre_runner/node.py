@@ -3,25 +3,21 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import gc
 import logging
-import platform
 import threading
-import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import nats.aio.client
 from google.protobuf.message import Message
 
-from . import __version__
-from .config import Settings, redact_url, redacted_settings
+from .config import Settings, redact_url
 from .connection import StartupError, check_jetstream, connect
 from .consumer import Consumer
 from .context import Context
 from .elapsed import ElapsedRecorder
-from .endpoints import Endpoints
+from .endpoints import Endpoints, info_document
 from .handler import UserCode, load_user_code
 from .health import DRAINING, INIT, READY, Health
 from .logs import RateLimitedLog, TrackingFilter
@@ -90,34 +86,6 @@ async def _off_loop(call: Callable[..., T], *args: Any) -> T:
     return await done
 
 
-def _info(settings: Settings, code: list[UserCode], health: Health, metrics: NodeMetrics,
-          nc: list[nats.aio.client.Client]) -> dict[str, Any]:
-    """``/info``: what runs here, in the spirit of KGrid's ``/info``; secrets redacted."""
-    server = None
-    if nc and nc[0].is_connected:
-        with contextlib.suppress(Exception):
-            server = str(nc[0].connected_server_version)
-    return {
-        "name": "kre-runner",
-        "version": __version__,
-        "python": platform.python_version(),
-        "nats_py": nats.aio.client.__version__,
-        "nats_server": server,
-        "node": settings.node_name,
-        "workflow": settings.workflow_name,
-        "workflow_version": settings.version,
-        "handler": {"spec": settings.handler_path, "path": str(code[0].path),
-                    "function": getattr(code[0].handler, "__name__", "handler"), "async": code[0].handler_is_async,
-                    "init": code[0].init is not None, "threads": settings.handler_threads} if code else
-                   {"spec": settings.handler_path},
-        "phase": health.phase,
-        "uptime_seconds": round(time.monotonic() - health.started, 3),
-        "processed": metrics.processed,
-        "errors": metrics.errors,
-        "settings": redacted_settings(settings),
-    }
-
-
 async def _run_node(settings: Settings, stop: asyncio.Event, logger: logging.Logger) -> Consumer:
     health = Health(settings.health_reconnect_grace)
     metrics = NodeMetrics()
@@ -129,7 +97,7 @@ async def _run_node(settings: Settings, stop: asyncio.Event, logger: logging.Log
         registry = metrics_registry(metrics, node=settings.node_name, workflow=settings.workflow_name,
                                     version=settings.version)
         endpoints = Endpoints(settings.http_port, health, registry,
-                              lambda: _info(settings, loaded, health, metrics, client), logger)
+                              lambda: info_document(settings, loaded, health, metrics, client), logger)
         await endpoints.start()
     try:
         # Off the loop: a handler importing torch takes seconds, and liveness must answer meanwhile.
