@@ -143,3 +143,18 @@ async def test_wrong_credentials_stop_the_start_in_one_line_naming_the_variable(
     assert elapsed < 30, f"the first connect must be bounded ({elapsed:.0f}s)"
     for secret in setup.secrets:
         assert secret not in log
+
+
+async def test_a_user_without_jetstream_permissions_stops_the_start_in_one_line(tmp_path):
+    server = ConfiguredNats('authorization { users: [ { user: limited, password: "pw-SECRET-3", '
+                            'permissions: { publish: { deny: ["$JS.API.>"] } } } ] }')
+    server.start()
+    try:
+        proc = start_process(node_env(server.url, "greet.py", KRT_NATS_USER="limited", KRT_NATS_PASSWORD="pw-SECRET-3"))
+        log = await asyncio.get_running_loop().run_in_executor(None, _output, proc, None)
+    finally:
+        server.cleanup()
+    assert proc.returncode == 1, log
+    last = log.strip().splitlines()[-1]
+    assert "cannot start: the JetStream API of NATS" in last and "permission to publish to $JS.API.>" in last, log
+    assert "Traceback" not in log and "pw-SECRET-3" not in log
