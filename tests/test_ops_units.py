@@ -208,3 +208,13 @@ def test_rate_limited_tracebacks_count_the_rest_in_one_line(caplog):
     assert len(caplog.records) == 4
     assert caplog.records[-1].getMessage().startswith("7 more handler failures in the last 61 s")
     assert limiter.log(logging.WARNING, "again") is True and limiter.suppressed_total == 7
+
+
+def test_the_demo_says_in_one_line_what_it_needs_when_nats_server_is_missing(monkeypatch, capsys):
+    from kre_runner import cli, embedded
+
+    find = embedded._find_script
+    monkeypatch.setattr(embedded, "_find_script", lambda name, hint: find(f"no-such-{name}", hint))
+    assert cli.main(["demo", "--no-services", "--requests", "1"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "pip install 'kre-runner[demo]'" in err, err
