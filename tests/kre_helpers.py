@@ -61,6 +61,7 @@ def node_env(nats_url: str, handler: str, node: str = "greeter", **overrides: st
         "KRT_BASE_PATH": str(HANDLERS),
         "KRT_HANDLER_PATH": handler,
         "KRT_SHUTDOWN_GRACE": "10",
+        "KRT_HTTP_PORT": "0",  # tests run nodes side by side; the endpoint tests give a free port
     }
     env.update(overrides)
     return env

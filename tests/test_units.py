@@ -78,7 +78,7 @@ def test_each_missing_required_variable_is_named_with_an_example(name):
         ("KRT_PUBLISH_TIMEOUT", "-5", "seconds > 0"),
         ("KRT_SHUTDOWN_GRACE", "inf", "seconds > 0"),
         ("KRT_DELIVER_POLICY", "last", "new or all"),
-        ("KRT_LOG_LEVEL", "LOUD", "DEBUG, INFO, WARNING or ERROR"),
+        ("KRT_LOG_LEVEL", "LOUD", "DEBUG, INFO, WARNING (or WARN) or ERROR"),
         ("KRT_INFLUX_BATCH_SIZE", "1.5", "an integer ≥ 1"),
         ("KRT_INFLUX_FLUSH_INTERVAL", "0", "seconds > 0"),
         ("KRT_INFLUX_BUFFER", "x", "an integer ≥ 1"),

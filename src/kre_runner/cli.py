@@ -151,7 +151,9 @@ def _serve(command: str, load: Callable[[Mapping[str, str]], Any],
     except ConfigError as exc:
         print(f"kre-runner {command}: {exc}", file=sys.stderr)
         return 2
-    logger = configure_logging(settings.log_level)
+    logger = configure_logging(settings.log_level, getattr(settings, "log_format", "text"),
+                               {"node": settings.node_name, "workflow": settings.workflow_name}
+                               if isinstance(settings, Settings) else {"service": command})
 
     async def serve() -> None:
         stop = asyncio.Event()
@@ -195,7 +197,8 @@ def _tool(command: str, work: Awaitable[int]) -> int:
     except (_UsageError, WorkflowError, MessageTypeError, ConfigError) as exc:
         print(f"kre-runner {command}: {exc}", file=sys.stderr)
         return 2
-    except (_Failure, CallError, UpError, StartupError, HandlerLoadError) as exc:
+    except (_Failure, CallError, UpError, StartupError, HandlerLoadError, FileNotFoundError) as exc:
+        # FileNotFoundError: a server binary (the demo/test extras) or the examples are missing.
         print(f"kre-runner {command}: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

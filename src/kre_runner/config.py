@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
-__all__ = ["VARIABLES", "ConfigError", "Settings", "consumer_name", "redact_url"]
+__all__ = ["SECRET_VARIABLES", "VARIABLES", "ConfigError", "NatsAuth", "Settings", "consumer_name", "redact_url",
+           "redacted_settings"]
 
 T = TypeVar("T")
 
@@ -71,8 +72,27 @@ VARIABLES: tuple[tuple[str, bool, str, str], ...] = (
     ("KRT_DELIVER_POLICY", False, "where a new consumer starts: new (as the original) or all (default new)",
      "new"),
     ("KRT_DB_TIMEOUT", False, "seconds a ctx.db / ctx.prediction call may take (default 5)", "5"),
-    ("KRT_LOG_LEVEL", False, "DEBUG, INFO, WARNING or ERROR (default INFO)", "INFO"),
+    ("KRT_LOG_LEVEL", False, "DEBUG, INFO, WARNING (or WARN) or ERROR (default INFO)", "INFO"),
+    ("KRT_LOG_FORMAT", False, "text (the original runner's lines) or json (one object a line) (default text)",
+     "json"),
+    ("KRT_HTTP_PORT", False, "port of /healthz, /readyz, /metrics and /info (default 8080; 0 turns it off)",
+     "8080"),
+    ("KRT_HEALTH_RECONNECT_GRACE", False, "seconds /healthz stays 200 while NATS is unreachable (default 60)",
+     "60"),
+    ("KRT_NATS_CREDS", False, "NATS .creds file (user JWT and nkey seed)", "/etc/nats/node.creds"),
+    ("KRT_NATS_NKEY_SEED", False, "file holding the user's nkey seed (SU...)", "/etc/nats/node.nk"),
+    ("KRT_NATS_TOKEN", False, "NATS authentication token", "s3cr3t-token"),
+    ("KRT_NATS_USER", False, "NATS user name (with KRT_NATS_PASSWORD)", "node"),
+    ("KRT_NATS_PASSWORD", False, "NATS password (with KRT_NATS_USER)", "s3cr3t"),
+    ("KRT_NATS_TLS_CA", False, "CA certificate (PEM) that signed the NATS server's certificate",
+     "/etc/nats/tls/ca.crt"),
+    ("KRT_NATS_TLS_CERT", False, "client certificate (PEM) for mutual TLS (with KRT_NATS_TLS_KEY)",
+     "/etc/nats/tls/tls.crt"),
+    ("KRT_NATS_TLS_KEY", False, "client private key (PEM) for mutual TLS (with KRT_NATS_TLS_CERT)",
+     "/etc/nats/tls/tls.key"),
 )
+# Values never shown in a log line, an error or /info.
+SECRET_VARIABLES = frozenset({"KRT_NATS_TOKEN", "KRT_NATS_PASSWORD", "KRT_INFLUX_TOKEN"})
 _EXAMPLES = {name: example for name, _, _, example in VARIABLES}
 _SUBJECT_RE = re.compile(r"^[^\s*>.]+(\.[^\s*>.]+)*$")
 _NAME_UNSAFE_RE = re.compile(r"[^A-Za-z0-9_-]")
@@ -84,6 +104,37 @@ class ConfigError(ValueError):
     def __init__(self, problems: list[str]) -> None:
         self.problems = problems
         super().__init__("invalid configuration:\n  " + "\n  ".join(problems))
+
+
+@dataclass(frozen=True)
+class NatsAuth:
+    """How the node proves who it is to NATS, and how it checks the server (TLS). Empty: URL only."""
+
+    creds: Path | None = None
+    nkey_seed: Path | None = None
+    token: str = field(default="", repr=False)
+    user: str = ""
+    password: str = field(default="", repr=False)
+    tls_ca: Path | None = None
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+
+    @property
+    def variable(self) -> str | None:
+        """The variable naming the credentials in use (for errors), None when the URL carries them."""
+        if self.creds:
+            return "KRT_NATS_CREDS"
+        if self.nkey_seed:
+            return "KRT_NATS_NKEY_SEED"
+        if self.token:
+            return "KRT_NATS_TOKEN"
+        if self.user:
+            return "KRT_NATS_USER/KRT_NATS_PASSWORD"
+        return None
+
+    @property
+    def uses_tls(self) -> bool:
+        return self.tls_ca is not None or self.tls_cert is not None
 
 
 @dataclass(frozen=True)
@@ -124,6 +175,10 @@ class Settings:
     migrate_push_consumer: bool = True
     db_timeout: float = 5.0
     log_level: str = "INFO"
+    log_format: str = "text"
+    http_port: int = 8080
+    health_reconnect_grace: float = 60.0
+    nats_auth: NatsAuth = field(default_factory=NatsAuth)
 
     @property
     def consumer_name(self) -> str:
@@ -181,12 +236,77 @@ class Settings:
             migrate_push_consumer=reader.optional("KRT_MIGRATE_PUSH_CONSUMER", True, _parse_bool, "true or false"),
             deliver_policy=reader.optional("KRT_DELIVER_POLICY", "new", _choice("new", "all"), "new or all"),
             db_timeout=reader.optional("KRT_DB_TIMEOUT", 5.0, _positive_float, "seconds > 0"),
-            log_level=reader.optional("KRT_LOG_LEVEL", "INFO", _choice("DEBUG", "INFO", "WARNING", "ERROR"),
-                                      "DEBUG, INFO, WARNING or ERROR"),
+            log_level=reader.optional("KRT_LOG_LEVEL", "INFO", parse_log_level,
+                                      "DEBUG, INFO, WARNING (or WARN) or ERROR"),
+            log_format=reader.optional("KRT_LOG_FORMAT", "text", _choice("text", "json"), "text or json"),
+            http_port=reader.optional("KRT_HTTP_PORT", 8080, _port, "a port 1-65535, or 0 for no HTTP endpoint"),
+            health_reconnect_grace=reader.optional("KRT_HEALTH_RECONNECT_GRACE", 60.0, _positive_float,
+                                                   "seconds > 0"),
+            nats_auth=read_nats_auth(reader),
         )
         if reader.problems:
             raise ConfigError(reader.problems)
         return settings
+
+
+def read_nats_auth(reader: _Reader) -> NatsAuth:
+    """The ``KRT_NATS_*`` credential and TLS variables: files must exist, modes must not be mixed."""
+    file = "an existing file (where the Secret is mounted)"
+    auth = NatsAuth(
+        creds=reader.optional("KRT_NATS_CREDS", None, _existing_file, file),
+        nkey_seed=reader.optional("KRT_NATS_NKEY_SEED", None, _existing_file, file),
+        token=reader.optional("KRT_NATS_TOKEN", "", secret=True),
+        user=reader.optional("KRT_NATS_USER", ""),
+        password=reader.optional("KRT_NATS_PASSWORD", "", secret=True),
+        tls_ca=reader.optional("KRT_NATS_TLS_CA", None, _existing_file, file),
+        tls_cert=reader.optional("KRT_NATS_TLS_CERT", None, _existing_file, file),
+        tls_key=reader.optional("KRT_NATS_TLS_KEY", None, _existing_file, file),
+    )
+    modes = [name for name, value in (("KRT_NATS_CREDS", auth.creds), ("KRT_NATS_NKEY_SEED", auth.nkey_seed),
+                                      ("KRT_NATS_TOKEN", auth.token), ("KRT_NATS_USER", auth.user)) if value]
+    if len(modes) > 1:
+        reader.problems.append(f"{' and '.join(modes)} are both set: use one way to authenticate to NATS")
+    if bool(auth.user) != bool(auth.password):
+        missing = "KRT_NATS_PASSWORD" if auth.user else "KRT_NATS_USER"
+        reader.problems.append(f"{missing} is not set: KRT_NATS_USER and KRT_NATS_PASSWORD go together, "
+                               f"e.g. {missing}={_EXAMPLES[missing]}")
+    has_cert, has_key = (bool(reader.env.get(name, "").strip()) for name in ("KRT_NATS_TLS_CERT", "KRT_NATS_TLS_KEY"))
+    if has_cert != has_key:
+        missing = "KRT_NATS_TLS_KEY" if has_cert else "KRT_NATS_TLS_CERT"
+        reader.problems.append(f"{missing} is not set: mutual TLS needs KRT_NATS_TLS_CERT and KRT_NATS_TLS_KEY, "
+                               f"e.g. {missing}={_EXAMPLES[missing]}")
+    return auth
+
+
+def parse_log_level(raw: str) -> str:
+    """``DEBUG``, ``INFO``, ``WARNING`` (``WARN`` accepted: it is what the log lines print) or ``ERROR``."""
+    value = raw.upper()
+    if value == "WARN":
+        return "WARNING"
+    if value in ("DEBUG", "INFO", "WARNING", "ERROR"):
+        return value
+    raise ValueError(raw)
+
+
+def redacted_settings(settings: Settings) -> dict[str, Any]:
+    """``settings`` as JSON-ready values with every secret replaced by ``***`` (for /info)."""
+    shown: dict[str, Any] = {}
+    for item in fields(settings):
+        value = getattr(settings, item.name)
+        if item.name == "nats_auth":
+            value = {f.name: ("***" if getattr(value, f.name) else "") if f.name in ("token", "password")
+                     else (str(getattr(value, f.name)) if getattr(value, f.name) is not None else None)
+                     for f in fields(value)}
+        elif item.name == "influx_token":
+            value = "***" if value else ""
+        elif item.name in ("mongo_uri", "influx_uri") and value:
+            value = redact_url(value)
+        elif item.name == "nats_servers":
+            value = [redact_url(server) for server in value]
+        elif isinstance(value, Path):
+            value = str(value)
+        shown[item.name] = value
+    return shown
 
 
 def consumer_name(version: str, node: str) -> str:
@@ -223,18 +343,22 @@ class _Reader:
         return self._parse(name, raw, parse, expected)
 
     def optional(self, name: str, default: T, parse: Callable[[str], T] | None = None,
-                 expected: str = "a value") -> T:
-        raw = self.env.get(name, "").strip()
-        if not raw:
+                 expected: str = "a value", *, secret: bool = False) -> T:
+        raw = self.env.get(name, "") if secret else self.env.get(name, "").strip()
+        if not raw.strip():
             return default
-        return self._parse(name, raw, parse, expected)
+        return self._parse(name, raw, parse, expected, secret)
 
-    def _parse(self, name: str, raw: str, parse: Callable[[str], T] | None, expected: str) -> T:
+    def _parse(self, name: str, raw: str, parse: Callable[[str], T] | None, expected: str,
+               secret: bool = False) -> T:
         if parse is None:
             return raw  # type: ignore[return-value]
         try:
             return parse(raw)
         except ValueError:
+            if secret:
+                self.problems.append(f"{name} is invalid: expected {expected}")
+                return None  # type: ignore[return-value]
             shown = redact_url(raw) if "://" in raw else raw
             self.problems.append(f"{name}={shown!r} is invalid: expected {expected}, e.g. {name}={_EXAMPLES[name]}")
             return None  # type: ignore[return-value]
@@ -271,6 +395,20 @@ def _at_least(minimum: int) -> Callable[[str], int]:
         return value
 
     return parse
+
+
+def _port(raw: str) -> int:
+    value = int(raw)
+    if not 0 <= value <= 65535:
+        raise ValueError(raw)
+    return value
+
+
+def _existing_file(raw: str) -> Path:
+    path = Path(raw)
+    if not path.is_file():
+        raise ValueError(raw)
+    return path
 
 
 def _positive_float(raw: str) -> float:

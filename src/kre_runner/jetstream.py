@@ -94,10 +94,13 @@ async def _publish_limit(nc: Client, js: JetStreamContext, stream: StreamInfo, s
         horizon = s.ack_wait * (s.max_deliver - 1) + sum(nak_delay(d) for d in range(1, s.max_deliver))
         window = out_stream.config.duplicate_window or 120.0
         if window < horizon:
-            logger.warning("the duplicate window of stream %s (%gs) is shorter than an input's redelivery horizon "
-                           "(about %gs: KRT_ACK_WAIT × deliveries + nak delays): an output repeated after that "
-                           "is stored twice; raise the stream's duplicate_window or lower KRT_ACK_WAIT/KRT_MAX_DELIVER",
-                           out_stream.config.name, window, horizon)
+            # A warning where even two ack waits (a crash, then a second delivery) outlast the window;
+            # the full horizon (every delivery timing out) is worth an INFO line on every start.
+            level = logging.WARNING if window < 2 * s.ack_wait else logging.INFO
+            logger.log(level, "the duplicate window of stream %s (%gs) is shorter than an input's redelivery "
+                       "horizon (up to %gs: KRT_ACK_WAIT × (KRT_MAX_DELIVER - 1) + nak delays): an output published "
+                       "again after that is stored twice; widen the stream's duplicate_window or lower KRT_ACK_WAIT",
+                       out_stream.config.name, window, horizon)
     return min(limits)
 
 

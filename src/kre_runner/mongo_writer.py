@@ -12,19 +12,37 @@ import asyncio
 import json
 import logging
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 
-from .config import ConfigError, _parse_mongo_uri, _parse_servers, _parse_subject, _positive_float, redact_url
+from .config import (
+    ConfigError,
+    NatsAuth,
+    _parse_mongo_uri,
+    _parse_servers,
+    _parse_subject,
+    _positive_float,
+    _Reader,
+    parse_log_level,
+    read_nats_auth,
+    redact_url,
+)
 from .connection import connect
 from .sinks.mongo import MongoConnection, decode_writer_payload
 
 __all__ = ["QUEUE_GROUP", "WriterSettings", "run_writer", "serve"]
 
 QUEUE_GROUP = "kre-mongo-writer"
+
+
+def _log_format(raw: str) -> str:
+    if raw.lower() not in ("text", "json"):
+        raise ValueError(raw)
+    return raw.lower()
+
 _MAX_CONCURRENT = 64  # inserts in flight at once: enough to hide MongoDB latency, bounded for memory
 _REPLY_OK = b'{"success":true}'
 
@@ -39,6 +57,8 @@ class WriterSettings:
     mongo_db: str
     db_timeout: float = 5.0
     log_level: str = "INFO"
+    log_format: str = "text"
+    nats_auth: NatsAuth = field(default_factory=NatsAuth)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> WriterSettings:
@@ -72,13 +92,17 @@ class WriterSettings:
                 problems.append("KRT_MONGO_DB and KRT_RUNTIME_ID are not set: set KRT_MONGO_DB=demo-data, or "
                                 "KRT_RUNTIME_ID=demo to use the original's database {runtime}-data")
         timeout = get("KRT_DB_TIMEOUT", _positive_float, "seconds > 0", "5", required=False) or 5.0
-        level = env.get("KRT_LOG_LEVEL", "").strip().upper() or "INFO"
-        if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
-            problems.append(f"KRT_LOG_LEVEL={level!r} is invalid: expected DEBUG, INFO, WARNING or ERROR")
+        level = get("KRT_LOG_LEVEL", parse_log_level, "DEBUG, INFO, WARNING (or WARN) or ERROR", "INFO",
+                    required=False) or "INFO"
+        log_format = get("KRT_LOG_FORMAT", _log_format, "text or json", "json", required=False) or "text"
+        # The same credential and TLS variables as a node (KRT_NATS_CREDS, ..., KRT_NATS_TLS_CA).
+        auth_reader = _Reader(env)
+        auth = read_nats_auth(auth_reader)
+        problems.extend(auth_reader.problems)
         if problems:
             raise ConfigError(problems)
         return cls(nats_servers=servers, mongo_writer_subject=subject, mongo_uri=uri, mongo_db=database,
-                   db_timeout=timeout, log_level=level)
+                   db_timeout=timeout, log_level=level, log_format=log_format, nats_auth=auth)
 
 
 async def serve(settings: Any, nc: NatsClient, stop: asyncio.Event, logger: logging.Logger | None = None) -> None:
@@ -159,7 +183,7 @@ async def _reply(msg: Msg, error: str, log: logging.Logger) -> None:
 
 async def run_writer(settings: WriterSettings, stop: asyncio.Event, logger: logging.Logger) -> None:
     """``kre-runner mongo-writer``: connect and serve until ``stop`` is set."""
-    nc = await connect(settings.nats_servers, logger, name="kre-runner mongo-writer")
+    nc = await connect(settings.nats_servers, logger, name="kre-runner mongo-writer", auth=settings.nats_auth)
     try:
         await serve(settings, nc, stop, logger)
     finally:

@@ -5,17 +5,23 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import threading
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
+import nats.aio.client
 from google.protobuf.message import Message
 
-from .config import Settings
-from .connection import StartupError, connect
+from .config import Settings, redact_url
+from .connection import StartupError, check_jetstream, connect
 from .consumer import Consumer
 from .context import Context
 from .elapsed import ElapsedRecorder
-from .handler import load_user_code
+from .endpoints import Endpoints, info_document
+from .handler import UserCode, load_user_code
+from .health import DRAINING, INIT, READY, Health
+from .logs import RateLimitedLog, TrackingFilter
+from .metrics import NodeMetrics, metrics_registry, refresh_consumer_lag
 from .services import Services, open_services
 
 __all__ = ["StartupError", "run_node"]
@@ -40,6 +46,12 @@ async def _unless_stopped(step: Awaitable[T], stop: asyncio.Event) -> T:
     raise _Stopped
 
 
+async def _mark_draining(stop: asyncio.Event, health: Health) -> None:
+    """SIGTERM: /readyz says 503 for the whole drain."""
+    await stop.wait()
+    health.phase = DRAINING
+
+
 ServicesOpener = Callable[[Settings, Any, logging.Logger], Awaitable[Services]]
 
 
@@ -56,21 +68,88 @@ async def run_node(settings: Settings, stop: asyncio.Event, logger: logging.Logg
         return None
 
 
+async def _off_loop(call: Callable[..., T], *args: Any) -> T:
+    """``call(*args)`` on a thread of its own, so the probes answer meanwhile (importing the handler's
+    libraries, a sync ``init`` loading a model for minutes).
+
+    A daemon thread: SIGTERM during a long init must not wait for it at interpreter exit.
+    """
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[T] = loop.create_future()
+
+    def settle(result: Any, exc: BaseException | None) -> None:
+        if not done.done():
+            done.set_exception(exc) if exc is not None else done.set_result(result)
+
+    def target() -> None:
+        try:
+            result = call(*args)
+        except BaseException as exc:  # handed to the event loop, which raises it in run_node
+            loop.call_soon_threadsafe(settle, None, exc)
+        else:
+            loop.call_soon_threadsafe(settle, result, None)
+
+    threading.Thread(target=target, name="kre-start", daemon=True).start()
+    return await done
+
+
 async def _run_node(settings: Settings, stop: asyncio.Event, logger: logging.Logger,
                     services_opener: ServicesOpener) -> Consumer:
-    code = load_user_code(settings.base_path, settings.handler_path)
-    logger.info("loaded handler %s (%s)", code.path, "async" if code.handler_is_async else "sync")
+    health = Health(settings.health_reconnect_grace)
+    metrics = NodeMetrics()
     holder: list[Consumer] = []
+    client: list[nats.aio.client.Client] = []
+    loaded: list[UserCode] = []
+    endpoints = None
+    if settings.http_port:
+        registry = metrics_registry(metrics, node=settings.node_name, workflow=settings.workflow_name,
+                                    version=settings.version)
+        endpoints = Endpoints(settings.http_port, health, registry,
+                              lambda: info_document(settings, loaded, health, metrics, client), logger)
+        await endpoints.start()
+    try:
+        # Off the loop: a handler importing torch takes seconds, and liveness must answer meanwhile.
+        code = await _unless_stopped(_off_loop(load_user_code, settings.base_path, settings.handler_path), stop)
+        loaded.append(code)
+        logger.info("loaded handler %s (%s)", code.path, "async" if code.handler_is_async else "sync")
+        return await _run_connected(settings, stop, logger, code, health, metrics, holder, client, services_opener)
+    finally:
+        if endpoints is not None:
+            await endpoints.stop()
 
+
+async def _run_connected(settings: Settings, stop: asyncio.Event, logger: logging.Logger, code: UserCode,
+                         health: Health, metrics: NodeMetrics, holder: list[Consumer],
+                         client: list[nats.aio.client.Client], services_opener: ServicesOpener) -> Consumer:
     async def renew_pulls() -> None:
         if holder:
             await holder[0].on_reconnect()
 
+    def connection_changed(connected: bool) -> None:
+        health.connected() if connected else health.disconnected()
+
     nc = await _unless_stopped(connect(settings.nats_servers, logger, name=f"kre-runner {settings.node_name}",
-                                       on_reconnect=renew_pulls), stop)
+                                       auth=settings.nats_auth, on_reconnect=renew_pulls,
+                                       on_connection_change=connection_changed), stop)
+    client.append(nc)
     services = None
+    housekeeping: asyncio.Task[None] | None = None
     try:
+        await _unless_stopped(check_jetstream(nc, ", ".join(redact_url(s) for s in settings.nats_servers)), stop)
         services = await services_opener(settings, nc, logger)
+        if services.influx is not None:
+            influx = services.influx
+            metrics.influx_dropped = lambda: influx.dropped
+        if services.db is not None:
+            db = services.db
+            metrics.db_errors = lambda: db.errors
+        # ctx.logger lines carry the tracking id of the message being handled; the consumer sets the
+        # source (tracking.current) once it can tell which message that is.
+        tracking = TrackingFilter()
+        handler_logger = logging.getLogger(f"kre_runner.handler.{settings.node_name}")
+        handler_logger.addFilter(tracking)
+        # Handler failures: tracebacks for the first few a minute, then one line counting the rest.
+        failures = RateLimitedLog(logger, "handler failures")
 
         def early_reply(response: Message) -> Awaitable[None]:
             return consumer.early_reply(response)  # the consumer is built below, with this ctx
@@ -80,7 +159,7 @@ async def _run_node(settings: Settings, stop: asyncio.Event, logger: logging.Log
 
         ctx = Context(
             base_path=settings.base_path,
-            logger=logging.getLogger(f"kre_runner.handler.{settings.node_name}"),
+            logger=handler_logger,
             db=services.db,
             measurement=services.measurement,
             prediction=services.prediction,
@@ -93,11 +172,16 @@ async def _run_node(settings: Settings, stop: asyncio.Event, logger: logging.Log
         consumer = Consumer(settings, code, nc, ctx, logger, record_elapsed=record)
         holder.append(consumer)
         await _unless_stopped(consumer.setup(), stop)
+        health.phase = INIT
         try:
-            await _unless_stopped(consumer.run_init(), stop)
+            if code.init is not None and not code.init_is_async and not settings.handler_threads:
+                await _unless_stopped(_off_loop(code.init, ctx), stop)
+            else:
+                await _unless_stopped(consumer.run_init(), stop)
         except _Stopped:
             raise
         except Exception as exc:
+            logger.error("init(ctx) in %s failed", code.path, exc_info=exc)
             raise StartupError(f"init(ctx) in {code.path} failed: {type(exc).__name__}: {exc}") from exc
         # What exists now (libraries, the model init loaded) lives as long as the node: leave it out of
         # garbage collection, whose full passes would otherwise re-scan a large model's millions of
@@ -105,9 +189,22 @@ async def _run_node(settings: Settings, stop: asyncio.Event, logger: logging.Log
         gc.collect()
         gc.freeze()
         logger.info("node %s ready", settings.node_name)
-        await consumer.run(stop)
+        js = nc.jetstream()
+        housekeeping = asyncio.create_task(refresh_consumer_lag(
+            lambda: js.consumer_info(settings.stream, settings.consumer_name), metrics, logger=logger,
+            every_tick=failures.flush), name="kre-housekeeping")
+        health.phase = READY
+        draining = asyncio.create_task(_mark_draining(stop, health))
+        try:
+            await consumer.run(stop)
+        finally:
+            draining.cancel()
         return consumer
     finally:
+        health.phase = DRAINING
+        if housekeeping is not None:
+            housekeeping.cancel()
+            await asyncio.gather(housekeeping, return_exceptions=True)
         if services is not None:
             # In-flight messages already had their grace; a down InfluxDB must not hold the pod much longer.
             await services.close(min(5.0, settings.shutdown_grace))

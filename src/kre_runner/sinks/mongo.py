@@ -156,6 +156,7 @@ class MongoDB:
     def __init__(self, writer: DirectWriter | MongoWriterClient, reader: MongoConnection | None) -> None:
         self._writer = writer
         self._reader = reader
+        self.errors = 0  # calls that raised DatabaseError (kre_db_errors_total)
 
     def describe(self) -> str:
         reads = (f"reads from {self._reader.redacted_uri} database {self._reader.database_name!r}"
@@ -171,7 +172,11 @@ class MongoDB:
         _check_coll(coll)
         if not isinstance(doc, Mapping):
             raise TypeError(f"ctx.db.save: doc must be a dict, got {type(doc).__name__}")
-        await self._writer.save(coll, doc)
+        try:
+            await self._writer.save(coll, doc)
+        except DatabaseError:
+            self.errors += 1
+            raise
 
     async def find(
         self,
@@ -202,10 +207,12 @@ class MongoDB:
         try:
             return await asyncio.wait_for(self._find(coll, query, projection, sort_spec, limit), reader.timeout)
         except asyncio.TimeoutError as exc:
+            self.errors += 1
             raise DatabaseError(
                 f"finding in {coll!r} timed out after {reader.timeout:g}s (MongoDB {reader.redacted_uri})"
             ) from exc
         except Exception as exc:
+            self.errors += 1
             raise DatabaseError(f"finding in {coll!r} failed: {_describe(exc)}") from exc
 
     async def _find(self, coll: str, query: Mapping[str, Any], projection: Any, sort: list[tuple[str, int]] | None,

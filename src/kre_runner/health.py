@@ -1,0 +1,60 @@
+"""Liveness and readiness: the node's phase and its NATS connection, as Kubernetes probes see them.
+
+Phases: ``starting`` (connecting, checking the stream) → ``init`` (the user's ``init`` runs) →
+``ready`` (consuming) → ``draining`` (SIGTERM: finishing in-flight messages). Readiness is true only
+when ready *and* connected, so a rolling update waits for ``init`` and a replica that lost NATS or
+is draining gets no traffic it cannot serve (there is none for a pull consumer, but the rollout
+and dashboards read it). Liveness fails only when NATS has been unreachable for longer than
+``KRT_HEALTH_RECONNECT_GRACE``: a restart may help then, and not before (a server restart takes a
+few seconds, and a pod restarted meanwhile would reload its model for nothing).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+__all__ = ["DRAINING", "INIT", "READY", "STARTING", "Health"]
+
+STARTING = "starting"
+INIT = "init"
+READY = "ready"
+DRAINING = "draining"
+
+
+class Health:
+    """Updated by the node and the connection callbacks; read by ``/healthz`` and ``/readyz``."""
+
+    def __init__(self, reconnect_grace: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.reconnect_grace = reconnect_grace
+        self._clock = clock
+        self.phase = STARTING
+        self.started = clock()
+        # Not connected yet counts as disconnected since the start: the first connect is bounded anyway.
+        self.disconnected_since: float | None = self.started
+
+    def connected(self) -> None:
+        self.disconnected_since = None
+
+    def disconnected(self) -> None:
+        if self.disconnected_since is None:
+            self.disconnected_since = self._clock()
+
+    def liveness(self) -> tuple[bool, str]:
+        """(alive, reason)."""
+        if self.disconnected_since is None:
+            return True, "connected to NATS"
+        down = self._clock() - self.disconnected_since
+        if down < self.reconnect_grace:
+            return True, f"connecting to NATS for {down:.1f}s (grace {self.reconnect_grace:g}s)"
+        return False, (f"NATS unreachable for {down:.1f}s, longer than KRT_HEALTH_RECONNECT_GRACE="
+                       f"{self.reconnect_grace:g}")
+
+    def readiness(self) -> tuple[bool, str]:
+        """(ready, reason)."""
+        if self.phase != READY:
+            return False, {STARTING: "starting", INIT: "init(ctx) is running",
+                           DRAINING: "draining in-flight messages before exit"}.get(self.phase, self.phase)
+        if self.disconnected_since is not None:
+            return False, "disconnected from NATS"
+        return True, "consuming"

@@ -1,0 +1,212 @@
+"""The node's Prometheus metrics: plain counters the hot path bumps, exposed by a custom collector.
+
+prometheus_client's own Counter and Histogram take a lock on every update; at tens of thousands of
+messages a second that is a measurable share of the node's work. Here the consumer does plain
+attribute increments (``metrics.ok += 1``) and a bisect into a list for durations, all on the event
+loop thread (handler threads never touch them), and :class:`NodeCollector` reads the numbers only
+when ``/metrics`` is scraped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from bisect import bisect_left
+from collections.abc import Callable, Iterator
+
+from prometheus_client import CollectorRegistry, ProcessCollector
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+__all__ = [
+    "HANDLER_BUCKETS",
+    "WORKFLOW_BUCKETS",
+    "DurationHistogram",
+    "NodeCollector",
+    "NodeMetrics",
+    "metrics_registry",
+    "refresh_consumer_lag",
+]
+
+# Seconds. A handler call ranges from microseconds (a lookup) to seconds (a model on a GPU).
+HANDLER_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+                   5.0, 10.0, 30.0)
+# A whole workflow adds the hops between nodes and their queues.
+WORKFLOW_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+                    300.0)
+
+
+class DurationHistogram:
+    """A histogram kept as plain numbers: ``observe`` is a bisect and two additions, no lock."""
+
+    __slots__ = ("bounds", "counts", "sum")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)  # the last one is +Inf
+        self.sum = 0.0
+
+    def observe(self, seconds: float) -> None:
+        self.counts[bisect_left(self.bounds, seconds)] += 1
+        self.sum += seconds
+
+    @property
+    def count(self) -> int:
+        return sum(self.counts)
+
+    def cumulative(self) -> list[tuple[str, int]]:
+        """``(le, cumulative count)`` pairs as the exposition format wants them."""
+        buckets = []
+        total = 0
+        for bound, count in zip((*self.bounds, float("inf")), self.counts, strict=True):
+            total += count
+            buckets.append(("+Inf" if bound == float("inf") else repr(bound), total))
+        return buckets
+
+
+def _zero() -> int:
+    return 0
+
+
+class NodeMetrics:
+    """What the node counts; the consumer updates it on the event loop thread with plain operations.
+
+    Outcomes of handled messages, each message counted once, when it is settled:
+
+    * ``ok``: its output (or nothing, for a filter) was stored and the input acked;
+    * ``error``: the handler raised or returned a wrong type; the error envelope was stored, input acked;
+    * ``invalid``: the input was not an envelope; the error envelope was stored, input acked;
+    * ``filtered``: the handler returned None (or the last node had already replied): nothing published;
+    * ``retried``: a publish failed and the input was nakked to be handled again.
+
+    Also ``publish_failures`` (publishes not stored: no PubAck in time, no stream, ...) and
+    ``redeliveries`` (inputs delivered more than once, counted on each such delivery).
+    ``inflight`` returns the messages held by the consumer; ``consumer_pending`` and
+    ``consumer_ack_pending`` come from the consumer's info (:func:`refresh_consumer_lag`), ``None``
+    until first read. ``influx_dropped`` and ``db_errors`` read the sinks' own counters.
+    """
+
+    def __init__(self) -> None:
+        self.ok = 0
+        self.error = 0
+        self.invalid = 0
+        self.filtered = 0
+        self.retried = 0
+        self.publish_failures = 0
+        self.redeliveries = 0
+        self.handler_seconds = DurationHistogram(HANDLER_BUCKETS)
+        self.workflow_seconds = DurationHistogram(WORKFLOW_BUCKETS)
+        # Bound methods: metrics.observe_handler(seconds) costs one call, no attribute chain.
+        self.observe_handler = self.handler_seconds.observe
+        self.observe_workflow = self.workflow_seconds.observe
+        self.inflight: Callable[[], int] = _zero
+        self.consumer_pending: int | None = None
+        self.consumer_ack_pending: int | None = None
+        self.influx_dropped: Callable[[], int] = _zero
+        self.db_errors: Callable[[], int] = _zero
+
+    @property
+    def processed(self) -> int:
+        """Messages settled with an ack (for /info)."""
+        return self.ok + self.error + self.invalid + self.filtered
+
+    @property
+    def errors(self) -> int:
+        """Messages that ended in an error envelope (for /info)."""
+        return self.error + self.invalid
+
+
+class NodeCollector(Collector):
+    """Exposes :class:`NodeMetrics` with the labels ``node``, ``workflow`` and ``version``."""
+
+    def __init__(self, metrics: NodeMetrics, *, node: str, workflow: str, version: str) -> None:
+        self._m = metrics
+        self._label_names = ["node", "workflow", "version"]
+        self._labels = [node, workflow, version]
+
+    def _family(self, cls: type, name: str, doc: str, **kwargs: object) -> Metric:
+        return cls(name, doc, labels=[*self._label_names, *kwargs.pop("extra_labels", [])], **kwargs)
+
+    def collect(self) -> Iterator[Metric]:
+        m = self._m
+        labels = self._labels
+        messages = self._family(CounterMetricFamily, "kre_messages", "Messages settled, by outcome",
+                                extra_labels=["outcome"])
+        for outcome in ("ok", "error", "invalid", "filtered", "retried"):
+            messages.add_metric([*labels, outcome], getattr(m, outcome))
+        yield messages
+        for name, doc, histogram in (
+            ("kre_handler_duration_seconds", "Duration of every handler call, raising or not", m.handler_seconds),
+            ("kre_workflow_duration_seconds", "Last node: from the first tracking entry to this node's end",
+             m.workflow_seconds),
+        ):
+            family = self._family(HistogramMetricFamily, name, doc)
+            family.add_metric(labels, histogram.cumulative(), histogram.sum)
+            yield family
+        inflight = self._family(GaugeMetricFamily, "kre_inflight_messages", "Messages held by this replica")
+        inflight.add_metric(labels, m.inflight())
+        yield inflight
+        for name, doc, value in (
+            ("kre_publish_failures", "Publishes not stored (no PubAck in time, no stream, ...)", m.publish_failures),
+            ("kre_redeliveries", "Inputs delivered again (after a nak, a crash or the ack wait)", m.redeliveries),
+            ("kre_influx_points_dropped", "Time-series points dropped (buffer full, refused, left at shutdown)",
+             m.influx_dropped()),
+            ("kre_db_errors", "ctx.db / ctx.prediction calls that raised DatabaseError", m.db_errors()),
+        ):
+            counter = self._family(CounterMetricFamily, name, doc)
+            counter.add_metric(labels, value)
+            yield counter
+        for name, doc, gauge_value in (
+            ("kre_consumer_pending_messages", "Messages in the stream not yet delivered to the node's consumer",
+             m.consumer_pending),
+            ("kre_consumer_ack_pending_messages", "Messages delivered to the consumer and not yet acked",
+             m.consumer_ack_pending),
+        ):
+            gauge = self._family(GaugeMetricFamily, name, doc)
+            if gauge_value is not None:
+                gauge.add_metric(labels, gauge_value)
+            yield gauge
+
+
+def metrics_registry(metrics: NodeMetrics, *, node: str, workflow: str, version: str) -> CollectorRegistry:
+    """A registry of its own (nothing global): the node's metrics and the process collector."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(NodeCollector(metrics, node=node, workflow=workflow, version=version))
+    ProcessCollector(registry=registry)
+    return registry
+
+
+async def refresh_consumer_lag(
+    consumer_info: Callable[[], object],
+    metrics: NodeMetrics,
+    *,
+    interval: float = 5.0,
+    logger: logging.Logger | None = None,
+    every_tick: Callable[[], None] | None = None,
+) -> None:
+    """Every ``interval`` s, read the consumer's pending and ack-pending counts (for autoscaling on lag).
+
+    ``consumer_info`` is e.g. ``lambda: js.consumer_info(stream, name)``. Failures (NATS down) keep the
+    last values: the lag is unknown, not zero. ``every_tick`` runs other housekeeping at the same pace.
+    Runs until cancelled.
+    """
+    log = logger or logging.getLogger("kre_runner")
+    failing = False
+    while True:
+        try:
+            info = await asyncio.wait_for(consumer_info(), interval)  # type: ignore[arg-type]
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            if not failing:
+                log.debug("consumer info for metrics failed: %s: %s", type(exc).__name__, exc)
+            failing = True
+        else:
+            failing = False
+            metrics.consumer_pending = info.num_pending  # type: ignore[attr-defined]
+            metrics.consumer_ack_pending = info.num_ack_pending  # type: ignore[attr-defined]
+        if every_tick is not None:
+            with contextlib.suppress(Exception):
+                every_tick()
+        await asyncio.sleep(interval)
