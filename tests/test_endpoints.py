@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator
 
 import aiohttp
 import pytest
-from kre_helpers import STREAM, Collector, node_env, request_envelope, start_process, wait_ready
+from kre_helpers import STREAM, Collector, node_env, request_envelope, start_process, wait_ready, wait_settled
 from prometheus_client.parser import text_string_to_metric_families
 
 from kre_runner.config import Settings
@@ -183,7 +183,8 @@ async def test_json_logs_parse_and_name_the_node(nats_server, js, workflow_strea
         await wait_ready(js, "v1-greeter")
         await wait_ready(js, "v1-other")
         await js.publish(IN, request_envelope("j", tracking_id="track-json-1").SerializeToString())
-        assert len(await out.take(1)) == 1
+        await js.publish(f"{STREAM}.other", request_envelope("j", tracking_id="track-json-1").SerializeToString())
+        assert len(await out.take(2)) == 2
     finally:
         quiet, log = _stop(proc), _stop(proc2)
     assert proc.returncode == 0 and proc2.returncode == 0, log
@@ -192,6 +193,56 @@ async def test_json_logs_parse_and_name_the_node(nats_server, js, workflow_strea
     assert lines and all({"time", "level", "logger", "message", "node", "workflow"} <= line.keys() for line in lines)
     assert {line["node"] for line in lines} == {"other"} and any(line["message"].startswith("node other ready")
                                                                  for line in lines)
+    # ctx.logger's line about the request carries its tracking id.
+    [greeting_line] = [line for line in lines if line["message"] == "greeting j"]
+    assert greeting_line["tracking_id"] == "track-json-1"
+
+
+@pytest.mark.parametrize("threads", ["0", "2"])
+async def test_handler_lines_and_failures_carry_the_tracking_id_and_the_users_traceback(nats_server, js,
+                                                                                        workflow_stream, threads):
+    entry = await Collector(js, f"{STREAM}.entrypoint").start()
+    proc = start_process(node_env(nats_server.url, "outcomes.py", KRT_LOG_FORMAT="json", KRT_HANDLER_THREADS=threads))
+    try:
+        await wait_ready(js, "v1-greeter")
+        await js.publish(IN, request_envelope("boom-x", tracking_id="track-fail").SerializeToString())
+        await js.publish(IN, b"garbage")
+        assert len(await entry.take(2)) == 2
+    finally:
+        log = _stop(proc)
+    lines = [json.loads(line) for line in log.splitlines() if line.strip()]
+    [failed] = [line for line in lines if line["message"].startswith("handler failed on input seq 1")]
+    assert failed["tracking_id"] == "track-fail" and failed["seq"] == 1 and failed["level"] == "WARN"
+    assert 'outcomes.py", line' in failed["exception"] and "ValueError: cannot greet boom-x" in failed["exception"]
+    assert "kre_runner" not in failed["exception"]  # the user's frames, not the runner's
+    [invalid] = [line for line in lines if "is not a valid envelope" in line["message"]]
+    assert invalid["seq"] == 2 and "tracking_id" not in invalid
+
+
+async def test_metrics_count_every_outcome_exactly(nats_server, js, workflow_stream):
+    port = free_port()
+    env = node_env(nats_server.url, "outcomes.py", KRT_HTTP_PORT=str(port))
+    entry = await Collector(js, f"{STREAM}.entrypoint").start()
+    out = await Collector(js, OUT).start()
+    names = [f"fine-{i}" for i in range(5)] + ["boom-1", "boom-2", "boom-3", "wrong-1", "skip-1", "skip-2"]
+    async with _node(env):
+        await wait_ready(js, "v1-greeter")
+        for name in names:
+            await js.publish(IN, request_envelope(name).SerializeToString())
+        for _ in range(2):
+            await js.publish(IN, b"\xff not an envelope")
+        assert len(await out.take(5)) == 5 and len(await entry.take(6)) == 6
+        await wait_settled(js, "v1-greeter")
+        status, text, _ = await _get(port, "/metrics")
+    assert status == 200
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    outcomes = {s.labels["outcome"]: s.value for s in families["kre_messages"].samples if s.name.endswith("_total")}
+    assert outcomes == {"ok": 5, "error": 4, "invalid": 2, "filtered": 2, "retried": 0, "dead_lettered": 0}
+    handler = {s.name: s.value for s in families["kre_handler_duration_seconds"].samples if "le" not in s.labels}
+    assert handler["kre_handler_duration_seconds_count"] == 11  # every call, raising or not; not the invalid ones
+    assert {s.name: s.value for s in families["kre_redeliveries"].samples}["kre_redeliveries_total"] == 0
+    assert {s.name: s.value for s in families["kre_publish_failures"].samples}["kre_publish_failures_total"] == 0
+    assert [s.value for s in families["kre_inflight_messages"].samples] == [0]
 
 
 async def test_an_init_failure_prints_its_traceback_then_one_line(nats_server, js, workflow_stream):

@@ -45,9 +45,12 @@ from .config import Settings
 from .context import Context, Retry
 from .credits import Credits
 from .deadletter import DeadLetters
+from .elapsed import WorkflowClock
 from .envelope import EnvelopeError, KreNatsMessage, TrackingClock, decode
 from .handler import UserCode
 from .jetstream import SetupError, prepare, recreate
+from .logs import RateLimitedLog
+from .metrics import NodeMetrics
 from .natsfast import Dispatcher, Wire, describe, probe
 from .outcome import Outcome, Outcomes
 from .publisher import PubAckPublisher
@@ -79,6 +82,8 @@ class Consumer:
         logger: logging.Logger,
         *,
         record_elapsed: Callable[[KreNatsMessage, float, float], None] | None = None,
+        metrics: NodeMetrics | None = None,
+        failures: RateLimitedLog | None = None,
     ) -> None:
         self._s = settings
         self._code = code
@@ -91,12 +96,17 @@ class Consumer:
         self._wire = Wire(nc, self.fast_path)
         self._dispatcher = Dispatcher(nc, self.fast_path)
         self._publisher = PubAckPublisher(nc, self._dispatcher, self._wire, settings.publish_timeout, self._release)
-        self._outcomes = Outcomes(settings, self._clock, logger)
+        self.metrics = metrics or NodeMetrics()
+        self._observe_handler = self.metrics.observe_handler
+        self._failures = failures or RateLimitedLog(logger, "handler failures")
+        self._outcomes = Outcomes(settings, self._clock, logger, self._failures)
         self._credits = Credits(settings.max_inflight, settings.max_inflight_bytes)
         self._settlement = Settlement(self._wire, logger, ack_wait=settings.ack_wait,
                                       publish_timeout=settings.publish_timeout, max_deliver=settings.max_deliver,
                                       dead_letter=DeadLetters(settings, self._publisher, self._outcomes).send,
-                                      credits=self._credits)
+                                      credits=self._credits, metrics=self.metrics)
+        self.metrics.inflight = self._inflight
+        self._workflow_clock = WorkflowClock() if settings.is_last_node else None
         self._jobs = self._settlement.jobs  # started and not yet settled (settlement removes them)
         self._pool = ThreadPoolExecutor(settings.handler_threads, "kre-handler") if settings.handler_threads else None
         self._inline = not code.handler_is_async and self._pool is None  # handler runs in the inbox route
@@ -164,6 +174,7 @@ class Consumer:
         self._pulling = True
         self.bound = True
         await self._pull()
+        await self._check_consumer()  # the lag gauges and the ack floor from the start
         ticker = asyncio.create_task(self._tick())
         try:
             await stop.wait()
@@ -217,8 +228,10 @@ class Consumer:
                 now = time.monotonic()
                 if await self._settlement.keep_alive(now, [job for job, _ in self._waiting]):
                     self._settled()
-                if ticks % _CONSUMER_CHECK_TICKS == 0 and self._pulling:
-                    await self._check_consumer()
+                if ticks % _CONSUMER_CHECK_TICKS == 0:
+                    self._failures.flush()  # the count of tracebacks left out, once their minute is over
+                    if self._pulling:
+                        await self._check_consumer()
                 if self._pulling and self._credits.requested and now - self._last_seen > 3 * _HEARTBEAT:
                     self._log.warning("no heartbeat from the server for %.0fs: renewing pull requests",
                                       now - self._last_seen)
@@ -243,6 +256,8 @@ class Consumer:
             self._log.debug("consumer info failed: %s", exc)
             return
         self.consumer_info = info
+        self.metrics.consumer_pending = info.num_pending
+        self.metrics.consumer_ack_pending = info.num_ack_pending
         if info.ack_floor is not None:
             self._ack_floor = info.ack_floor.stream_seq
 
@@ -367,15 +382,20 @@ class Consumer:
         finally:
             self._inline_job = None
         end = now()
-        if end[0] - start[0] > _SLOW_INLINE_S and not self._warned_slow:
-            self._warn_slow(end[0] - start[0])
+        took = end[0] - start[0]
+        self._observe_handler(took)
+        if took > _SLOW_INLINE_S and not self._warned_slow:
+            self._warn_slow(took)
         if self._record_elapsed is not None:
             self._record_elapsed(envelope, start[0], end[0])
+        if self._workflow_clock is not None:
+            self._workflow_clock.observe(envelope, end[0], self.metrics)
         return self._outcomes.output(job, envelope, result, start, end)
 
     async def _redelivered(self, job: Job, delivered: int) -> bool:
         """A redelivery: settle it here when running the handler again would be wrong; True if so."""
-        self._log.info("input seq %d redelivered (delivery %d)", job.seq, delivered)
+        self.metrics.redeliveries += 1
+        self._log.info("input seq %d redelivered (delivery %d)", job.seq, delivered, extra={"seq": job.seq})
         if await self._settlement.acked_before(job):
             return True
         if self._settlement.out_of_deliveries(delivered):
@@ -448,9 +468,13 @@ class Consumer:
         finally:
             _current_job.reset(token)
         end = now()
-        self._credits.handlers_wait(end[0] - start[0] > _WAITING_HANDLER_S)
+        took = end[0] - start[0]
+        self._observe_handler(took)
+        self._credits.handlers_wait(took > _WAITING_HANDLER_S)
         if self._record_elapsed is not None:
             self._record_elapsed(envelope, start[0], end[0])
+        if self._workflow_clock is not None:
+            self._workflow_clock.observe(envelope, end[0], self.metrics)
         return self._outcomes.output(job, envelope, result, start, end)
 
     async def _call_handler(self, payload: AnyProto) -> Any:
@@ -463,6 +487,7 @@ class Consumer:
 
     def _failed(self, job: Job, envelope: KreNatsMessage, exc: Exception, start: tuple[float, str]) -> Outcome:
         """The handler raised: an error envelope, or for ``Retry`` nothing now and a retry later."""
+        self._observe_handler(time.time() - start[0])
         if isinstance(exc, Retry):
             job.failed = f"the handler asked for a retry: {exc or 'Retry'}"
             job.retry_delay = exc.delay
@@ -497,6 +522,16 @@ class Consumer:
             self._idle.set()
 
     # ---------------------------------------------------------------- ctx.early_reply / early_exit
+
+    def _inflight(self) -> int:
+        return len(self._jobs) + len(self._waiting)
+
+    def current_tracking_id(self) -> str | None:
+        """The tracking id of the input whose handler runs in this task or thread (ctx.logger lines carry it)."""
+        job = self._inline_job or _current_job.get(None)
+        if job is None or job.envelope is None:
+            return None
+        return job.envelope.tracking_id
 
     def _current(self, what: str) -> Job:
         job = self._inline_job or _current_job.get(None)

@@ -14,9 +14,10 @@ from collections.abc import Callable
 
 from .config import Settings
 from .envelope import KreNatsMessage, iso_to_unix
+from .metrics import NodeMetrics
 from .sinks.influx import escape_field_str, escape_tag
 
-__all__ = ["ElapsedRecorder"]
+__all__ = ["ElapsedRecorder", "TimestampParser", "WorkflowClock"]
 
 
 class ElapsedRecorder:
@@ -31,8 +32,7 @@ class ElapsedRecorder:
         self._node_line = node_prefix + 'elapsed_ms=%.3f,node_from="%s",tracking_id="%s",waiting_ms=%.3f %d'
         workflow_prefix = f"workflow_elapsed_time,{base} ".replace("%", "%%")
         self._workflow_line = workflow_prefix + 'elapsed_ms=%.3f,tracking_id="%s" %d'
-        self._second_text = ""  # "YYYY-MM-DDTHH:MM:SS." of the last timestamp parsed, and its Unix time
-        self._second_unix = 0.0
+        self._unix = TimestampParser()
 
     def __call__(self, envelope: KreNatsMessage, started: float, ended: float) -> None:
         """``started``/``ended``: Unix times the handler started and returned."""
@@ -57,9 +57,17 @@ class ElapsedRecorder:
             if first_start is not None:
                 self._add(self._workflow_line % ((ended - first_start) * 1000.0, tracking_id, ns))
 
-    def _unix(self, timestamp: str) -> float | None:
-        """A tracking timestamp as Unix time, remembering the second of a ``YYYY-MM-DDTHH:MM:SS.ffffff``
-        one: the next timestamps of that second (most of them) cost a slice and an ``int``."""
+
+
+class TimestampParser:
+    """Tracking timestamps as Unix time, remembering the second of a ``YYYY-MM-DDTHH:MM:SS.ffffff`` one:
+    the next timestamps of that second (most of them) cost a slice and an ``int``."""
+
+    def __init__(self) -> None:
+        self._second_text = ""  # "YYYY-MM-DDTHH:MM:SS." of the last timestamp parsed, and its Unix time
+        self._second_unix = 0.0
+
+    def __call__(self, timestamp: str) -> float | None:
         if timestamp[:20] == self._second_text and len(timestamp) == 26 and timestamp[20:].isdigit():
             return self._second_unix + int(timestamp[20:]) / 1e6
         value = iso_to_unix(timestamp)
@@ -67,3 +75,16 @@ class ElapsedRecorder:
             self._second_text = timestamp[:20]
             self._second_unix = value - int(timestamp[20:]) / 1e6
         return value
+
+
+class WorkflowClock:
+    """The last node's ``kre_workflow_duration_seconds``: from the first tracking entry's start to now."""
+
+    def __init__(self) -> None:
+        self._unix = TimestampParser()
+
+    def observe(self, envelope: KreNatsMessage, ended: float, metrics: NodeMetrics) -> None:
+        if envelope.tracking:
+            first_start = self._unix(envelope.tracking[0].start)
+            if first_start is not None:
+                metrics.observe_workflow(max(0.0, ended - first_start))

@@ -32,6 +32,8 @@ class Health:
         self.started = clock()
         # Not connected yet counts as disconnected since the start: the first connect is bounded anyway.
         self.disconnected_since: float | None = self.started
+        # Whether the durable consumer exists and is pulled from (False while it or its stream is recreated).
+        self.consumer_bound: Callable[[], bool] = _always
 
     def connected(self) -> None:
         self.disconnected_since = None
@@ -57,4 +59,10 @@ class Health:
                            DRAINING: "draining in-flight messages before exit"}.get(self.phase, self.phase)
         if self.disconnected_since is not None:
             return False, "disconnected from NATS"
+        if not self.consumer_bound():
+            return False, "the durable consumer or its stream is missing: recreating it"
         return True, "consuming"
+
+
+def _always() -> bool:
+    return True

@@ -9,9 +9,6 @@ when ``/metrics`` is scraped.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import logging
 from bisect import bisect_left
 from collections.abc import Callable, Iterator
 
@@ -26,7 +23,6 @@ __all__ = [
     "NodeCollector",
     "NodeMetrics",
     "metrics_registry",
-    "refresh_consumer_lag",
 ]
 
 # Seconds. A handler call ranges from microseconds (a lookup) to seconds (a model on a GPU).
@@ -78,12 +74,14 @@ class NodeMetrics:
     * ``error``: the handler raised or returned a wrong type; the error envelope was stored, input acked;
     * ``invalid``: the input was not an envelope; the error envelope was stored, input acked;
     * ``filtered``: the handler returned None (or the last node had already replied): nothing published;
-    * ``retried``: a publish failed and the input was nakked to be handled again.
+    * ``retried``: nakked to be handled again (a publish failed, the handler raised ``Retry``, or it was
+      handed back at shutdown);
+    * ``dead_lettered``: out of deliveries, copied to the dead letters and terminated.
 
     Also ``publish_failures`` (publishes not stored: no PubAck in time, no stream, ...) and
     ``redeliveries`` (inputs delivered more than once, counted on each such delivery).
     ``inflight`` returns the messages held by the consumer; ``consumer_pending`` and
-    ``consumer_ack_pending`` come from the consumer's info (:func:`refresh_consumer_lag`), ``None``
+    ``consumer_ack_pending`` come from the consumer's info (the consumer reads it every 5 s), ``None``
     until first read. ``influx_dropped`` and ``db_errors`` read the sinks' own counters.
     """
 
@@ -93,6 +91,7 @@ class NodeMetrics:
         self.invalid = 0
         self.filtered = 0
         self.retried = 0
+        self.dead_lettered = 0
         self.publish_failures = 0
         self.redeliveries = 0
         self.handler_seconds = DurationHistogram(HANDLER_BUCKETS)
@@ -133,7 +132,7 @@ class NodeCollector(Collector):
         labels = self._labels
         messages = self._family(CounterMetricFamily, "kre_messages", "Messages settled, by outcome",
                                 extra_labels=["outcome"])
-        for outcome in ("ok", "error", "invalid", "filtered", "retried"):
+        for outcome in ("ok", "error", "invalid", "filtered", "retried", "dead_lettered"):
             messages.add_metric([*labels, outcome], getattr(m, outcome))
         yield messages
         for name, doc, histogram in (
@@ -175,38 +174,3 @@ def metrics_registry(metrics: NodeMetrics, *, node: str, workflow: str, version:
     registry.register(NodeCollector(metrics, node=node, workflow=workflow, version=version))
     ProcessCollector(registry=registry)
     return registry
-
-
-async def refresh_consumer_lag(
-    consumer_info: Callable[[], object],
-    metrics: NodeMetrics,
-    *,
-    interval: float = 5.0,
-    logger: logging.Logger | None = None,
-    every_tick: Callable[[], None] | None = None,
-) -> None:
-    """Every ``interval`` s, read the consumer's pending and ack-pending counts (for autoscaling on lag).
-
-    ``consumer_info`` is e.g. ``lambda: js.consumer_info(stream, name)``. Failures (NATS down) keep the
-    last values: the lag is unknown, not zero. ``every_tick`` runs other housekeeping at the same pace.
-    Runs until cancelled.
-    """
-    log = logger or logging.getLogger("kre_runner")
-    failing = False
-    while True:
-        try:
-            info = await asyncio.wait_for(consumer_info(), interval)  # type: ignore[arg-type]
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            if not failing:
-                log.debug("consumer info for metrics failed: %s: %s", type(exc).__name__, exc)
-            failing = True
-        else:
-            failing = False
-            metrics.consumer_pending = info.num_pending  # type: ignore[attr-defined]
-            metrics.consumer_ack_pending = info.num_ack_pending  # type: ignore[attr-defined]
-        if every_tick is not None:
-            with contextlib.suppress(Exception):
-                every_tick()
-        await asyncio.sleep(interval)

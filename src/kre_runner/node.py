@@ -21,7 +21,7 @@ from .endpoints import Endpoints, info_document
 from .handler import UserCode, load_user_code
 from .health import DRAINING, INIT, READY, Health
 from .logs import RateLimitedLog, TrackingFilter
-from .metrics import NodeMetrics, metrics_registry, refresh_consumer_lag
+from .metrics import NodeMetrics, metrics_registry
 from .services import Services, open_services
 
 __all__ = ["StartupError", "run_node"]
@@ -133,7 +133,6 @@ async def _run_connected(settings: Settings, stop: asyncio.Event, logger: loggin
                                        on_connection_change=connection_changed), stop)
     client.append(nc)
     services = None
-    housekeeping: asyncio.Task[None] | None = None
     try:
         await _unless_stopped(check_jetstream(nc, ", ".join(redact_url(s) for s in settings.nats_servers)), stop)
         services = await services_opener(settings, nc, logger)
@@ -169,7 +168,8 @@ async def _run_connected(settings: Settings, stop: asyncio.Event, logger: loggin
         record = None
         if services.influx is not None and settings.elapsed_metrics:
             record = ElapsedRecorder(settings, services.influx.add)
-        consumer = Consumer(settings, code, nc, ctx, logger, record_elapsed=record)
+        consumer = Consumer(settings, code, nc, ctx, logger, record_elapsed=record, metrics=metrics, failures=failures)
+        tracking.current = consumer.current_tracking_id
         holder.append(consumer)
         await _unless_stopped(consumer.setup(), stop)
         health.phase = INIT
@@ -189,10 +189,7 @@ async def _run_connected(settings: Settings, stop: asyncio.Event, logger: loggin
         gc.collect()
         gc.freeze()
         logger.info("node %s ready", settings.node_name)
-        js = nc.jetstream()
-        housekeeping = asyncio.create_task(refresh_consumer_lag(
-            lambda: js.consumer_info(settings.stream, settings.consumer_name), metrics, logger=logger,
-            every_tick=failures.flush), name="kre-housekeeping")
+        health.consumer_bound = lambda: consumer.bound
         health.phase = READY
         draining = asyncio.create_task(_mark_draining(stop, health))
         try:
@@ -202,9 +199,6 @@ async def _run_connected(settings: Settings, stop: asyncio.Event, logger: loggin
         return consumer
     finally:
         health.phase = DRAINING
-        if housekeeping is not None:
-            housekeeping.cancel()
-            await asyncio.gather(housekeeping, return_exceptions=True)
         if services is not None:
             # In-flight messages already had their grace; a down InfluxDB must not hold the pod much longer.
             await services.close(min(5.0, settings.shutdown_grace))

@@ -19,6 +19,8 @@ Where each goes:
 from __future__ import annotations
 
 import logging
+import os
+import sysconfig
 from typing import Any
 
 from google.protobuf.any_pb2 import Any as AnyProto
@@ -26,6 +28,7 @@ from google.protobuf.message import Message
 
 from .config import Settings
 from .envelope import EnvelopeError, KreNatsMessage, TrackingClock, encode
+from .logs import RateLimitedLog
 from .settlement import Job
 
 __all__ = ["Outcome", "Outcomes"]
@@ -33,12 +36,14 @@ __all__ = ["Outcome", "Outcomes"]
 Outcome = tuple[str, bytes] | None
 _HEADER_ROOM = 512  # room left in max_payload for the Nats-Msg-Id header and protocol line
 _MAX_REASON = 8192  # characters of an error text kept in an error envelope
+_RUNNER_DIRS = (os.path.dirname(os.path.abspath(__file__)), sysconfig.get_paths()["stdlib"])
 
 
 class Outcomes:
     """Builds outcomes for one node. ``limit``: the largest envelope it may publish (set at setup)."""
 
-    def __init__(self, settings: Settings, clock: TrackingClock, logger: logging.Logger) -> None:
+    def __init__(self, settings: Settings, clock: TrackingClock, logger: logging.Logger,
+                 failures: RateLimitedLog | None = None) -> None:
         self._node_name = settings.node_name
         self._is_last_node = settings.is_last_node
         self._output_subject = settings.output_subject
@@ -46,6 +51,8 @@ class Outcomes:
         self._error_subject = settings.entrypoint_subject or settings.output_subject
         self._clock = clock
         self._log = logger
+        # Handler failures: tracebacks for the first few a minute, then one line counting the rest.
+        self._failures = failures or RateLimitedLog(logger, "handler failures")
         self._type_urls: dict[Any, str] = {}
         self.limit = 1024 * 1024 - _HEADER_ROOM
         self.errors = 0  # error envelopes built for this node's own failures
@@ -63,6 +70,7 @@ class Outcomes:
                end: tuple[float, str]) -> Outcome:
         """The handler returned ``result``: the output envelope, an error envelope, or nothing."""
         if result is None or (self._is_last_node and (envelope.replied or job.replied)):
+            job.kind = "filtered"
             return None  # a filter, or the entrypoint already has its answer
         # The input envelope becomes the output: tracking_id, reply, replied and tracking carry over.
         tracked = False
@@ -74,7 +82,7 @@ class Outcomes:
             else:
                 reason = (f"handler returned {type(result).__name__}; expected a protobuf message, "
                           f"google.protobuf.Any or None")
-                self._log.warning("input seq %d: %s", job.seq, reason)
+                self._failures.log(logging.WARNING, "input seq %d: %s", job.seq, reason, extra=job.log_fields())
                 return self.error(job, envelope, reason, start[1])
             if job.replied:
                 envelope.replied = True
@@ -93,25 +101,29 @@ class Outcomes:
                 del envelope.tracking[-1]
             reason = str(exc) if isinstance(exc, EnvelopeError) else \
                 f"the handler's result cannot be serialised: {type(exc).__name__}: {exc}"
-            self._log.warning("input seq %d: %s", job.seq, reason)
+            self._failures.log(logging.WARNING, "input seq %d: %s", job.seq, reason, exc_info=exc,
+                               extra=job.log_fields())
             return self.error(job, envelope, reason, start[1])
 
     def failed(self, job: Job, envelope: KreNatsMessage, exc: Exception, start: tuple[float, str]) -> Outcome:
         """The handler raised ``exc``."""
         reason = str(exc) or type(exc).__name__
-        self._log.warning("handler failed on input seq %d: %s: %s", job.seq, type(exc).__name__, _shorten(reason),
-                          exc_info=self._log.isEnabledFor(logging.DEBUG))
+        self._failures.log(logging.WARNING, "handler failed on input seq %d: %s: %s", job.seq, type(exc).__name__,
+                           _shorten(reason), exc_info=_user_traceback(exc), extra=job.log_fields())
         return self.error(job, envelope, reason, start[1])
 
     def invalid(self, job: Job, exc: EnvelopeError) -> Outcome:
         """The input is not an envelope."""
-        self._log.warning("input seq %d is not a valid envelope: %s", job.seq, exc)
-        return self.error(job, KreNatsMessage(), f"invalid input message at seq {job.seq}: {exc}",
-                          self._clock.now()[1])
+        self._log.warning("input seq %d is not a valid envelope: %s", job.seq, exc, extra=job.log_fields())
+        outcome = self.error(job, KreNatsMessage(), f"invalid input message at seq {job.seq}: {exc}",
+                             self._clock.now()[1])
+        job.kind = "invalid"
+        return outcome
 
     def passthrough(self, job: Job, envelope: KreNatsMessage) -> Outcome:
         """The input already carries an error: on to the error subject unchanged, with this node's entry."""
         self.passed_errors += 1
+        job.kind = "error"
         now = self._clock.now()[1]
         entry = envelope.tracking.add()
         entry.node_name = self._node_name
@@ -124,6 +136,7 @@ class Outcomes:
     def error(self, job: Job, envelope: KreNatsMessage, reason: str, start: str) -> Outcome:
         """An error envelope keeps tracking_id, reply and tracking so the entrypoint can match it."""
         self.errors += 1
+        job.kind = "error"
         reason = _shorten(reason, _MAX_REASON)
         error = KreNatsMessage(
             tracking_id=envelope.tracking_id,
@@ -164,6 +177,14 @@ class Outcomes:
             type_url = self._type_urls[descriptor] = f"type.googleapis.com/{descriptor.full_name}"
         payload.value = message.SerializeToString()
         payload.type_url = type_url
+
+
+def _user_traceback(exc: Exception) -> Exception:
+    """``exc`` with the runner's own frames left out of its traceback: the user's code is what to read."""
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None and tb.tb_frame.f_code.co_filename.startswith(_RUNNER_DIRS):
+        tb = tb.tb_next  # the runner's frames, and asyncio's or the thread pool's in between
+    return exc.with_traceback(tb)
 
 
 def _shorten(text: str, limit: int = 500) -> str:

@@ -37,6 +37,7 @@ from collections.abc import Awaitable, Callable, Iterable
 
 from .credits import Credits
 from .envelope import KreNatsMessage
+from .metrics import NodeMetrics
 from .natsfast import Wire
 
 __all__ = ["Job", "Settlement", "nak_delay", "parse_ack_subject"]
@@ -55,8 +56,8 @@ DeadLetter = Callable[["Job", str], Awaitable[None]]
 class Job:
     """One input message from delivery to settlement."""
 
-    __slots__ = ("ack_subject", "data", "dead_letter", "done", "early_exit", "envelope", "failed", "msg_id", "refs",
-                 "replied", "retry_delay", "settled", "task", "touched")
+    __slots__ = ("ack_subject", "data", "dead_letter", "done", "early_exit", "envelope", "failed", "kind", "msg_id",
+                 "refs", "replied", "retry_delay", "settled", "task", "touched")
 
     def __init__(self, ack_subject: str, msg_id: str, now: float, data: bytes = b"") -> None:
         self.ack_subject = ack_subject
@@ -66,6 +67,7 @@ class Job:
         self.failed: str | None = None  # why its outcome was not stored, or why it must be retried
         self.retry_delay: float | None = None  # the handler's Retry(delay=...)
         self.dead_letter = False  # being dead-lettered: its publishes are the copy and the error envelope
+        self.kind: str | None = None  # what its outcome was, for the metrics: None (ok), error, invalid, filtered
         self.envelope: KreNatsMessage | None = None
         self.replied = False  # ctx.early_reply succeeded
         self.early_exit = False  # ctx.early_exit() was called
@@ -83,12 +85,17 @@ class Job:
     def delivered(self) -> int:
         return parse_ack_subject(self.ack_subject)[2]
 
+    def log_fields(self) -> dict[str, object]:
+        """``extra=`` for a log line about this input (JSON logs carry them as fields)."""
+        return {"tracking_id": self.envelope.tracking_id if self.envelope is not None else None, "seq": self.seq}
+
 
 class Settlement:
     """Acks, naks and keep-alives of one consumer. ``jobs``: the inputs being handled or published."""
 
     def __init__(self, wire: Wire, logger: logging.Logger, *, ack_wait: float, publish_timeout: float,
-                 max_deliver: int = 0, dead_letter: DeadLetter | None = None, credits: Credits | None = None) -> None:
+                 max_deliver: int = 0, dead_letter: DeadLetter | None = None, credits: Credits | None = None,
+                 metrics: NodeMetrics | None = None) -> None:
         self._wire = wire
         self._log = logger
         self._keepalive_after = ack_wait / 2
@@ -100,6 +107,7 @@ class Settlement:
         self.nakked = 0
         self.dead_lettered = 0
         self._credits = credits or Credits(1)  # settling an input frees the bytes it held
+        self._metrics = metrics or NodeMetrics()  # settled inputs by outcome, publish failures
         self._acked_now: set[str] = set()  # Nats-Msg-Ids of inputs acked recently, in two generations
         self._acked_before: set[str] = set()
 
@@ -109,32 +117,42 @@ class Settlement:
 
     async def release(self, job: Job, error: str | None = None) -> bool:
         """Drop one reference (``error``: why its part failed, None if it succeeded); True if this settled the input."""
-        if error is not None and job.failed is None:
-            job.failed = error
+        if error is not None:
+            self._metrics.publish_failures += 1
+            if job.failed is None:
+                job.failed = error
         job.refs -= 1
         if job.refs or job.settled:
             return False
         if job.failed is None:
             command = _TERMINATE if job.dead_letter else _ACK
+            metrics = self._metrics
             if job.dead_letter:
                 self.dead_lettered += 1
+                metrics.dead_lettered += 1
             else:
                 self.acked += 1
                 self._remember(job.msg_id)
+                if job.kind is None:
+                    metrics.ok += 1
+                else:
+                    setattr(metrics, job.kind, getattr(metrics, job.kind) + 1)
         elif not job.dead_letter and self._dead_letter is not None and job.delivered >= self._max_deliver > 0:
             # Out of deliveries: the dead-letter copy and error envelope hold the job until stored.
             job.dead_letter, reason, job.failed = True, job.failed, None
             self._log.error("input seq %d failed on all %d deliveries: dead-lettering it: %s", job.seq,
-                            job.delivered, reason)
+                            job.delivered, reason, extra=job.log_fields())
             job.refs = 1
             await self._dead_letter(job, reason)
             return await self.release(job)
         else:
             self.nakked += 1
+            self._metrics.retried += 1
             delay = job.retry_delay
             if delay is None:
                 delay = nak_delay(job.delivered)
-            self._log.warning("input seq %d will be retried in %gs: %s", job.seq, delay, job.failed)
+            self._log.warning("input seq %d will be retried in %gs: %s", job.seq, delay, job.failed,
+                              extra=job.log_fields())
             command = b'-NAK {"delay": %d}' % int(delay * 1e9)
         job.settled = True
         self.jobs.discard(job)
@@ -173,7 +191,8 @@ class Settlement:
         self.jobs.discard(job)
         self._credits.settled(len(job.data))
         self.nakked += 1
-        self._log.warning("returning input seq %d for redelivery: %s", job.seq, why)
+        self._metrics.retried += 1
+        self._log.warning("returning input seq %d for redelivery: %s", job.seq, why, extra=job.log_fields())
         try:
             await self._wire.publish(job.ack_subject, _HAND_BACK)
         except Exception as exc:
