@@ -61,7 +61,8 @@ class Credits:
         want = self.free(held, waiting) - self.requested
         if want <= 0 or (want < self.batch and held + waiting + self.requested > 0):
             return 0
-        if self.max_bytes and self.bytes_left() < self.message_bytes and held + waiting + self.requested > 0:
+        if (self.max_bytes and self.max_bytes - self.held_bytes - self.requested_bytes < self.message_bytes
+                and held + waiting + self.requested > 0):
             return 0
         return want
 
@@ -74,7 +75,7 @@ class Credits:
         return self.running < self.max_inflight
 
     def delivered(self, size: int) -> None:
-        """A message of ``size`` bytes arrived for one of our requests."""
+        """A message of ``size`` bytes arrived for one of our requests (the consumer inlines this)."""
         if self.requested > 0:
             self.requested -= 1
         self.held_bytes += size

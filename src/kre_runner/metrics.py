@@ -9,7 +9,7 @@ when ``/metrics`` is scraped.
 
 from __future__ import annotations
 
-from bisect import bisect_left
+from bisect import bisect_right
 from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, ProcessCollector
@@ -34,18 +34,47 @@ WORKFLOW_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0
 
 
 class DurationHistogram:
-    """A histogram kept as plain numbers: ``observe`` is a bisect and two additions, no lock."""
+    """A histogram kept as plain numbers, filled in batches.
 
-    __slots__ = ("bounds", "counts", "sum")
+    ``observe`` is ``list.append`` (a C call, no Python frame: it runs once per message); the
+    durations are sorted into the buckets by :meth:`fold`, which the consumer calls every second and
+    every read calls first. Sorting a batch and cutting it at the bucket bounds costs a fraction of
+    a bisect per message.
+    """
+
+    __slots__ = ("_counts", "_pending", "_sum", "bounds", "observe")
 
     def __init__(self, bounds: tuple[float, ...]) -> None:
         self.bounds = bounds
-        self.counts = [0] * (len(bounds) + 1)  # the last one is +Inf
-        self.sum = 0.0
+        self._counts = [0] * (len(bounds) + 1)  # the last one is +Inf
+        self._sum = 0.0
+        self._pending: list[float] = []
+        self.observe = self._pending.append
 
-    def observe(self, seconds: float) -> None:
-        self.counts[bisect_left(self.bounds, seconds)] += 1
-        self.sum += seconds
+    def fold(self) -> None:
+        """Move the durations observed since the last fold into the buckets."""
+        pending = self._pending
+        if not pending:
+            return
+        batch = sorted(pending)
+        pending.clear()  # the same list: ``observe`` stays bound to it
+        start = 0
+        for i, bound in enumerate(self.bounds):
+            end = bisect_right(batch, bound, start)
+            self._counts[i] += end - start
+            start = end
+        self._counts[-1] += len(batch) - start
+        self._sum += sum(batch)
+
+    @property
+    def counts(self) -> list[int]:
+        self.fold()
+        return self._counts
+
+    @property
+    def sum(self) -> float:
+        self.fold()
+        return self._sum
 
     @property
     def count(self) -> int:
@@ -96,7 +125,7 @@ class NodeMetrics:
         self.redeliveries = 0
         self.handler_seconds = DurationHistogram(HANDLER_BUCKETS)
         self.workflow_seconds = DurationHistogram(WORKFLOW_BUCKETS)
-        # Bound methods: metrics.observe_handler(seconds) costs one call, no attribute chain.
+        # list.append, bound: metrics.observe_handler(seconds) costs one C call (see DurationHistogram).
         self.observe_handler = self.handler_seconds.observe
         self.observe_workflow = self.workflow_seconds.observe
         self.inflight: Callable[[], int] = _zero
@@ -104,6 +133,11 @@ class NodeMetrics:
         self.consumer_ack_pending: int | None = None
         self.influx_dropped: Callable[[], int] = _zero
         self.db_errors: Callable[[], int] = _zero
+
+    def fold(self) -> None:
+        """Sort the durations observed lately into their buckets (bounds the memory they hold)."""
+        self.handler_seconds.fold()
+        self.workflow_seconds.fold()
 
     @property
     def processed(self) -> int:

@@ -42,7 +42,7 @@ class PubAckPublisher:
         self._counter = 0
         # token -> (deadline, owner, what was published); insertion order is deadline order (one fixed
         # timeout). What was published is kept to send it again at once after a reconnect.
-        self._waiting: dict[str, tuple[float, Any, _Sent]] = {}
+        self._waiting: dict[str, _Waiting] = {}
         self._sub: Subscription | None = None
 
     async def start(self) -> None:
@@ -53,7 +53,7 @@ class PubAckPublisher:
         """Publish ``data``; its outcome is reported later for ``owner``."""
         self._counter += 1
         token = str(self._counter)
-        self._waiting[token] = (time.monotonic() + self._timeout, owner, (subject, data, msg_id, headers))
+        self._waiting[token] = (time.monotonic() + self._timeout, owner, subject, data, msg_id, headers)
         try:
             await self._wire.publish(subject, data, self._prefix + token, msg_id, headers)
         except Exception as exc:  # disconnected with a full buffer, payload too large, ...
@@ -69,7 +69,7 @@ class PubAckPublisher:
         """Fail every publish whose PubAck is overdue (called about once a second)."""
         now = time.monotonic()
         while self._waiting:
-            token, (deadline, owner, _) = next(iter(self._waiting.items()))
+            token, (deadline, owner, *_) = next(iter(self._waiting.items()))
             if deadline > now:
                 break
             del self._waiting[token]
@@ -84,11 +84,10 @@ class PubAckPublisher:
         """
         waiting = list(self._waiting.items())
         deadline = time.monotonic() + self._timeout
-        for token, (_, owner, sent) in waiting:
+        for token, (_, owner, subject, data, msg_id, headers) in waiting:
             if self._waiting.pop(token, None) is None:
                 continue  # its PubAck came meanwhile
-            self._waiting[token] = (deadline, owner, sent)  # at the end: deadline order holds
-            subject, data, msg_id, headers = sent
+            self._waiting[token] = (deadline, owner, subject, data, msg_id, headers)  # at the end: deadline order
             try:
                 await self._wire.publish(subject, data, self._prefix + token, msg_id, headers)
             except Exception as exc:
@@ -109,8 +108,8 @@ class PubAckPublisher:
         await self._on_stored(entry[1], None if data and b'"error"' not in data else _puback_error(data, headers))
 
 
-# (subject, data, Nats-Msg-Id, other headers) of one publish.
-_Sent = tuple[str, bytes, str, "dict[str, str] | None"]
+# (deadline, owner, subject, data, Nats-Msg-Id, other headers) of one publish waiting for its PubAck.
+_Waiting = tuple[float, Any, str, bytes, str, "dict[str, str] | None"]
 
 
 def _puback_error(data: bytes, headers: dict[str, str] | None) -> str:

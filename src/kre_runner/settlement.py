@@ -132,7 +132,7 @@ class Settlement:
                 metrics.dead_lettered += 1
             else:
                 self.acked += 1
-                self._remember(job.msg_id)
+                self._acked_now.add(job.msg_id)
                 if job.kind is None:
                     metrics.ok += 1
                 else:
@@ -156,7 +156,7 @@ class Settlement:
             command = b'-NAK {"delay": %d}' % int(delay * 1e9)
         job.settled = True
         self.jobs.discard(job)
-        self._credits.settled(len(job.data))
+        self._credits.held_bytes -= len(job.data)
         try:
             await self._wire.publish(job.ack_subject, command)
         except Exception as exc:
@@ -170,18 +170,17 @@ class Settlement:
         self._log.warning("input seq %d was acked already (the server lost its ack state?): acking it again "
                           "without running the handler", job.seq)
         job.settled = True
-        self._credits.settled(len(job.data))
+        self._credits.held_bytes -= len(job.data)
         try:
             await self._wire.publish(job.ack_subject, _ACK)
         except Exception as exc:
             self._lost(job, _ACK, exc)
         return True
 
-    def _remember(self, msg_id: str) -> None:
-        acked = self._acked_now
-        acked.add(msg_id)
-        if len(acked) >= _ACK_MEMORY:
-            self._acked_before, self._acked_now = acked, set()
+    def age_memory(self) -> None:
+        """Called every second: past ``_ACK_MEMORY`` inputs acked, start a new generation of them."""
+        if len(self._acked_now) >= _ACK_MEMORY:
+            self._acked_before, self._acked_now = self._acked_now, set()
 
     async def hand_back(self, job: Job, why: str) -> None:
         """The node is stopping: give an unsettled input to another replica now (``why`` is logged)."""
@@ -189,7 +188,7 @@ class Settlement:
             return
         job.settled = True
         self.jobs.discard(job)
-        self._credits.settled(len(job.data))
+        self._credits.held_bytes -= len(job.data)
         self.nakked += 1
         self._metrics.retried += 1
         self._log.warning("returning input seq %d for redelivery: %s", job.seq, why, extra=job.log_fields())
