@@ -15,6 +15,8 @@ from pathlib import Path
 
 from jetstream import CONSUMER, ENTRYPOINT, INPUT, NODE, OUTPUT, STREAM, VERSION
 
+from kre_runner.embedded import free_port
+
 __all__ = ["NodeProcess", "NodeSpec", "kre_env"]
 
 BENCH_DIR = Path(__file__).resolve().parent
@@ -29,6 +31,8 @@ def kre_env(nats_url: str, function: str = "handler", max_inflight: int = 256) -
         "KRT_NATS_ENTRYPOINT_SUBJECT": ENTRYPOINT, "KRT_BASE_PATH": str(BENCH_DIR),
         "KRT_HANDLER_PATH": f"handler.py:{function}", "KRT_MAX_INFLIGHT": str(max_inflight),
         "KRT_DELIVER_POLICY": "all", "KRT_SHUTDOWN_GRACE": "5",
+        # The HTTP endpoint on, as in production, on a port of its own (nodes may overlap between rounds).
+        "KRT_HTTP_PORT": str(free_port()),
     }
 
 

@@ -133,6 +133,7 @@ class Consumer:
         self._idle = asyncio.Event()
         self._idle.set()
         self._warned_slow = False
+        self._settled_since_look = 0  # settlements since _release last looked at the credit
         self._ack_floor: int | None = None  # the consumer's ack floor (stream seq) when last looked at
         self._recovering: asyncio.Task[None] | None = None
         self.bound = False  # the durable consumer exists and we pull from it (readiness)
@@ -527,10 +528,13 @@ class Consumer:
                 self._start(*waiting.popleft())
             if not jobs:
                 self._idle.set()
-            # Credit is asked for in chunks of ``batch``: looking every ``batch`` settlements (and when
-            # idle) finds each chunk; looking at every one cost ~3 % of a message's instructions.
-            if not len(jobs) % credits.batch and credits.want(len(jobs), len(waiting)):
-                await self._pull()
+            # Credit is asked for in chunks of ``batch``, so a look every ``batch`` settlements finds each
+            # chunk as soon as it is free; a look at every settlement cost ~2.5 % of a message.
+            self._settled_since_look += 1
+            if self._settled_since_look >= credits.batch or not jobs:
+                self._settled_since_look = 0
+                if credits.want(len(jobs), len(waiting)):
+                    await self._pull()
 
     def _settled(self) -> None:
         """An input was settled: its slot may start a waiting input."""

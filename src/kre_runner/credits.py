@@ -55,10 +55,11 @@ class Credits:
         return min(self.max_inflight + self.prefetch - self.running, self.cap - held) - waiting
 
     def want(self, held: int, waiting: int) -> int:
-        """How many messages to request now; 0 when not worth a request yet."""
+        """How many messages to request now; 0 when not worth a request yet (runs once or twice a message)."""
         if self.careful:
             return 1 if held + waiting + self.requested == 0 else 0
-        want = self.free(held, waiting) - self.requested
+        # free() - requested, inline: a second call here costs more than the arithmetic.
+        want = min(self.max_inflight + self.prefetch - self.running, self.cap - held) - waiting - self.requested
         if want <= 0 or (want < self.batch and held + waiting + self.requested > 0):
             return 0
         if (self.max_bytes and self.max_bytes - self.held_bytes - self.requested_bytes < self.message_bytes
