@@ -47,9 +47,15 @@ class ElapsedRecorder:
             node_from = previous.node_name
             if '"' in node_from or "\\" in node_from:
                 node_from = escape_field_str(node_from)
-            previous_end = self._unix(previous.end)
-            if previous_end is not None:
-                waiting_ms = (started - previous_end) * 1000.0
+            end = previous.end
+            # TimestampParser's cached case, inline (once per message): same second as the last one.
+            parser = self._unix
+            if end[:20] == parser.second_text and len(end) == 26 and end[20:].isdigit():
+                waiting_ms = (started - parser.second_unix - int(end[20:]) / 1e6) * 1000.0
+            else:
+                previous_end = parser(end)
+                if previous_end is not None:
+                    waiting_ms = (started - previous_end) * 1000.0
         ns = time.time_ns()
         self._add(self._node_line % ((ended - started) * 1000.0, node_from, tracking_id, waiting_ms, ns))
         if self._is_last and tracking:
@@ -58,22 +64,21 @@ class ElapsedRecorder:
                 self._add(self._workflow_line % ((ended - first_start) * 1000.0, tracking_id, ns))
 
 
-
 class TimestampParser:
     """Tracking timestamps as Unix time, remembering the second of a ``YYYY-MM-DDTHH:MM:SS.ffffff`` one:
     the next timestamps of that second (most of them) cost a slice and an ``int``."""
 
     def __init__(self) -> None:
-        self._second_text = ""  # "YYYY-MM-DDTHH:MM:SS." of the last timestamp parsed, and its Unix time
-        self._second_unix = 0.0
+        self.second_text = ""  # "YYYY-MM-DDTHH:MM:SS." of the last timestamp parsed, and its Unix time
+        self.second_unix = 0.0
 
     def __call__(self, timestamp: str) -> float | None:
-        if timestamp[:20] == self._second_text and len(timestamp) == 26 and timestamp[20:].isdigit():
-            return self._second_unix + int(timestamp[20:]) / 1e6
+        if timestamp[:20] == self.second_text and len(timestamp) == 26 and timestamp[20:].isdigit():
+            return self.second_unix + int(timestamp[20:]) / 1e6
         value = iso_to_unix(timestamp)
         if value is not None and len(timestamp) == 26 and timestamp[19] == "." and timestamp[20:].isdigit():
-            self._second_text = timestamp[:20]
-            self._second_unix = value - int(timestamp[20:]) / 1e6
+            self.second_text = timestamp[:20]
+            self.second_unix = value - int(timestamp[20:]) / 1e6
         return value
 
 
