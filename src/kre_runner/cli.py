@@ -231,8 +231,6 @@ def _messages(type_name: str | None, values: list[Any], directories: list[Any]) 
 async def _call(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    import nats as nats_client
-
     from .calling import call_workflow
     from .messages import to_json
     from .up import read_endpoint
@@ -260,10 +258,7 @@ async def _call(args: argparse.Namespace) -> int:
         raise _UsageError("give WORKFLOW.yaml, or --nats URL --stream STREAM --subject SUBJECT for a deployed workflow")
     directories += [Path(p) for p in args.proto_path]
     requests = _messages(args.type_name or default_type, _read_inputs(args), directories)
-    try:
-        nc = await nats_client.connect(url, connect_timeout=2, max_reconnect_attempts=1, allow_reconnect=False)
-    except Exception as exc:
-        raise _Failure(f"cannot connect to NATS at {redact_url(url)}: {type(exc).__name__}: {exc}") from None
+    nc = await _connect(url)
     try:
         answers = await call_workflow(nc, input_subject, entrypoint, requests, args.timeout)
     finally:
@@ -316,7 +311,6 @@ async def _check() -> int:
 
 
 async def _stream_create(args: argparse.Namespace) -> int:
-    import nats as nats_client
 
     from .streams import ensure_stream
 
@@ -327,11 +321,7 @@ async def _stream_create(args: argparse.Namespace) -> int:
                           "e.g. KRT_NATS_STREAM=demo-v1-greeter")
     if any(c in stream for c in ".*> \t/\\"):
         raise _UsageError(f"stream name {stream!r} is invalid: no . * > / \\ or spaces, e.g. demo-v1-greeter")
-    try:
-        nc = await nats_client.connect(url.split(",")[0], connect_timeout=2, max_reconnect_attempts=1,
-                                       allow_reconnect=False)
-    except Exception as exc:
-        raise _Failure(f"cannot connect to NATS at {redact_url(url)}: {type(exc).__name__}: {exc}") from None
+    nc = await _connect(url)
     try:
         created = await ensure_stream(nc.jetstream(), stream)
     except Exception as exc:
@@ -342,10 +332,20 @@ async def _stream_create(args: argparse.Namespace) -> int:
     return 0
 
 
+async def _connect(url: str) -> Any:
+    """A short-lived connection for a command: one try, and one line when it fails."""
+    import nats as nats_client
+
+    try:
+        return await nats_client.connect(url.split(",")[0], connect_timeout=2, max_reconnect_attempts=1,
+                                         allow_reconnect=False)
+    except Exception as exc:
+        raise _Failure(f"cannot connect to NATS at {redact_url(url)}: {type(exc).__name__}: {exc}") from None
+
+
 async def _dead_letter(args: argparse.Namespace) -> int:
     import json
 
-    import nats as nats_client
     from nats.js.errors import NotFoundError
 
     from . import deadletter
@@ -358,11 +358,7 @@ async def _dead_letter(args: argparse.Namespace) -> int:
         raise _UsageError("set KRT_NATS_SERVER and KRT_NATS_STREAM (or pass --nats URL --stream DEAD_LETTER_STREAM)")
     if args.action in ("replay", "purge") and not args.seq and not args.all:
         raise _UsageError(f"{args.action} needs dead-letter sequence numbers or --all")
-    try:
-        nc = await nats_client.connect(url.split(",")[0], connect_timeout=2, max_reconnect_attempts=1,
-                                       allow_reconnect=False)
-    except Exception as exc:
-        raise _Failure(f"cannot connect to NATS at {redact_url(url)}: {type(exc).__name__}: {exc}") from None
+    nc = await _connect(url)
     try:
         js = nc.jetstream()
         try:

@@ -169,12 +169,7 @@ class Settlement:
             return False
         self._log.warning("input seq %d was acked already (the server lost its ack state?): acking it again "
                           "without running the handler", job.seq)
-        job.settled = True
-        self._credits.held_bytes -= len(job.data)
-        try:
-            await self._wire.publish(job.ack_subject, _ACK)
-        except Exception as exc:
-            self._lost(job, _ACK, exc)
+        await self._settle(job, _ACK)
         return True
 
     def age_memory(self) -> None:
@@ -186,16 +181,20 @@ class Settlement:
         """The node is stopping: give an unsettled input to another replica now (``why`` is logged)."""
         if job.settled:
             return
-        job.settled = True
-        self.jobs.discard(job)
-        self._credits.held_bytes -= len(job.data)
         self.nakked += 1
         self._metrics.retried += 1
         self._log.warning("returning input seq %d for redelivery: %s", job.seq, why, extra=job.log_fields())
+        await self._settle(job, _HAND_BACK)
+
+    async def _settle(self, job: Job, command: bytes) -> None:
+        """Settle ``job`` with ``command`` (what ``release`` does inline, once per message, for acks and naks)."""
+        job.settled = True
+        self.jobs.discard(job)
+        self._credits.held_bytes -= len(job.data)
         try:
-            await self._wire.publish(job.ack_subject, _HAND_BACK)
+            await self._wire.publish(job.ack_subject, command)
         except Exception as exc:
-            self._lost(job, _HAND_BACK, exc)
+            self._lost(job, command, exc)
 
     async def keep_alive(self, now: float, waiting: Iterable[Job]) -> list[Job]:
         """``+WPI`` for inputs still being handled or waiting for a slot; returns those settled as stuck.
