@@ -10,6 +10,7 @@ from typing import TypeVar
 
 from google.protobuf.message import Message
 
+from .batching import current_tracking_ids
 from .config import Settings
 from .connection import StartupError, connect
 from .consumer import Consumer
@@ -51,7 +52,8 @@ async def run_node(settings: Settings, stop: asyncio.Event, logger: logging.Logg
 
 async def _run_node(settings: Settings, stop: asyncio.Event, logger: logging.Logger) -> Consumer:
     code = load_user_code(settings.base_path, settings.handler_path)
-    logger.info("loaded handler %s (%s)", code.path, "async" if code.handler_is_async else "sync")
+    logger.info("loaded handler %s (%s%s)", code.path, "async" if code.handler_is_async else "sync",
+                " batch" if code.batch else "")
     holder: list[Consumer] = []
 
     async def renew_pulls() -> None:
@@ -78,6 +80,7 @@ async def _run_node(settings: Settings, stop: asyncio.Event, logger: logging.Log
             prediction=services.prediction,
             early_reply=early_reply,
             early_exit=early_exit,
+            batch_tracking_ids=current_tracking_ids if code.batch else None,
         )
         record = None
         if services.influx is not None and settings.elapsed_metrics:
