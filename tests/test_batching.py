@@ -9,8 +9,10 @@ from __future__ import annotations
 import asyncio
 import sys
 import time
+from pathlib import Path
 
 import nats
+import numpy as np
 import pytest
 from kre_helpers import (
     STREAM,
@@ -32,6 +34,7 @@ OUT = f"{STREAM}.out"
 ENTRY = f"{STREAM}.entrypoint"
 CONSUMER = "v1-greeter"
 
+EXAMPLE = Path(__file__).parents[1] / "examples" / "classifier"
 MODES = {"sync": "batch.py", "async": "batch.py:classify_async"}
 
 
@@ -238,3 +241,38 @@ async def test_a_lone_input_waits_at_most_the_linger_and_a_full_batch_not_at_all
         assert [len(batch) for _, batch in _calls()] == [1, 3]
     assert 0.19 <= _waited(lone) <= 0.2 + 0.1  # the linger, plus generous slack on a shared machine
     assert max(_waited(o) for o in full) < 0.15  # full before the linger ran out: started at once
+
+
+async def test_the_classifier_example_serves_batches_and_fails_a_bad_input_alone(nats_server, js, workflow_stream):
+    sys.path.insert(0, str(EXAMPLE))
+    from classifier_pb2 import Features, Prediction
+    from google.protobuf.any_pb2 import Any as AnyProto
+
+    def features(values: list[float], tracking_id: str) -> bytes:
+        envelope = request_envelope("unused", tracking_id=tracking_id)
+        payload = AnyProto()
+        payload.Pack(Features(values=values))
+        envelope.payload.CopyFrom(payload)
+        return envelope.SerializeToString()
+
+    vectors = {f"t-{i}": [((i * 7 + j) % 13 - 6) / 3 for j in range(512)] for i in range(3)}
+    out = await Collector(js, OUT).start()
+    errors = await Collector(js, ENTRY).start()
+    env = node_env(nats_server.url, "classifier.py", KRT_BASE_PATH=str(EXAMPLE), KRT_BATCH_SIZE="4",
+                   KRT_BATCH_WAIT_MS="1000", CLASSIFIER_BACKEND="numpy")
+    async with running_node(env, js):
+        for tracking_id, values in vectors.items():
+            await js.publish(IN, features(values, tracking_id))
+        await js.publish(IN, features([1.0, 2.0], "t-short"))
+        predictions = {o.tracking_id: o for o in await out.take(3)}
+        [error] = await errors.take(1)
+        await wait_settled(js, CONSUMER)
+    assert error.tracking_id == "t-short" and error.error == "error in 'greeter': expected 512 features, got 2"
+    import model  # the example's own: the same weights, one input at a time
+
+    reference = model.NumpyMLP()
+    for tracking_id, values in vectors.items():
+        prediction = Prediction()
+        assert predictions[tracking_id].payload.Unpack(prediction)
+        labels, scores = reference.predict(np.asarray([values], dtype=np.float32))
+        assert prediction.label == labels[0] and prediction.score == pytest.approx(scores[0], rel=1e-4)
