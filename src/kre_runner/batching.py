@@ -12,8 +12,9 @@ The life of an input of a batch handler, beside the map at the top of consumer.p
     collect   ``_collecting``       the batch closes when it holds ``KRT_BATCH_SIZE`` inputs, or
                                     ``KRT_BATCH_WAIT_MS`` after its first; while every runner is busy
                                     it keeps filling (up to the size) until one is free
-    call      ``_call``             ``max(1, KRT_HANDLER_THREADS)`` batch calls at a time; sync ones in a
+    call      ``_runner``/``_call`` ``max(1, KRT_HANDLER_THREADS)`` batch calls at a time; sync ones in a
                                     thread, so the event loop keeps acking, publishing and collecting
+                                    (and one more closed batch per thread queued for it)
     outcome   outcome.Outcomes      one per input: output, error envelope (an ``Exception`` item, or
                                     the whole batch when the call raises or returns a bad list), nothing
     settle    ``_run``'s finally    every input's handler reference is released, whatever raised or
@@ -33,7 +34,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 from .config import Settings
@@ -102,13 +103,17 @@ class Batcher:
         # A batch larger than KRT_MAX_INFLIGHT could never fill: it would always wait for the linger.
         self.size = min(settings.batch_size, settings.max_inflight)
         self.wait = settings.batch_wait
-        self.runners = max(1, settings.handler_threads)
+        self.runners = max(1, settings.handler_threads)  # batch calls running at once
         self._pool = None if code.handler_is_async else ThreadPoolExecutor(self.runners, "kre-batch")
+        # Sync handlers: one more closed batch per thread waits in the pool's queue, so a thread goes
+        # straight on to it rather than waiting for the event loop to hand it over after each call.
+        self._slots = self.runners if self._pool is None else 2 * self.runners
+        self._submitted: dict[Future[Any], list[Job]] = {}  # calls handed to the pool, not yet returned
         self._collecting: list[Job] = []
         self._ready: deque[list[Job]] = deque()  # closed batches waiting for a free runner
         self._timer: asyncio.TimerHandle | None = None
         self._lingered = False  # the collecting batch's wait is over: it starts as soon as a runner is free
-        self._running = 0  # batch calls in progress
+        self._running = 0  # runners (tasks) in progress, each with a batch at a time
         self._stopping = False
         self._tasks: set[asyncio.Task[None]] = set()
         if settings.batch_size > settings.max_inflight:
@@ -165,7 +170,7 @@ class Batcher:
     def _close(self) -> None:
         """The collecting batch is complete: it starts now, or when a runner is free."""
         batch = self._take_collecting()
-        if self._running < self.runners:
+        if self._running < self._slots:
             self._start(batch)
         else:
             self._ready.append(batch)
@@ -174,7 +179,7 @@ class Batcher:
         self._timer = None
         if not self._collecting:
             return
-        if self._running < self.runners:
+        if self._running < self._slots:
             self._start(self._take_collecting())
         else:
             self._lingered = True  # and it keeps filling meanwhile
@@ -187,34 +192,41 @@ class Batcher:
             self._timer = None
         return batch
 
-    def _runner_free(self) -> None:
-        self._running -= 1
-        if self._stopping:
-            return
-        if self._ready:
-            self._start(self._ready.popleft())
-        elif self._lingered:
-            self._start(self._take_collecting())
-
     def _start(self, batch: list[Job]) -> None:
         self._running += 1
-        task = asyncio.create_task(self._run(batch))
+        task = asyncio.create_task(self._runner(batch))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
-        for job in batch:
-            job.task = task
+
+    async def _runner(self, batch: list[Job]) -> None:
+        """This batch, then the next closed one, until none is left (no task per batch under load)."""
+        try:
+            while True:
+                await self._run(batch)
+                if self._stopping:
+                    return
+                if self._ready:
+                    batch = self._ready.popleft()
+                elif self._lingered:
+                    batch = self._take_collecting()
+                else:
+                    return
+        finally:
+            self._running -= 1
 
     # ---------------------------------------------------------------- one batch
 
     async def _run(self, batch: list[Job]) -> None:
         """Call the handler on ``batch``, publish each input's outcome, release every input once."""
         errors: list[str | None] = [_INTERRUPTED] * len(batch)
+        task = asyncio.current_task()
+        for job in batch:
+            job.task = task
         freed = False
         try:
             outcomes = await self._call(batch)
             self._credits.running -= len(batch)
             freed = True
-            self._runner_free()  # the next batch computes while these outcomes are published
             await self._pull()
             for i, (job, outcome) in enumerate(zip(batch, outcomes, strict=True)):
                 try:
@@ -228,7 +240,6 @@ class Batcher:
         finally:
             if not freed:
                 self._credits.running -= len(batch)
-                self._runner_free()
             done = time.monotonic()
             for job, error in zip(batch, errors, strict=True):
                 job.done = done
@@ -246,9 +257,13 @@ class Batcher:
             if self._code.handler_is_async:
                 results = await self._code.handler(self._ctx, payloads)
             else:
-                call = contextvars.copy_context().run
-                results = await asyncio.get_running_loop().run_in_executor(
-                    self._pool, call, self._code.handler, self._ctx, payloads)
+                assert self._pool is not None
+                call = self._pool.submit(contextvars.copy_context().run, self._code.handler, self._ctx, payloads)
+                self._submitted[call] = batch
+                try:
+                    results = await asyncio.wrap_future(call)
+                finally:
+                    del self._submitted[call]
         except Exception as exc:
             reason = str(exc) or type(exc).__name__
             self._log.warning("batch handler failed on %d inputs (%s): every one gets an error envelope: %s: %s",
@@ -290,6 +305,9 @@ class Batcher:
         never_started = [job for batch in self._ready for job in batch] + self._take_collecting()
         self._ready.clear()
         self._credits.running -= len(never_started)
+        for call, batch in list(self._submitted.items()):
+            if call.cancel():  # still in the pool's queue (its runner's finally releases its credits)
+                never_started += batch
         for job in never_started:
             await self._settlement.hand_back(job, "collected for a batch that had not started when the node stopped")
 
