@@ -200,8 +200,11 @@ class Batcher:
 
     async def _runner(self, batch: list[Job]) -> None:
         """This batch, then the next closed one, until none is left (no task per batch under load)."""
+        task = asyncio.current_task()
         try:
             while True:
+                for job in batch:
+                    job.task = task
                 await self._run(batch)
                 if self._stopping:
                     return
@@ -219,15 +222,14 @@ class Batcher:
     async def _run(self, batch: list[Job]) -> None:
         """Call the handler on ``batch``, publish each input's outcome, release every input once."""
         errors: list[str | None] = [_INTERRUPTED] * len(batch)
-        task = asyncio.current_task()
-        for job in batch:
-            job.task = task
         freed = False
         try:
             outcomes = await self._call(batch)
-            self._credits.running -= len(batch)
+            credits = self._credits
+            credits.running -= len(batch)
             freed = True
-            await self._pull()
+            if credits.want(len(self._jobs), 0):
+                await self._pull()
             for i, (job, outcome) in enumerate(zip(batch, outcomes, strict=True)):
                 try:
                     await self._publish(job, outcome)
@@ -247,9 +249,7 @@ class Batcher:
 
     async def _call(self, batch: list[Job]) -> list[Outcome]:
         """The handler's call and each input's outcome; the user's failures become error envelopes."""
-        envelopes = [job.envelope for job in batch]
-        assert all(envelopes)  # decoded in ``add``
-        payloads = [envelope.payload for envelope in envelopes if envelope is not None]
+        payloads = [job.envelope.payload for job in batch]  # type: ignore[union-attr]  # decoded in ``add``
         now = self._clock.now
         start = now()
         token = _current_batch.set(batch)
