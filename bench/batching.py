@@ -272,12 +272,19 @@ def _targets(opts: Options, variants: list[Variant], compute: dict[int, float]) 
         met = "met " if best_ratio >= 5 else "MISS"
         lines.append(f"[{met}] batched throughput ≥ 5 × per-message (one input: {compute[1]:.2f} ms): "
                      f"{best_ratio:.2f} × ({best.label})")
+    # At low load a batch holds about one input: the strict reading takes that call's time, and what
+    # the per-message handler's own p99 spends beyond its call (the same path) shows the runner's part.
+    base_extra = _med(base, "low_p99") - compute[1]
     for variant in variants[1:]:
-        limit = opts.wait_ms + compute[variant.batch_size] + 2
         p99 = _med(opts.results[variant.label], "low_p99")
-        met = "met " if p99 <= limit else "MISS"
-        lines.append(f"[{met}] {variant.label}: p99 at low load ≤ KRT_BATCH_WAIT_MS + one batch's compute + 2 ms "
-                     f"= {limit:.1f} ms: {p99:.2f} ms")
+        for reading, call in (("a full batch's call", compute[variant.batch_size]), ("a 1-input call", compute[1])):
+            limit = opts.wait_ms + call + 2
+            met = "met " if p99 <= limit else "MISS"
+            lines.append(f"[{met}] {variant.label}: p99 at low load ≤ KRT_BATCH_WAIT_MS + {reading} + 2 ms = "
+                         f"{limit:.1f} ms: {p99:.2f} ms")
+        beyond = p99 - opts.wait_ms - compute[1]
+        lines.append(f"       (p99 beyond the wait and a 1-input call: {beyond:.2f} ms; the per-message handler's p99 "
+                     f"beyond its call: {base_extra:.2f} ms)")
     return "\n".join(lines)
 
 
