@@ -276,3 +276,17 @@ async def test_the_classifier_example_serves_batches_and_fails_a_bad_input_alone
         assert predictions[tracking_id].payload.Unpack(prediction)
         labels, scores = reference.predict(np.asarray([values], dtype=np.float32))
         assert prediction.label == labels[0] and prediction.score == pytest.approx(scores[0], rel=1e-4)
+
+
+async def test_while_the_model_is_busy_the_next_batch_keeps_filling_past_its_wait(nats_server, js, workflow_stream,
+                                                                                   monkeypatch):
+    monkeypatch.setenv("BATCH_SECONDS", "0.6")
+    out = await Collector(js, OUT).start()
+    async with running_node(_env(nats_server.url, "sync", KRT_BATCH_SIZE="4", KRT_BATCH_WAIT_MS="50"), js):
+        await _publish(js, "ok-1")
+        for name in ("ok-2", "ok-3", "ok-4"):  # each after the previous one's wait ran out
+            await asyncio.sleep(0.12)
+            await _publish(js, name)
+        await out.take(4)
+        await wait_settled(js, CONSUMER)
+        assert [batch for _, batch in _calls()] == [["ok-1"], ["ok-2", "ok-3", "ok-4"]]

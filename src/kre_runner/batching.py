@@ -105,8 +105,9 @@ class Batcher:
         self.wait = settings.batch_wait
         self.runners = max(1, settings.handler_threads)  # batch calls running at once
         self._pool = None if code.handler_is_async else ThreadPoolExecutor(self.runners, "kre-batch")
-        # Sync handlers: one more closed batch per thread waits in the pool's queue, so a thread goes
+        # Sync handlers: one more full batch per thread waits in the pool's queue, so a thread goes
         # straight on to it rather than waiting for the event loop to hand it over after each call.
+        # A partial batch whose wait is over starts only on an idle thread: until then it keeps filling.
         self._slots = self.runners if self._pool is None else 2 * self.runners
         self._submitted: dict[Future[Any], list[Job]] = {}  # calls handed to the pool, not yet returned
         self._collecting: list[Job] = []
@@ -179,10 +180,13 @@ class Batcher:
         self._timer = None
         if not self._collecting:
             return
-        if self._running < self._slots:
+        if self._running < self._slots and self._idle_thread():
             self._start(self._take_collecting())
         else:
             self._lingered = True  # and it keeps filling meanwhile
+
+    def _idle_thread(self) -> bool:
+        return self._pool is None or len(self._submitted) < self.runners
 
     def _take_collecting(self) -> list[Job]:
         batch, self._collecting = self._collecting, []
@@ -210,10 +214,10 @@ class Batcher:
                     return
                 if self._ready:
                     batch = self._ready.popleft()
-                elif self._lingered:
+                elif self._lingered and self._idle_thread():
                     batch = self._take_collecting()
                 else:
-                    return
+                    return  # (a lingering batch is then started by the runner whose call returns last)
         finally:
             self._running -= 1
 
