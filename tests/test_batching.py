@@ -290,3 +290,16 @@ async def test_while_the_model_is_busy_the_next_batch_keeps_filling_past_its_wai
         await out.take(4)
         await wait_settled(js, CONSUMER)
         assert [batch for _, batch in _calls()] == [["ok-1"], ["ok-2", "ok-3", "ok-4"]]
+
+
+async def test_max_inflight_bounds_the_inputs_held_for_batches(nats_server, js, workflow_stream, monkeypatch):
+    monkeypatch.setenv("BATCH_SECONDS", "0.5")
+    out = await Collector(js, OUT).start()
+    env = _env(nats_server.url, "sync", KRT_BATCH_SIZE="2", KRT_MAX_INFLIGHT="4", KRT_ACK_WAIT="30")
+    async with running_node(env, js):
+        await _publish(js, *(f"ok-{i}" for i in range(10)))
+        await asyncio.sleep(0.3)  # the first batch runs, a second is collected: nothing is published yet
+        info = await js.consumer_info(STREAM, CONSUMER)
+        assert (info.num_ack_pending, info.num_pending) == (4, 6)
+        assert len(await out.take(10, timeout=15)) == 10
+        await wait_settled(js, CONSUMER)
