@@ -1,6 +1,6 @@
 """Per-message handler vs batch handler, same model, same backlog, interleaved in one run.
 
-    python bench/batching.py              # 3 rounds (~6 min on 2 cores)
+    python bench/batching.py              # 3 rounds (~8 min on 2 cores)
     python bench/batching.py --quick      # CI smoke run: 1 round, small model, < 60 s, asserts no speed
     python bench/batching.py --backend torch --layers 4096,8192,8192,8192,16   # on a GPU machine
 
@@ -318,7 +318,7 @@ def main() -> int:
                         help="OPENBLAS/OMP/MKL threads of the node (default 1: the other core runs the event "
                              "loop and nats-server)")
     parser.add_argument("--wait-ms", type=float, default=5.0, help="KRT_BATCH_WAIT_MS")
-    parser.add_argument("--low-seconds", type=float, default=8.0)
+    parser.add_argument("--low-seconds", type=float, default=15.0)
     parser.add_argument("--high-seconds", type=float, default=4.0)
     parser.add_argument("--logs", type=Path, help="keep the nodes' logs in this directory")
     args = parser.parse_args()
