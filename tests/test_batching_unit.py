@@ -56,3 +56,44 @@ def test_batch_tracking_ids_outside_a_batch_handler_raise():
         current_tracking_ids()
     with pytest.raises(RuntimeError, match="only available while a batch is being handled"):
         Context(base_path=".", logger=None).batch_tracking_ids()  # type: ignore[arg-type]
+
+
+async def test_each_output_of_a_batch_gets_its_own_elapsed_time_point_spanning_the_call(tmp_path):
+    import logging
+
+    from kre_helpers import Response, request_envelope
+
+    from kre_runner.batching import Batcher
+    from kre_runner.credits import Credits
+    from kre_runner.envelope import TrackingClock
+    from kre_runner.outcome import Outcomes
+    from kre_runner.settlement import Job
+
+    (tmp_path / "model.py").write_text("async def handler_batch(ctx, batch):\n"
+                                       "    return [RESULTS.pop(0) for _ in batch]\n")
+    code = load_user_code(tmp_path, "model.py")
+    module = code.handler.__globals__
+    module["RESULTS"] = [Response(greeting="a"), ValueError("bad b"), None]
+    settings = services_settings()
+    log = logging.getLogger("test")
+    clock = TrackingClock()
+    points: list[tuple[str, float, float]] = []
+
+    class _Settlement:  # only its set of held jobs is used by _call
+        jobs: set[Job] = set()  # noqa: RUF012
+
+    batcher = Batcher(settings, code, Context(base_path=tmp_path, logger=log), log, clock=clock,
+                      outcomes=Outcomes(settings, clock, log), publisher=None, settlement=_Settlement(),  # type: ignore[arg-type]
+                      credits=Credits(8), release=None, pull=None, internal_error=None,  # type: ignore[arg-type]
+                      record_elapsed=lambda envelope, start, end: points.append((envelope.tracking_id, start, end)))
+    batch = []
+    for seq, name in enumerate("abc", 1):
+        job = Job(f"$JS.ACK.s.c.1.{seq}.{seq}.0.0", f"node:s:{seq}", 0.0)
+        job.envelope = request_envelope(name, tracking_id=f"t-{name}")
+        batch.append(job)
+    outcomes = await batcher._call(batch)
+    assert [tracking_id for tracking_id, _, _ in points] == ["t-a", "t-c"]  # not for the failed input
+    assert len({(start, end) for _, start, end in points}) == 1  # each spans the one batch call
+    assert outcomes[0] is not None and outcomes[0][0] == settings.output_subject
+    assert outcomes[1] is not None and outcomes[1][0] == settings.output_subject  # errors: no entrypoint set
+    assert outcomes[2] is None  # filtered
