@@ -30,6 +30,11 @@ async def handler_async(ctx: Any, data: Any) -> Response:
     return handler(ctx, data)
 
 
+def handler_batch(ctx: Any, batch: list[Any]) -> list[Response]:
+    """``handler`` as a batch handler (KRT_BATCH_SIZE): the runner's cost of the batch path."""
+    return [handler(ctx, data) for data in batch]
+
+
 async def handler_io(ctx: Any, data: Any) -> Response:
     """An async handler that waits 10 ms on I/O: throughput is bounded by KRT_MAX_INFLIGHT / 10 ms."""
     await asyncio.sleep(0.01)

@@ -6,15 +6,17 @@ from .config import ConfigError, Settings
 
 if TYPE_CHECKING:
     from .context import Context, Retry, ServiceNotConfigured
+    from .handler import batch_handler
     from .sinks.mongo import DatabaseError
 
-__all__ = ["ConfigError", "Context", "DatabaseError", "Retry", "ServiceNotConfigured", "Settings", "__version__"]
+__all__ = ["ConfigError", "Context", "DatabaseError", "Retry", "ServiceNotConfigured", "Settings", "__version__",
+           "batch_handler"]
 __version__ = "0.1.0"
 
 # Imported on first use: the pytest plugin (kre_runner.testing) loads this package in every pytest
 # run, which must not pay for nats-py, motor and protobuf.
 _LAZY = {"Context": ".context", "Retry": ".context", "ServiceNotConfigured": ".context",
-         "DatabaseError": ".sinks.mongo"}
+         "DatabaseError": ".sinks.mongo", "batch_handler": ".handler"}
 
 
 def __getattr__(name: str) -> Any:

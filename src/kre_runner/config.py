@@ -58,6 +58,9 @@ VARIABLES: tuple[tuple[str, bool, str, str], ...] = (
      "wait on I/O", "256"),
     ("KRT_HANDLER_THREADS", False, "0: sync handlers run on the event loop; N: in a pool of N threads "
      "(default 0)", "4"),
+    ("KRT_BATCH_SIZE", False, "batch handlers: most inputs per handler_batch call (default 32)", "32"),
+    ("KRT_BATCH_WAIT_MS", False, "batch handlers: milliseconds a batch waits for more inputs after its first "
+     "(default 5; 0: no wait)", "5"),
     ("KRT_ACK_WAIT", False, "seconds before an unacked input is redelivered (default 30); long handlers "
      "are kept alive with in-progress acks", "30"),
     ("KRT_PUBLISH_TIMEOUT", False, "seconds to wait for an output's PubAck before retrying (default 5)", "5"),
@@ -165,6 +168,8 @@ class Settings:
     elapsed_metrics: bool = True
     max_inflight: int = 256
     handler_threads: int = 0
+    batch_size: int = 32
+    batch_wait: float = 0.005  # seconds (KRT_BATCH_WAIT_MS / 1000)
     ack_wait: float = 30.0
     publish_timeout: float = 5.0
     shutdown_grace: float = 25.0
@@ -224,6 +229,8 @@ class Settings:
             elapsed_metrics=reader.optional("KRT_ELAPSED_METRICS", True, _parse_bool, "true or false"),
             max_inflight=reader.optional("KRT_MAX_INFLIGHT", 256, _positive_int, "an integer ≥ 1"),
             handler_threads=reader.optional("KRT_HANDLER_THREADS", 0, _non_negative_int, "an integer ≥ 0"),
+            batch_size=reader.optional("KRT_BATCH_SIZE", 32, _positive_int, "an integer ≥ 1"),
+            batch_wait=reader.optional("KRT_BATCH_WAIT_MS", 0.005, _milliseconds, "milliseconds ≥ 0"),
             ack_wait=reader.optional("KRT_ACK_WAIT", 30.0, _positive_float, "seconds > 0"),
             publish_timeout=reader.optional("KRT_PUBLISH_TIMEOUT", 5.0, _positive_float, "seconds > 0"),
             shutdown_grace=reader.optional("KRT_SHUTDOWN_GRACE", 25.0, _positive_float, "seconds > 0"),
@@ -416,6 +423,14 @@ def _positive_float(raw: str) -> float:
     if not value > 0 or value == float("inf"):
         raise ValueError(raw)
     return value
+
+
+def _milliseconds(raw: str) -> float:
+    """Milliseconds ≥ 0, as seconds."""
+    value = float(raw)
+    if not value >= 0 or value == float("inf"):
+        raise ValueError(raw)
+    return value / 1000
 
 
 def _choice(*choices: str) -> Callable[[str], str]:

@@ -12,6 +12,7 @@ The life of an input, and the module that owns each step:
     handle    inline                sync handlers run right there, on the event loop (fastest);
               ``_work``             async handlers, and sync ones in threads, run on workers that go
                                     straight on to the next waiting input
+              batching.Batcher      batch handlers: inputs collected into batches, one call per batch
     outcome   outcome.Outcomes      output / error / pass-through envelope, or nothing
     publish   publisher             one reference per publish, released by its PubAck or timeout
     settle    settlement.Settlement ack when every publish was stored, else nak, or dead-letter
@@ -46,6 +47,7 @@ from nats.aio.subscription import Subscription
 from nats.js.api import ConsumerInfo
 from nats.js.errors import NotFoundError
 
+from .batching import Batcher, in_batch_handler
 from .config import Settings
 from .context import Context, Retry
 from .credits import Credits
@@ -59,7 +61,7 @@ from .metrics import NodeMetrics
 from .natsfast import Dispatcher, Wire, describe, probe
 from .outcome import Outcome, Outcomes
 from .publisher import PubAckPublisher
-from .settlement import Job, Settlement, parse_ack_subject
+from .settlement import Job, Settlement, parse_ack_subject, retry_later
 
 __all__ = ["Consumer", "SetupError"]
 
@@ -115,6 +117,12 @@ class Consumer:
         self._jobs = self._settlement.jobs  # started and not yet settled (settlement removes them)
         self._pool = ThreadPoolExecutor(settings.handler_threads, "kre-handler") if settings.handler_threads else None
         self._inline = not code.handler_is_async and self._pool is None  # handler runs in the inbox route
+        # Batch handlers (batching.py): delivered inputs go to the batcher instead of the paths below.
+        self._batcher = Batcher(
+            settings, code, ctx, logger, clock=self._clock, outcomes=self._outcomes, publisher=self._publisher,
+            settlement=self._settlement, credits=self._credits, release=self._release, pull=self._pull,
+            internal_error=self._internal_error, record_elapsed=record_elapsed,
+            observe_handler=self.metrics.observe_handler) if code.batch else None
         self._inline_job: Job | None = None  # the job whose inline (sync) handler is running
         self._pull_subject = f"$JS.API.CONSUMER.MSG.NEXT.{settings.stream}.{settings.consumer_name}"
         # Nats-Msg-Id = {node}:{stream}:{stream sequence}: the same for every delivery of an input.
@@ -158,6 +166,8 @@ class Consumer:
         self._credits.message_bytes = self._nc.max_payload
         self._log.info("consuming %s from stream %s with durable pull consumer %s (max in flight %d)",
                        self._s.input_subject, self._s.stream, self._s.consumer_name, self._s.max_inflight)
+        if self._batcher is not None:
+            self._log.info(self._batcher.describe())
 
     async def run_init(self) -> None:
         """The user's ``init(ctx)``, once, before the first pull; on the thread handlers will use."""
@@ -353,6 +363,8 @@ class Consumer:
             credits.careful = False
         if not delivered:
             pass
+        elif self._batcher is not None:
+            await self._batcher.add(job, data)
         elif not credits.may_start():
             self._waiting.append((job, data))
         elif not self._inline:
@@ -502,8 +514,7 @@ class Consumer:
         """The handler raised: an error envelope, or for ``Retry`` nothing now and a retry later."""
         self._observe_handler(time.time() - start[0])
         if isinstance(exc, Retry):
-            job.failed = f"the handler asked for a retry: {exc or 'Retry'}"
-            job.retry_delay = exc.delay
+            retry_later(job, str(exc), exc.delay)
             return None
         return self._outcomes.failed(job, envelope, exc, start)
 
@@ -558,6 +569,8 @@ class Consumer:
     def _current(self, what: str) -> Job:
         job = self._inline_job or _current_job.get(None)
         if job is None:
+            if in_batch_handler():
+                raise RuntimeError(f"ctx.{what} acts on one message: it is not available in a batch handler")
             raise RuntimeError(f"ctx.{what} must be called from within a handler")
         if self._s.entrypoint_subject is None:
             raise RuntimeError(f"ctx.{what} needs KRT_NATS_ENTRYPOINT_SUBJECT")
@@ -590,6 +603,8 @@ class Consumer:
         grace = self._s.shutdown_grace
         deadline = time.monotonic() + grace
         self._pulling = False
+        if self._batcher is not None:
+            await self._batcher.stop()  # inputs collected for batches not started: handed back at once
         if self._inbox_sub is not None:
             # UNSUB ends our pull requests on the server; drain still runs what was already delivered.
             try:
@@ -618,6 +633,8 @@ class Consumer:
         await self._publisher.close()
         if self._pool is not None:
             self._pool.shutdown(wait=False, cancel_futures=True)
+        if self._batcher is not None:
+            self._batcher.close()
         try:
             await self._nc.flush(timeout=2)
         except Exception as exc:

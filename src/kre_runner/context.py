@@ -62,6 +62,7 @@ class Context:
         prediction: Any = None,
         early_reply: Callable[[Message], Awaitable[None]] | None = None,
         early_exit: Callable[[], None] | None = None,
+        batch_tracking_ids: Callable[[], list[str]] | None = None,
     ) -> None:
         self.base_path = base_path
         self.logger = logger
@@ -70,6 +71,7 @@ class Context:
         self.prediction = prediction or _Unconfigured("prediction", "set KRT_MONGO_URI or KRT_NATS_MONGO_WRITER")
         self._early_reply = early_reply
         self._early_exit = early_exit
+        self._batch_tracking_ids = batch_tracking_ids
         self._values: dict[str, Any] = {}
 
     def path(self, relative: str) -> str:
@@ -101,3 +103,9 @@ class Context:
         if self._early_exit is None:
             raise RuntimeError("early_exit is only available while a message is being handled")
         self._early_exit()
+
+    def batch_tracking_ids(self) -> list[str]:
+        """In a batch handler: the ``tracking_id`` of each input of the running batch, in order."""
+        if self._batch_tracking_ids is None:
+            raise RuntimeError("batch_tracking_ids is only available while a batch is being handled")
+        return self._batch_tracking_ids()

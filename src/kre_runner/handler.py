@@ -1,4 +1,4 @@
-"""Loading the user's ``handler(ctx, data)`` and optional ``init(ctx)`` from a Python file."""
+"""Loading the user's ``handler(ctx, data)`` (or ``handler_batch(ctx, batch)``) and optional ``init(ctx)``."""
 
 from __future__ import annotations
 
@@ -9,9 +9,22 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-__all__ = ["HandlerLoadError", "UserCode", "load_user_code"]
+__all__ = ["HandlerLoadError", "UserCode", "batch_handler", "load_user_code"]
+
+F = TypeVar("F", bound=Callable[..., Any])
+_BATCH_NAME = "handler_batch"  # a function of this name is a batch handler without the decorator
+_BATCH_MARK = "__kre_batch_handler__"
+
+
+def batch_handler(func: F) -> F:
+    """Mark ``func(ctx, batch)`` as a batch handler (for ``KRT_HANDLER_PATH=file.py:func``).
+
+    It receives a list of payloads and returns a list of results of the same length.
+    """
+    setattr(func, _BATCH_MARK, True)
+    return func
 
 
 class HandlerLoadError(RuntimeError):
@@ -25,6 +38,7 @@ class UserCode:
     handler_is_async: bool
     init: Callable[..., Any] | None
     init_is_async: bool
+    batch: bool = False  # ``handler`` takes a list of payloads and returns a list (batching.py)
 
 
 def load_user_code(base_path: Path, handler_path: str) -> UserCode:
@@ -36,7 +50,7 @@ def load_user_code(base_path: Path, handler_path: str) -> UserCode:
     """
     file_part, _, func_name = handler_path.rpartition(":")
     if not file_part or "/" in func_name or func_name.endswith(".py"):
-        file_part, func_name = handler_path, "handler"
+        file_part, func_name = handler_path, ""
     path = (base_path / file_part).resolve()
     if not path.is_file():
         raise HandlerLoadError(
@@ -63,9 +77,12 @@ def load_user_code(base_path: Path, handler_path: str) -> UserCode:
         del sys.modules[module_name]
         raise HandlerLoadError(f"importing {path} failed: {type(exc).__name__}: {exc}") from exc
 
+    if not func_name:  # no function named: handler_batch when the file has one, else handler
+        func_name = _BATCH_NAME if callable(getattr(module, _BATCH_NAME, None)) else "handler"
     handler = getattr(module, func_name, None)
     if not callable(handler):
-        raise HandlerLoadError(f"{path} defines no function {func_name}(ctx, data)")
+        raise HandlerLoadError(f"{path} defines no function {func_name}(ctx, data)"
+                               + (f" nor {_BATCH_NAME}(ctx, batch)" if func_name == "handler" else ""))
     init = getattr(module, "init", None)
     if init is not None and not callable(init):
         raise HandlerLoadError(f"{path}: init is not a function")
@@ -75,4 +92,5 @@ def load_user_code(base_path: Path, handler_path: str) -> UserCode:
         handler_is_async=inspect.iscoroutinefunction(handler),
         init=init,
         init_is_async=init is not None and inspect.iscoroutinefunction(init),
+        batch=func_name == _BATCH_NAME or bool(getattr(handler, _BATCH_MARK, False)),
     )

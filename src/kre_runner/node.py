@@ -12,6 +12,7 @@ from typing import Any, TypeVar
 import nats.aio.client
 from google.protobuf.message import Message
 
+from .batching import current_tracking_ids
 from .config import Settings, redact_url
 from .connection import StartupError, check_jetstream, connect
 from .consumer import Consumer
@@ -111,7 +112,8 @@ async def _run_node(settings: Settings, stop: asyncio.Event, logger: logging.Log
         # Off the loop: a handler importing torch takes seconds, and liveness must answer meanwhile.
         code = await _unless_stopped(_off_loop(load_user_code, settings.base_path, settings.handler_path), stop)
         loaded.append(code)
-        logger.info("loaded handler %s (%s)", code.path, "async" if code.handler_is_async else "sync")
+        logger.info("loaded handler %s (%s%s)", code.path, "async" if code.handler_is_async else "sync",
+                    " batch" if code.batch else "")
         return await _run_connected(settings, stop, logger, code, health, metrics, holder, client, services_opener)
     finally:
         if endpoints is not None:
@@ -164,6 +166,7 @@ async def _run_connected(settings: Settings, stop: asyncio.Event, logger: loggin
             prediction=services.prediction,
             early_reply=early_reply,
             early_exit=early_exit,
+            batch_tracking_ids=current_tracking_ids if code.batch else None,
         )
         record = None
         if services.influx is not None and settings.elapsed_metrics:

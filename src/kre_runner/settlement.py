@@ -40,7 +40,7 @@ from .envelope import KreNatsMessage
 from .metrics import NodeMetrics
 from .natsfast import Wire
 
-__all__ = ["Job", "Settlement", "nak_delay", "parse_ack_subject"]
+__all__ = ["Job", "Settlement", "nak_delay", "parse_ack_subject", "retry_later"]
 
 _ACK = b"+ACK"
 _IN_PROGRESS = b"+WPI"
@@ -224,6 +224,12 @@ class Settlement:
     def _lost(self, job: Job, command: bytes, exc: Exception) -> None:
         self._log.warning("could not send %s for input seq %d (redelivered after the ack wait; its output is "
                           "not duplicated): %s", command[:4].decode(), job.seq, exc)
+
+
+def retry_later(job: Job, reason: str, delay: float) -> None:
+    """The handler raised ``kre_runner.Retry``: nothing is published now; the input is nakked with ``delay``."""
+    job.failed = f"the handler asked for a retry: {reason or 'Retry'}"
+    job.retry_delay = delay
 
 
 def nak_delay(delivered: int) -> float:
