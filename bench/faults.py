@@ -285,7 +285,17 @@ class Workflow:
             await task
 
     async def _stored(self, stream: str) -> list[tuple[bytes, datetime, dict[str, str]]]:
-        """Every message of a limits stream: (data, when stored, headers)."""
+        """Every message of a limits stream: (data, when stored, headers); read again if a server hiccups."""
+        for attempt in range(10):
+            try:
+                return await self._read(stream)
+            except (nats.errors.Error, asyncio.TimeoutError):
+                if attempt == 9:
+                    raise
+                await asyncio.sleep(1.0)
+        return []
+
+    async def _read(self, stream: str) -> list[tuple[bytes, datetime, dict[str, str]]]:
         assert self.js is not None
         try:
             info = await self.js.stream_info(stream)
@@ -455,9 +465,12 @@ async def cluster_leader_killed(quick: bool) -> Row:
         # The worst case: the server that leads the stream and the consumer is the one the node is
         # connected to. Leadership is moved there first (a stepdown with a preferred server).
         serving = None
-        while serving is None:
+        for _ in range(100):
             serving = cluster.serving("kre-runner node")
+            if serving is not None:
+                break
             await asyncio.sleep(0.1)
+        assert serving is not None, "the node is connected to none of the servers"
         target = cluster.servers[serving].server_name
         await _move_leaders(flow, target)
         async with flow.live_load(rate):

@@ -14,7 +14,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "bench"))
 
-import faults  # noqa: E402
+import faults
 
 pytestmark = pytest.mark.integration
 
