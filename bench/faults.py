@@ -482,10 +482,10 @@ async def cluster_leader_killed(quick: bool) -> Row:
             cluster.start(serving)
             await asyncio.sleep(2.0)
         row = await flow.tally("cluster: kill -9 of the stream and consumer leader (R3)", elected)
-        gap, since = flow.longest_gap
-        row.note = (f"killed {target}, the node's server; new consumer leader after "
-                    f"{(elected - fault).total_seconds():.1f} s; recovery counted from then; longest gap between "
-                    f"outputs {gap:.1f} s from {since:%H:%M:%S.%f}; killed at {fault:%H:%M:%S.%f}")
+        gap, _ = flow.longest_gap
+        row.note = (f"killed {target} (the node's server, leader of the stream and the consumer); the servers "
+                    f"elected a new consumer leader {(elected - fault).total_seconds():.1f} s later; recovery "
+                    f"counted from that election; longest gap between stored outputs {gap:.1f} s")
         return row
     finally:
         await flow.close()
@@ -588,7 +588,8 @@ async def malformed_inputs(quick: bool) -> Row:
         flow.start_node(flow.env())
         await flow.ready()
         for i in range(count):
-            garbage = os.urandom(20 + i % 200) if i % 2 else b"\x1f\x8b" + os.urandom(30)
+            # Random bytes behind a field-0 tag (never a protobuf message), or a gzip header on noise.
+            garbage = b"\x00" + os.urandom(20 + i % 200) if i % 2 else b"\x1f\x8b" + os.urandom(30)
             await flow.send_malformed(garbage)
         await flow.send_many(count // 10)
         return await flow.tally(f"{count:,} malformed inputs (+{count // 10} good)")
