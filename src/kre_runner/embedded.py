@@ -166,7 +166,7 @@ class EmbeddedNatsCluster:
     to reserve gigabytes.
     """
 
-    def __init__(self, size: int = 3, max_file_store: str = "1GB") -> None:
+    def __init__(self, size: int = 3, max_file_store: str = "256MB") -> None:
         cluster_ports = [free_port() for _ in range(size)]
         self.servers = [_ClusterMember(i, cluster_ports, max_file_store) for i in range(size)]
 
