@@ -24,7 +24,7 @@ def test_at_start_and_after_a_redelivery_one_message_at_a_time():
     credits = Credits(256)
     assert credits.careful
     assert credits.want(held=0, waiting=0) == 1
-    credits.requested = 1
+    credits.opened(1)
     assert credits.want(held=0, waiting=0) == 0
     credits.delivered(10)
     assert credits.want(held=1, waiting=0) == 0  # that one is still being handled
@@ -70,36 +70,62 @@ def test_prefetch_holds_a_quarter_more_while_handlers_wait():
 
 def test_deliveries_and_ended_requests_return_credit():
     credits = _credits(4)
-    credits.requested = 4
+    assert credits.opened(4) == 0  # no byte budget configured
     credits.delivered(10)
     assert credits.requested == 3
-    credits.request_ended(2)  # a request expired with 2 messages unused
-    assert credits.requested == 1
-    credits.request_ended(5)
-    assert credits.requested == 0
-    credits.requested = 3
-    credits.request_ended(None)  # unknown: all of it (a reconnect, a 409)
-    assert credits.requested == 0
+    credits.request_ended(0)  # "409 Batch Completed" of a request already closed by count: nothing to do
+    assert credits.requested == 3
+    credits.request_ended(3)  # it expired with 3 messages unused
+    assert credits.requested == 0 and not credits.open
+    credits.opened(2)
+    credits.opened(2)
+    credits.request_ended(None)  # unknown: all of them (a reconnect, a deleted consumer)
+    assert credits.requested == 0 and not credits.open
     credits.delivered(10)  # a message for a request we had given up on
     assert credits.requested == 0
 
 
-def test_bytes_held_and_asked_for_stay_within_the_byte_budget():
+def test_small_messages_get_requests_without_a_byte_budget():
     mib = 1024 * 1024
     credits = _credits(256, max_bytes=16 * mib, message_bytes=mib)
-    assert credits.want(held=0, waiting=0) == 256 and credits.bytes_left() == 16 * mib
-    credits.requested, credits.requested_bytes = 256, 16 * mib  # one request carries the whole budget
-    for _ in range(16):
-        credits.delivered(mib - 100)  # envelopes of almost 1 MiB arrive
-    assert credits.held_bytes == 16 * (mib - 100)
-    credits.request_ended(240, 0)  # the server stopped at the request's max_bytes
-    assert credits.requested == 0 and credits.requested_bytes == 0
+    assert credits.opened(1) == mib  # nothing seen yet: budgeted
+    credits.delivered(170)
+    assert credits.opened(256) == 0  # 512 × 170 B cannot come near the budget: no max_bytes
+    credits.delivered(200_000)  # large messages appear: the next requests are budgeted again
+    assert credits.opened(64) == 2 * mib
+
+
+def test_each_request_carries_a_share_of_the_byte_budget():
+    mib = 1024 * 1024
+    credits = _credits(256, max_bytes=16 * mib, message_bytes=mib)
+    credits.largest = 700_000
+    # 16 MiB over 512 message slots: 32 KiB a slot, at least one largest message a request.
+    assert credits.opened(256) == 8 * mib and credits.opened(64) == 2 * mib and credits.opened(4) == mib
+    assert credits.requested == 324 and credits.requested_bytes == 11 * mib
+    for _ in range(256):
+        credits.delivered(170)  # small envelopes fill the first request by count ...
+    assert len(credits.open) == 2 and credits.requested_bytes == 3 * mib  # ... and free the rest of its budget
+    # Small messages: the count decides (256 + 256 held at most, 68 still asked for), not the bytes.
+    assert credits.held_bytes == 256 * 170 and credits.want(held=256, waiting=0) == 256 - 68
+
+
+def test_large_messages_are_bounded_by_the_byte_budget():
+    mib = 1024 * 1024
+    credits = _credits(256, max_bytes=16 * mib, message_bytes=mib)
+    credits.largest = 700_000
+    assert credits.opened(256) == 8 * mib
+    for _ in range(11):
+        credits.delivered(700_000)  # a backlog of 700 KB envelopes
+    credits.request_ended(245, 300_000)  # the server stopped at the request's max_bytes
+    assert not credits.open and credits.requested == 0 and credits.requested_bytes == 0
+    assert credits.held_bytes == 7_700_000
+    assert credits.bytes_left() == 16 * mib - 7_700_000
+    assert credits.opened(256) == 8 * mib  # the next request: its share, within what is left
+    assert credits.opened(256) == 16 * mib - 7_700_000 - 8 * mib  # then only what is left
     # Less than one largest message left: no request while anything is held, whatever the count allows.
-    assert credits.bytes_left() < mib and credits.want(held=16, waiting=0) == 0
-    for _ in range(10):
-        credits.settled(mib - 100)
-    assert credits.bytes_left() > 10 * mib and credits.want(held=6, waiting=0) == 256
-    credits.settled(6 * (mib - 100))
+    assert credits.bytes_left() < mib and credits.want(held=11, waiting=0) == 0
+    for _ in range(11):
+        credits.settled(700_000)
     assert credits.held_bytes == 0
 
 

@@ -70,6 +70,8 @@ _HEARTBEAT = 5.0  # server heartbeat on an open pull request; 3 missed => reques
 _SLOW_INLINE_S = 0.5  # a sync handler slower than this should run in threads: say so once
 _WAITING_HANDLER_S = 0.001  # a handler call this long waited on something: keep messages at hand
 _INTERRUPTED = "interrupted before its outcome was published"
+# Pull requests that end with these are part of the routine (a byte budget spent, a batch filled).
+_USUAL_409 = ("Exceeded", "Batch Completed", "Exceeds MaxBytes")
 _CONSUMER_CHECK_TICKS = 5  # seconds between looks at the consumer (ack floor, existence)
 _MISSING_LOG_EVERY = 30.0  # seconds between log lines while the stream or consumer is missing
 _LEADERLESS_POLL = 0.25  # seconds between looks for a consumer leader after a reconnect
@@ -264,16 +266,16 @@ class Consumer:
         if not want:
             return
         credits = self._credits
-        max_bytes = credits.bytes_left()
-        credits.requested += want
-        credits.requested_bytes += max_bytes
-        request = b'{"batch":%d,"max_bytes":%d,"expires":%d,"idle_heartbeat":%d}' % (
-            want, max_bytes, _PULL_EXPIRES * 1e9, _HEARTBEAT * 1e9)
+        max_bytes = credits.opened(want)
+        if max_bytes:
+            request = b'{"batch":%d,"max_bytes":%d,"expires":%d,"idle_heartbeat":%d}' % (
+                want, max_bytes, _PULL_EXPIRES * 1e9, _HEARTBEAT * 1e9)
+        else:  # small messages: the count alone keeps the bytes far within the budget (credits.py)
+            request = b'{"batch":%d,"expires":%d,"idle_heartbeat":%d}' % (want, _PULL_EXPIRES * 1e9, _HEARTBEAT * 1e9)
         try:
             await self._wire.publish(self._pull_subject, request, self._inbox)
         except Exception as exc:
-            credits.requested -= want
-            credits.requested_bytes -= max_bytes
+            credits.not_sent()
             self._log.warning("pull request failed: %s", exc)
 
     async def _tick(self) -> None:
@@ -370,7 +372,7 @@ class Consumer:
             self._credits.request_ended(None)
         if status == "409" and "Consumer Deleted" in description:
             self._consumer_lost("409 Consumer Deleted")
-        elif status == "409" and "Exceeded" not in description and "Batch Completed" not in description:
+        elif status == "409" and not any(usual in description for usual in _USUAL_409):
             self._log.warning("pull request ended: %s %s", status, description)
 
     # ---------------------------------------------------------------- per message
@@ -384,11 +386,19 @@ class Consumer:
             return
         credits = self._credits
         # credits.delivered(len(data)), inline: this runs once per message.
-        if credits.requested > 0:
+        size = len(data)
+        credits.held_bytes += size
+        if size > credits.largest:
+            credits.largest = size
+        if credits.open:
             credits.requested -= 1
-        credits.held_bytes += len(data)
-        if credits.requested_bytes:
-            credits.requested_bytes = max(0, credits.requested_bytes - len(data))
+            head = credits.open[0]
+            head[0] -= 1
+            head[1] -= size
+            credits.requested_bytes -= size
+            if head[0] <= 0:  # filled by count: the rest of its byte budget is free again
+                credits.requested_bytes -= head[1]
+                credits.open.popleft()
         # Nats-Msg-Id = {node}:{stream}:{stream sequence}, read off the ack subject
         # $JS.ACK.<stream>.<consumer>.<delivered>.<stream seq>.<consumer seq>.<time>.<pending>.
         if reply.startswith(self._ack_prefix):
