@@ -50,7 +50,8 @@ async def create_consumer(js: JetStreamContext, *, paused: bool) -> None:
         pause_until = (datetime.now(timezone.utc) + timedelta(hours=1)).strftime("%Y-%m-%dT%H:%M:%SZ")
     await js.add_consumer(STREAM, ConsumerConfig(
         durable_name=CONSUMER, filter_subject=INPUT, ack_policy=AckPolicy.EXPLICIT,
-        deliver_policy=DeliverPolicy.ALL, ack_wait=30.0, max_deliver=-1, max_ack_pending=-1, max_waiting=512,
+        # max_deliver: KRT_MAX_DELIVER (5) + 2, as kre-runner sets it (jetstream.consumer_config).
+        deliver_policy=DeliverPolicy.ALL, ack_wait=30.0, max_deliver=7, max_ack_pending=-1, max_waiting=512,
         pause_until=pause_until,
     ))
 
