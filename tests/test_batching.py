@@ -125,6 +125,49 @@ async def test_invalid_and_error_inputs_never_reach_the_batch_handler(nats_serve
     assert sorted(greeting(o) for o in (o1, o2)) == ["ok ok-1", "ok ok-2"]
 
 
+def _threads() -> list[str]:
+    return next(m.THREADS for name, m in sys.modules.items() if name.startswith("_kre_user_batch"))
+
+
+@pytest.mark.parametrize(("mode", "threads", "runs_in"), [
+    ("sync", "0", "MainThread"),  # on the event loop, as a plain sync handler runs
+    ("sync", "1", "kre-handler_0"),  # in KRT_HANDLER_THREADS threads, as a plain one would
+    ("async", "0", "MainThread"),
+])
+async def test_batch_size_1_takes_the_per_message_path_with_the_same_contract(nats_server, js, workflow_stream, mode,
+                                                                               threads, runs_in):
+    names = ["ok-a", "none-b", "any-c", "exc-d", "garbage-e", "early-f", "tracking-g", "retry-h", "raise", "short",
+             "not-a-list"]
+    out = await Collector(js, OUT).start()
+    errors = await Collector(js, ENTRY).start()
+    env = _env(nats_server.url, mode, KRT_BATCH_SIZE="1", KRT_HANDLER_THREADS=threads)
+    async with running_node(env, js):
+        await _publish(js, *names)
+        outputs = {o.tracking_id: o for o in await out.take(5)}
+        failed = {e.tracking_id: e for e in await errors.take(5)}
+        await _acked_once(js)
+        assert await out.nothing_more() and await errors.nothing_more()
+        calls = [batch for _, batch in _calls()]
+        ran_in = set(_threads())
+    assert sorted(calls) == sorted([[name] for name in names] + [["retry-h"]])  # one input a call; retried once
+    assert ran_in == {runs_in}
+    assert greeting(outputs["t-ok-a"]) == "ok ok-a"
+    assert greeting(outputs["t-any-c"]) == "packed any-c"
+    assert greeting(outputs["t-early-f"]) == "ctx.early_reply acts on one message: it is not available in a " \
+                                             "batch handler"
+    assert greeting(outputs["t-tracking-g"]) == "t-tracking-g"
+    assert greeting(outputs["t-retry-h"]) == "retried retry-h"
+    assert failed["t-exc-d"].error == "error in 'greeter': bad exc-d"
+    assert "handler returned str; expected a protobuf message" in failed["t-garbage-e"].error
+    assert failed["t-raise"].error == "error in 'greeter': the model crashed"
+    assert failed["t-short"].error == "error in 'greeter': batch handler returned 0 results for 1 inputs"
+    assert failed["t-not-a-list"].error == ("error in 'greeter': batch handler returned dict; expected a list with "
+                                            "one result per input (1)")
+    for envelope in [*outputs.values(), *failed.values()]:
+        assert envelope.reply == "r-" + envelope.tracking_id[2:]
+        assert [t.node_name for t in envelope.tracking] == ["entrypoint", "greeter"]
+
+
 async def test_the_last_node_does_not_publish_an_already_answered_request(nats_server, js, workflow_stream):
     out = await Collector(js, OUT).start()
     answered = request_envelope("ok-answered")

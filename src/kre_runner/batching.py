@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import dataclasses
 import logging
 import time
 from collections import deque
@@ -46,7 +47,7 @@ from .outcome import Outcome, Outcomes
 from .publisher import PubAckPublisher
 from .settlement import Job, Settlement, retry_later
 
-__all__ = ["Batcher", "current_tracking_ids", "in_batch_handler"]
+__all__ = ["Batcher", "current_tracking_ids", "in_batch_handler", "one_at_a_time"]
 
 _INTERRUPTED = "interrupted before its outcome was published"
 
@@ -65,6 +66,41 @@ def current_tracking_ids() -> list[str]:
     if batch is None:
         raise RuntimeError("ctx.batch_tracking_ids() must be called from within a batch handler")
     return [job.envelope.tracking_id if job.envelope is not None else "" for job in batch]
+
+
+def one_at_a_time(code: UserCode) -> UserCode:
+    """``KRT_BATCH_SIZE=1``: the batch handler as a per-message handler, run by the consumer's own paths.
+
+    A batch of one has nothing to collect, so it takes the path a plain handler takes (on the event
+    loop, in ``KRT_HANDLER_THREADS`` threads, or as a coroutine) at a plain handler's cost. The list
+    contract holds: an ``Exception`` item is raised as if the handler had raised it (an error
+    envelope; ``Retry``: handed back) and a list of the wrong length fails the input. The consumer
+    answers ``ctx.batch_tracking_ids`` and refuses ``early_reply``/``early_exit`` as in a batch.
+    """
+    handle_batch = code.handler
+    if code.handler_is_async:
+        async def handler(ctx: Context, payload: Any) -> Any:
+            return _only_result(await handle_batch(ctx, [payload]))
+    else:
+        def handler(ctx: Context, payload: Any) -> Any:  # type: ignore[misc]
+            return _only_result(handle_batch(ctx, [payload]))
+    return dataclasses.replace(code, handler=handler, batch=False)
+
+
+def _only_result(results: Any) -> Any:
+    """The one result of a batch of one; an ``Exception`` item is raised (its own traceback, if any, kept)."""
+    if type(results) is not list or len(results) != 1:
+        problem = _check(results, 1)
+        if problem is not None:
+            raise BatchResultError(problem)
+    result = results[0]
+    if isinstance(result, Exception):
+        raise result
+    return result
+
+
+class BatchResultError(Exception):
+    """A batch handler returned something that is not one result per input."""
 
 
 class Batcher:

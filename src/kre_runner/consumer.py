@@ -47,7 +47,7 @@ from nats.aio.subscription import Subscription
 from nats.js.api import ConsumerInfo
 from nats.js.errors import NotFoundError
 
-from .batching import Batcher, in_batch_handler
+from .batching import Batcher, current_tracking_ids, in_batch_handler, one_at_a_time
 from .config import Settings
 from .context import Context, Retry
 from .credits import Credits
@@ -97,6 +97,9 @@ class Consumer:
         failures: RateLimitedLog | None = None,
     ) -> None:
         self._s = settings
+        self._one_at_a_time = code.batch and min(settings.batch_size, settings.max_inflight) == 1
+        if self._one_at_a_time:
+            code = one_at_a_time(code)  # nothing to collect: the per-message paths
         self._code = code
         self._nc = nc
         self._ctx = ctx
@@ -173,6 +176,11 @@ class Consumer:
                        self._s.input_subject, self._s.stream, self._s.consumer_name, self._s.max_inflight)
         if self._batcher is not None:
             self._log.info(self._batcher.describe())
+        elif self._one_at_a_time:
+            where = ("as a coroutine" if self._code.handler_is_async else
+                     f"in {self._s.handler_threads} thread(s)" if self._pool is not None else "on the event loop")
+            self._log.info("batch handler with KRT_BATCH_SIZE=1: called with one input at a time, %s, as a "
+                           "per-message handler would be", where)
 
     async def run_init(self) -> None:
         """The user's ``init(ctx)``, once, before the first pull; on the thread handlers will use."""
@@ -612,18 +620,30 @@ class Consumer:
     def _inflight(self) -> int:
         return len(self._jobs) + len(self._waiting)
 
+    def _running_job(self) -> Job | None:
+        """The input whose handler runs in this task or thread (None outside a per-message handler)."""
+        return self._inline_job or _current_job.get(None)
+
     def current_tracking_id(self) -> str | None:
         """The tracking id of the input whose handler runs in this task or thread (ctx.logger lines carry it)."""
-        job = self._inline_job or _current_job.get(None)
+        job = self._running_job()
         if job is None or job.envelope is None:
             return None
         return job.envelope.tracking_id
 
+    def batch_tracking_ids(self) -> list[str]:
+        """``ctx.batch_tracking_ids()``: the running batch's, or with ``KRT_BATCH_SIZE=1`` the input's."""
+        if not self._one_at_a_time:
+            return current_tracking_ids()
+        if self._running_job() is None:
+            raise RuntimeError("ctx.batch_tracking_ids() must be called from within a batch handler")
+        return [self.current_tracking_id() or ""]
+
     def _current(self, what: str) -> Job:
-        job = self._inline_job or _current_job.get(None)
+        if self._one_at_a_time or in_batch_handler():  # the batch contract, whatever the batch size
+            raise RuntimeError(f"ctx.{what} acts on one message: it is not available in a batch handler")
+        job = self._running_job()
         if job is None:
-            if in_batch_handler():
-                raise RuntimeError(f"ctx.{what} acts on one message: it is not available in a batch handler")
             raise RuntimeError(f"ctx.{what} must be called from within a handler")
         if self._s.entrypoint_subject is None:
             raise RuntimeError(f"ctx.{what} needs KRT_NATS_ENTRYPOINT_SUBJECT")

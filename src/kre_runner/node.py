@@ -12,7 +12,6 @@ from typing import Any, TypeVar
 import nats.aio.client
 from google.protobuf.message import Message
 
-from .batching import current_tracking_ids
 from .config import Settings, redact_url
 from .connection import StartupError, check_jetstream, connect
 from .consumer import Consumer
@@ -158,6 +157,9 @@ async def _run_connected(settings: Settings, stop: asyncio.Event, logger: loggin
         def early_exit() -> None:
             consumer.early_exit()
 
+        def batch_tracking_ids() -> list[str]:
+            return consumer.batch_tracking_ids()
+
         ctx = Context(
             base_path=settings.base_path,
             logger=handler_logger,
@@ -166,7 +168,7 @@ async def _run_connected(settings: Settings, stop: asyncio.Event, logger: loggin
             prediction=services.prediction,
             early_reply=early_reply,
             early_exit=early_exit,
-            batch_tracking_ids=current_tracking_ids if code.batch else None,
+            batch_tracking_ids=batch_tracking_ids if code.batch else None,
         )
         record = None
         if services.influx is not None and settings.elapsed_metrics:

@@ -1,18 +1,21 @@
 """Batch handlers for the batching tests: each request's name chooses what its item of the list is.
 
 ``handler_batch`` is sync (run in a thread), ``classify_async`` the same as a coroutine marked with
-the decorator. ``CALLS`` records each call's names and when it started (for in-process tests).
+the decorator. ``CALLS`` records each call's names and when it started, ``THREADS`` the thread each call ran in
+(for in-process tests).
 """
 
 import os
+import threading
 import time
 
 from google.protobuf.any_pb2 import Any as AnyProto
 from greeter_pb2 import Request, Response
 
-from kre_runner import batch_handler
+from kre_runner import Retry, batch_handler
 
 CALLS: list[tuple[float, list[str]]] = []
+THREADS: list[str] = []
 
 
 def _item(ctx, name):
@@ -24,6 +27,11 @@ def _item(ctx, name):
         return packed
     if name.startswith("exc"):
         return ValueError(f"bad {name}")
+    if name.startswith("retry"):
+        if ctx.get(name) is None:  # the first delivery fails briefly, the next one succeeds
+            ctx.set(name, True)
+            return Retry("briefly unavailable", delay=0)
+        return Response(greeting=f"retried {name}")
     if name.startswith("garbage"):
         return "a string"
     if name.startswith("early"):
@@ -43,6 +51,7 @@ def handler_batch(ctx, batch):
         data.Unpack(request)
         names.append(request.name)
     CALLS.append((time.time(), names))
+    THREADS.append(threading.current_thread().name)
     time.sleep(float(os.environ.get("BATCH_SECONDS", "0")))
     if "raise" in names:
         raise RuntimeError("the model crashed")
