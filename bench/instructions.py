@@ -36,7 +36,7 @@ _TARGETS = {
     "kre-runner-measured": "kre-runner + ctx.measurement.save per message",
     "kre-runner-threaded": "kre-runner, KRT_HANDLER_THREADS=1",
     "kre-runner-batch1": "kre-runner, handler_batch, KRT_BATCH_SIZE=1",
-    "kre-runner-batch1-threaded": "kre-runner, handler_batch, KRT_BATCH_SIZE=1, 1 thread",
+    "kre-runner-batch1-threaded": "handler_batch, KRT_BATCH_SIZE=1, 1 thread",
 }
 _BATCH1 = {"KRT_BATCH_SIZE": "1", "KRT_HANDLER_PATH": "handler.py:handler_batch"}
 _ENV = {"kre-runner-threaded": {"KRT_HANDLER_THREADS": "1"},

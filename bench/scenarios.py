@@ -156,6 +156,9 @@ async def measure_node(nc: Client, nats_url: str, spec: NodeSpec, sizes: Sizes, 
         await wait_ready(js, node.alive)
         await asyncio.sleep(0.5)  # let start-up settle before reading the idle RSS
         result = {"rss_idle": rss_mb(node.pid)}
+        # The previous node's run may have left nats-server (removing a stream of 60k+ stored messages)
+        # or VictoriaMetrics (merging what it ingested) busy: every drain starts on quiet cores.
+        await _settle([node.pid, *(others or {}).values()])
         result.update(await _drain(nc, node, sizes.backlog, others or {}))
         if full:
             result["live"] = await _live(nc, nats_url, sizes.backlog, sizes.backlog)
