@@ -53,19 +53,19 @@ def test_while_busy_it_asks_only_in_chunks_of_a_quarter():
 def test_messages_waiting_only_for_pub_acks_are_bounded_by_a_second_max_inflight():
     credits = _credits(8)
     # No handler runs, but 16 inputs are held (their outputs wait for PubAcks): nothing more may come.
-    assert credits.free(held=16, waiting=0) == 0 and credits.want(held=16, waiting=0) == 0
-    assert credits.free(held=12, waiting=0) == 4
+    assert credits.want(held=16, waiting=0) == 0
+    assert credits.want(held=12, waiting=0) == 4
 
 
 def test_prefetch_holds_a_quarter_more_while_handlers_wait():
     credits = _credits(64)
     credits.running = 64
-    assert credits.free(held=64, waiting=0) == 0
+    assert credits.want(held=64, waiting=0) == 0
     credits.handlers_wait(True)
-    assert credits.free(held=64, waiting=0) == 16 and credits.want(held=64, waiting=0) == 16
-    assert credits.free(held=64, waiting=16) == 0  # those 16 came and wait for a slot
+    assert credits.want(held=64, waiting=0) == 16
+    assert credits.want(held=64, waiting=16) == 0  # those 16 came and wait for a slot
     credits.handlers_wait(False)
-    assert credits.free(held=64, waiting=0) == 0
+    assert credits.want(held=64, waiting=0) == 0
 
 
 def test_deliveries_and_ended_requests_return_credit():
@@ -132,6 +132,35 @@ def test_large_messages_are_bounded_by_the_byte_budget():
 def test_an_idle_replica_always_asks_even_with_a_small_budget():
     credits = _credits(4, max_bytes=2 * 1024 * 1024, message_bytes=1024 * 1024)
     assert credits.want(held=0, waiting=0) == 4
+
+
+def test_a_slow_sync_handler_on_the_loop_is_asked_only_what_it_can_start_within_half_the_ack_wait():
+    credits = _credits(256, ack_wait=4)
+    assert credits.want(held=0, waiting=0) == 256  # nothing measured yet (careful mode covers the first call)
+    credits.paced_by(0.001)  # 4 s / 2 / 1 ms = 2000 > 512 held at most: no bound
+    assert not credits.paced and credits.want(held=0, waiting=0) == 256
+    credits.paced_by(0.12)  # 240 inputs pulled at once would start up to 29 s after delivery
+    assert credits.paced and credits.window == 16 and credits.slots == 1
+    assert credits.want(held=1, waiting=0) == 16  # the one running is started: 16 may wait behind it
+    credits.requested = 10
+    assert credits.want(held=1, waiting=3) == 0  # 13 not started: 3 more is under a chunk (16 // 4)
+    assert credits.want(held=1, waiting=2) == 4
+    credits.paced_by(2.0)  # half the ack wait per call: one at a time
+    credits.requested = 0
+    assert credits.window == 1 and credits.want(held=0, waiting=0) == 1 and credits.want(held=0, waiting=1) == 0
+
+
+def test_the_pace_follows_slower_calls_at_once_and_faster_ones_gradually():
+    credits = _credits(256, ack_wait=4)
+    credits.paced_by(0.5)
+    assert credits.window == 4
+    credits.relax(0.0)  # no call since the last look (idle): the pace stays for the next burst
+    assert credits.pace == 0.5
+    credits.relax(0.1)  # calls got faster: at most a fifth off a look
+    assert credits.pace == pytest.approx(0.4) and credits.window == 5
+    for _ in range(40):  # 0.4 × 0.8^n reaches 1 ms after 27 looks
+        credits.relax(0.001)
+    assert credits.pace == 0.001 and not credits.paced and credits.slots == 256
 
 
 def test_may_start_is_bounded_by_max_inflight():

@@ -72,7 +72,7 @@ _WAITING_HANDLER_S = 0.001  # a handler call this long waited on something: keep
 _INTERRUPTED = "interrupted before its outcome was published"
 # Pull requests that end with these are part of the routine (a byte budget spent, a batch filled).
 _USUAL_409 = ("Exceeded", "Batch Completed", "Exceeds MaxBytes")
-_CONSUMER_CHECK_TICKS = 5  # seconds between looks at the consumer (ack floor, existence)
+_CONSUMER_CHECK_S = 5.0  # seconds between looks at the consumer (ack floor, existence)
 _MISSING_LOG_EVERY = 30.0  # seconds between log lines while the stream or consumer is missing
 _LEADERLESS_POLL = 0.25  # seconds between looks for a consumer leader after a reconnect
 _LEADERLESS_WAIT = 30.0  # then pull anyway (the missed-heartbeat check still applies)
@@ -114,7 +114,7 @@ class Consumer:
         self._observe_handler = self.metrics.observe_handler
         self._failures = failures or RateLimitedLog(logger, "handler failures")
         self._outcomes = Outcomes(settings, self._clock, logger, self._failures)
-        self._credits = Credits(settings.max_inflight, settings.max_inflight_bytes)
+        self._credits = Credits(settings.max_inflight, settings.max_inflight_bytes, ack_wait=settings.ack_wait)
         self._settlement = Settlement(self._wire, logger, ack_wait=settings.ack_wait,
                                       publish_timeout=settings.publish_timeout, max_deliver=settings.max_deliver,
                                       dead_letter=DeadLetters(settings, self._publisher, self._outcomes).send,
@@ -287,19 +287,22 @@ class Consumer:
             self._log.warning("pull request failed: %s", exc)
 
     async def _tick(self) -> None:
-        """Once a second: PubAck timeouts, keep-alives, lost pull requests; every few seconds, the consumer."""
-        ticks = 0
+        """Once a second (often enough that a keep-alive is never late): PubAck timeouts, keep-alives, lost
+        pull requests, a sync handler's pace; every few seconds, the consumer."""
+        interval = min(1.0, self._s.ack_wait / 8)
+        next_look = time.monotonic() + _CONSUMER_CHECK_S
         while True:
-            await asyncio.sleep(1.0)
-            ticks += 1
+            await asyncio.sleep(interval)
             try:
                 await self._publisher.expire()
                 now = time.monotonic()
-                if await self._settlement.keep_alive(now, [job for job, _ in self._waiting]):
-                    self._settled()
+                await self._keep_alive()
                 self.metrics.fold()
+                if self._inline:
+                    self._credits.relax(self.metrics.handler_seconds.take_slowest())
                 self._settlement.age_memory()
-                if ticks % _CONSUMER_CHECK_TICKS == 0:
+                if now >= next_look:
+                    next_look = now + _CONSUMER_CHECK_S
                     self._failures.flush()  # the count of tracebacks left out, once their minute is over
                     if self._pulling:
                         await self._check_consumer()
@@ -313,6 +316,12 @@ class Consumer:
                     await self._pull()
             except Exception:  # the ticker must survive anything, or timeouts stop being enforced
                 self._log.exception("periodic maintenance failed")
+
+    async def _keep_alive(self, after: float | None = None) -> None:
+        """``+WPI`` for inputs held (handled, or waiting for a slot) longer than ``after`` (default: half the ack
+        wait) since their last sign of life."""
+        if await self._settlement.keep_alive(time.monotonic(), [job for job, _ in self._waiting], after):
+            self._settled()
 
     async def _check_consumer(self) -> None:
         """Consumer info: its ack floor (where a recreated consumer starts), and whether it still exists."""
@@ -393,20 +402,7 @@ class Consumer:
             await self._pull()
             return
         credits = self._credits
-        # credits.delivered(len(data)), inline: this runs once per message.
-        size = len(data)
-        credits.held_bytes += size
-        if size > credits.largest:
-            credits.largest = size
-        if credits.open:
-            credits.requested -= 1
-            head = credits.open[0]
-            head[0] -= 1
-            head[1] -= size
-            credits.requested_bytes -= size
-            if head[0] <= 0:  # filled by count: the rest of its byte budget is free again
-                credits.requested_bytes -= head[1]
-                credits.open.popleft()
+        credits.delivered(len(data))
         # Nats-Msg-Id = {node}:{stream}:{stream sequence}, read off the ack subject
         # $JS.ACK.<stream>.<consumer>.<delivered>.<stream seq>.<consumer seq>.<time>.<pending>.
         if reply.startswith(self._ack_prefix):
@@ -426,11 +422,7 @@ class Consumer:
             pass
         elif self._batcher is not None:
             await self._batcher.add(job, data)
-        elif not credits.may_start():
-            self._waiting.append((job, data))
-        elif not self._inline:
-            self._start(job, data)
-        else:
+        elif self._inline and not credits.paced:
             # Sync handler: the whole pipeline runs here, in order, with no task and no context variable
             # per message (the route runs one message at a time, so ``_inline_job`` is unambiguous). The
             # same steps as ``_process``, which awaits the handler: two short copies, because sharing
@@ -448,6 +440,16 @@ class Consumer:
             finally:
                 job.done = time.monotonic()
                 await self._release(job, error)
+        else:
+            if self._inline:
+                # Paced (a slow sync handler on the loop, see credits.py): this input may have waited in
+                # the socket buffer behind the last call, so it counts as due for a keep-alive, which
+                # the worker sends before its next call.
+                job.touched = 0.0
+            if credits.may_start():
+                self._start(job, data)
+            else:
+                self._waiting.append((job, data))
         if credits.want(len(self._jobs), len(self._waiting)):
             await self._pull()
 
@@ -470,8 +472,10 @@ class Consumer:
         end = now()
         took = end[0] - start[0]
         self._observe_handler(took)
-        if took > _SLOW_INLINE_S and not self._warned_slow:
-            self._warn_slow(took)
+        if took > self._credits.pace:
+            self._credits.paced_by(took)  # fewer inputs asked for ahead of a slower handler (credits.py)
+            if took > _SLOW_INLINE_S and not self._warned_slow:
+                self._warn_slow(took)
         if self._record_elapsed is not None:
             self._record_elapsed(envelope, start[0], end[0])
         if self._workflow_clock is not None:
@@ -494,8 +498,9 @@ class Consumer:
         return False
 
     def _start(self, job: Job, data: bytes) -> None:
-        """Take a slot and start a worker on this input (async handlers, or sync ones in threads)."""
+        """Take a slot and start a worker on this input (async handlers, sync ones in threads or paced)."""
         self._credits.running += 1
+        self._jobs.add(job)  # kept alive from now on, though the task may start later
         job.task = asyncio.create_task(self._work(job, data))
 
     async def _work(self, job: Job, data: bytes) -> None:
@@ -507,10 +512,13 @@ class Consumer:
         """
         task = job.task
         credits = self._credits
+        paced = self._inline  # a sync handler on the loop: nothing else runs during its call
         try:
             while True:
                 job.task = task
                 self._jobs.add(job)
+                if paced:
+                    await self._before_blocking()
                 await self._process(job, data)
                 if credits.want(len(self._jobs), len(self._waiting)):
                     await self._pull()
@@ -521,6 +529,17 @@ class Consumer:
             credits.running -= 1
         if credits.want(len(self._jobs), len(self._waiting)):
             await self._pull()
+
+    async def _before_blocking(self) -> None:
+        """Paced: the next call blocks the loop, so first take in what arrived during the last one (each
+        delivery becomes a job), keep alive every input it could hold up past its ack wait, and put
+        what is queued (acks, outputs, keep-alives) on the wire rather than behind the call."""
+        await asyncio.sleep(0)
+        await self._keep_alive(self._s.ack_wait / 10)
+        try:
+            await self._nc.flush(timeout=max(1, int(self._s.ack_wait / 4)))
+        except Exception as exc:  # disconnected: what is queued goes out after the reconnect
+            self._log.debug("flush before a paced handler call failed: %s", exc)
 
     async def _process(self, job: Job, data: bytes) -> None:
         """One input on a worker: the inline path's steps, awaiting the handler (see ``_on_delivery``)."""
@@ -547,16 +566,22 @@ class Consumer:
         now = self._clock.now
         start = now()
         token = _current_job.set(job)
+        job.handling = True  # ctx.early_reply/early_exit act only while the handler runs
         try:
             result = await self._call_handler(envelope.payload)
         except Exception as exc:
             return self._failed(job, envelope, exc, start)
         finally:
+            job.handling = False
             _current_job.reset(token)
         end = now()
         took = end[0] - start[0]
         self._observe_handler(took)
-        self._credits.handlers_wait(took > _WAITING_HANDLER_S)
+        if self._inline:
+            if took > self._credits.pace:
+                self._credits.paced_by(took)
+        else:
+            self._credits.handlers_wait(took > _WAITING_HANDLER_S)
         if self._record_elapsed is not None:
             self._record_elapsed(envelope, start[0], end[0])
         if self._workflow_clock is not None:
@@ -567,7 +592,8 @@ class Consumer:
         code = self._code
         if code.handler_is_async:
             return await code.handler(self._ctx, payload)
-        assert self._pool is not None  # sync handlers not run inline run in the pool
+        if self._pool is None:  # paced: a slow sync handler, still on the loop thread (see credits.py)
+            return code.handler(self._ctx, payload)
         call = contextvars.copy_context().run
         return await asyncio.get_running_loop().run_in_executor(self._pool, call, code.handler, self._ctx, payload)
 
@@ -595,17 +621,14 @@ class Consumer:
     async def _release(self, job: Job, error: str | None = None) -> None:
         """Drop a reference of ``job`` (its handler's, or a publish's: ``error`` None when stored)."""
         if await self._settlement.release(job, error):
-            jobs, waiting, credits = self._jobs, self._waiting, self._credits
-            if waiting and credits.running < credits.max_inflight:  # _settled(), inline: once per message
-                self._start(*waiting.popleft())
-            if not jobs:
-                self._idle.set()
-            # Credit is asked for in chunks of ``batch``, so a look every ``batch`` settlements finds each
-            # chunk as soon as it is free; a look at every settlement cost ~2.5 % of a message.
+            self._settled()
+            # Credit is asked for in chunks, so a look every ``chunk`` settlements finds each chunk as
+            # soon as it is free; a look at every settlement cost ~2.5 % of a message.
+            jobs, credits = self._jobs, self._credits
             self._settled_since_look += 1
-            if self._settled_since_look >= credits.batch or not jobs:
+            if self._settled_since_look >= credits.chunk or not jobs:
                 self._settled_since_look = 0
-                if credits.want(len(jobs), len(waiting)):
+                if credits.want(len(jobs), len(self._waiting)):
                     await self._pull()
 
     def _settled(self) -> None:
@@ -621,8 +644,15 @@ class Consumer:
         return len(self._jobs) + len(self._waiting)
 
     def _running_job(self) -> Job | None:
-        """The input whose handler runs in this task or thread (None outside a per-message handler)."""
-        return self._inline_job or _current_job.get(None)
+        """The input whose handler runs in this task or thread (None outside a per-message handler).
+
+        ``_inline_job`` belongs to the loop thread: another thread (one the handler started) reading
+        it would act on whichever input runs now.
+        """
+        job = _current_job.get(None)
+        if job is None and threading.get_ident() == self._loop_thread:
+            job = self._inline_job
+        return job
 
     def current_tracking_id(self) -> str | None:
         """The tracking id of the input whose handler runs in this task or thread (ctx.logger lines carry it)."""
@@ -644,7 +674,12 @@ class Consumer:
             raise RuntimeError(f"ctx.{what} acts on one message: it is not available in a batch handler")
         job = self._running_job()
         if job is None:
-            raise RuntimeError(f"ctx.{what} must be called from within a handler")
+            raise RuntimeError(f"ctx.{what} must be called from within the handler itself, while it runs (not "
+                               f"from a thread it started, nor outside a handler)")
+        if not job.handling and job is not self._inline_job:
+            raise RuntimeError(f"ctx.{what} was called after the handler returned (from a task or thread it "
+                               f"started): its input is settled by then; call it before the handler returns, "
+                               f"e.g. await the task")
         if self._s.entrypoint_subject is None:
             raise RuntimeError(f"ctx.{what} needs KRT_NATS_ENTRYPOINT_SUBJECT")
         return job

@@ -28,29 +28,47 @@ The bounds, per replica:
   node works through it, instead of 256 MiB at once overflowing the server's buffer for the
   connection (it drops a "slow consumer"). A byte budget slows the server's deliveries (~10 % of
   a drain of small messages, bench/README.md), so a request carries one only when the messages
-  seen so far (``largest``) could fill half the budget, and always before the first message.
+  seen so far (``largest``) could fill half the budget, and always before the first message;
+* pace (sync handlers on the event loop only): while such a handler runs, the loop does nothing
+  else, so inputs delivered behind it cannot be kept alive, and one pulled too many waits past its
+  ack wait and is delivered again (its handler then runs twice). So at most ``window`` inputs are
+  asked for and not yet started: as many as the slowest recent call lets start within
+  ``START_WITHIN`` of the ack wait. ``paced`` says the window binds (a handler slower than the ack
+  wait over ``cap``): the consumer then queues inputs as jobs, kept alive until they start.
 """
 
 from __future__ import annotations
 
 from collections import deque
 
-__all__ = ["Credits"]
+__all__ = ["START_WITHIN", "Credits"]
+
+# Inputs asked for must be able to start within this part of the ack wait, at the measured pace.
+START_WITHIN = 0.5
+# A sync handler's pace follows its calls down by at most this factor a second (up: at once).
+_PACE_RELAX = 0.8
 
 
 class Credits:
     """Pull-credit bookkeeping for one replica."""
 
-    __slots__ = ("batch", "cap", "careful", "held_bytes", "largest", "max_bytes", "max_inflight", "message_bytes",
-                 "open", "prefetch", "requested", "requested_bytes", "running")
+    __slots__ = ("ack_wait", "cap", "careful", "chunk", "held_bytes", "largest", "max_bytes", "max_inflight",
+                 "message_bytes", "open", "pace", "paced", "prefetch", "requested", "requested_bytes", "running",
+                 "slots", "window")
 
-    def __init__(self, max_inflight: int, max_bytes: int = 0, message_bytes: int = 1024 * 1024) -> None:
+    def __init__(self, max_inflight: int, max_bytes: int = 0, message_bytes: int = 1024 * 1024,
+                 ack_wait: float = 30.0) -> None:
         self.max_inflight = max_inflight
+        self.slots = max_inflight  # handlers that may run at once (1 while ``paced``: one sync handler on the loop)
         self.cap = 2 * max_inflight  # messages held from delivery to settlement
-        self.batch = max(1, max_inflight // 4)  # smallest request worth sending while busy
+        self.chunk = max(1, max_inflight // 4)  # smallest request worth sending while busy
         self.requested = 0  # asked for, not yet delivered, expired or cancelled
         self.running = 0  # handlers running now
-        self.prefetch = 0  # messages delivered ahead of a free slot (0, or ``batch`` while handlers wait)
+        self.prefetch = 0  # messages delivered ahead of a free slot (0, or ``chunk`` while handlers wait)
+        self.ack_wait = ack_wait
+        self.pace = 0.0  # the slowest recent call of a sync handler on the event loop (0: none measured)
+        self.window = self.cap  # inputs that may be asked for and not yet started (see ``paced_by``)
+        self.paced = False  # the window binds: inputs are queued as jobs rather than handled as they arrive
         self.max_bytes = max_bytes  # 0: no byte budget
         self.message_bytes = message_bytes  # the largest message the server may deliver (its max_payload)
         self.held_bytes = 0  # input bytes delivered and not yet settled
@@ -59,17 +77,14 @@ class Credits:
         self.largest = 0  # the largest message delivered so far
         self.careful = True  # one message at a time (see above); off at the first first-delivery
 
-    def free(self, held: int, waiting: int) -> int:
-        """Messages that may still come: ``held`` are being handled or published, ``waiting`` wait for a slot."""
-        return min(self.max_inflight + self.prefetch - self.running, self.cap - held) - waiting
-
     def want(self, held: int, waiting: int) -> int:
-        """How many messages to request now; 0 when not worth a request yet (runs once or twice a message)."""
+        """How many messages to request now (``held``: being handled or published; ``waiting``: delivered, not
+        started); 0 when not worth a request yet. Runs once or twice a message."""
         if self.careful:
             return 1 if held + waiting + self.requested == 0 else 0
-        # free() - requested, inline: a second call here costs more than the arithmetic.
-        want = min(self.max_inflight + self.prefetch - self.running, self.cap - held) - waiting - self.requested
-        if want <= 0 or (want < self.batch and held + waiting + self.requested > 0):
+        want = min(self.max_inflight + self.prefetch - self.running, self.cap - held, self.window) - waiting \
+            - self.requested
+        if want <= 0 or (want < self.chunk and held + waiting + self.requested > 0):
             return 0
         if (self.max_bytes and self.max_bytes - self.held_bytes - self.requested_bytes < self.message_bytes
                 and held + waiting + self.requested > 0):
@@ -98,10 +113,10 @@ class Credits:
 
     def may_start(self) -> bool:
         """Whether a delivered message may start its handler now (else it waits for a slot)."""
-        return self.running < self.max_inflight
+        return self.running < self.slots
 
     def delivered(self, size: int) -> None:
-        """A message of ``size`` bytes arrived for our oldest open request (the consumer inlines this)."""
+        """A message of ``size`` bytes arrived for our oldest open request (runs once a message)."""
         self.held_bytes += size
         if size > self.largest:
             self.largest = size
@@ -133,4 +148,21 @@ class Credits:
 
     def handlers_wait(self, waiting: bool) -> None:
         """Whether handler calls wait on something (the last call decides): hold messages ahead for them."""
-        self.prefetch = self.batch if waiting else 0
+        self.prefetch = self.chunk if waiting else 0
+
+    def paced_by(self, seconds: float) -> None:
+        """A sync handler on the event loop took ``seconds``, longer than ``pace``: the window shrinks at once.
+
+        The consumer calls this only when a call is slower than ``pace`` (one comparison a message).
+        """
+        self.pace = seconds
+        window = int(self.ack_wait * START_WITHIN / seconds) if seconds > 0 else self.cap
+        self.window = max(1, min(self.cap, window))
+        self.paced = self.window < self.cap
+        self.slots = 1 if self.paced else self.max_inflight
+        self.chunk = max(1, min(self.max_inflight, self.window) // 4)
+
+    def relax(self, slowest: float) -> None:
+        """Once a second: ``slowest``, the slowest call since the last look (0: no call, the pace stays)."""
+        if 0 < slowest < self.pace:
+            self.paced_by(max(slowest, self.pace * _PACE_RELAX))

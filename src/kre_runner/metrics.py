@@ -42,7 +42,7 @@ class DurationHistogram:
     a bisect per message.
     """
 
-    __slots__ = ("_counts", "_pending", "_sum", "bounds", "observe")
+    __slots__ = ("_counts", "_pending", "_sum", "bounds", "observe", "slowest")
 
     def __init__(self, bounds: tuple[float, ...]) -> None:
         self.bounds = bounds
@@ -50,6 +50,13 @@ class DurationHistogram:
         self._sum = 0.0
         self._pending: list[float] = []
         self.observe = self._pending.append
+        self.slowest = 0.0  # the longest duration folded since :meth:`take_slowest` last looked
+
+    def take_slowest(self) -> float:
+        """The longest duration observed since the last call (0: none); the consumer paces sync handlers by it."""
+        self.fold()
+        slowest, self.slowest = self.slowest, 0.0
+        return slowest
 
     def fold(self) -> None:
         """Move the durations observed since the last fold into the buckets."""
@@ -65,6 +72,8 @@ class DurationHistogram:
             start = end
         self._counts[-1] += len(batch) - start
         self._sum += sum(batch)
+        if batch[-1] > self.slowest:
+            self.slowest = batch[-1]
 
     @property
     def counts(self) -> list[int]:

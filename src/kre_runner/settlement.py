@@ -56,8 +56,8 @@ DeadLetter = Callable[["Job", str], Awaitable[None]]
 class Job:
     """One input message from delivery to settlement."""
 
-    __slots__ = ("ack_subject", "data", "dead_letter", "done", "early_exit", "envelope", "failed", "kind", "msg_id",
-                 "refs", "replied", "retry_delay", "settled", "task", "touched")
+    __slots__ = ("ack_subject", "data", "dead_letter", "done", "early_exit", "envelope", "failed", "handling", "kind",
+                 "msg_id", "refs", "replied", "retry_delay", "settled", "task", "touched")
 
     def __init__(self, ack_subject: str, msg_id: str, now: float, data: bytes = b"") -> None:
         self.ack_subject = ack_subject
@@ -71,6 +71,7 @@ class Job:
         self.envelope: KreNatsMessage | None = None
         self.replied = False  # ctx.early_reply succeeded
         self.early_exit = False  # ctx.early_exit() was called
+        self.handling = False  # its handler runs now (awaited by a worker): ctx.early_reply may act on it
         self.touched = now  # last sign of life sent to JetStream (delivery, or +WPI)
         self.done = 0.0  # when its handler's part was over (0: still running or waiting)
         self.settled = False
@@ -196,14 +197,17 @@ class Settlement:
         except Exception as exc:
             self._lost(job, command, exc)
 
-    async def keep_alive(self, now: float, waiting: Iterable[Job]) -> list[Job]:
-        """``+WPI`` for inputs still being handled or waiting for a slot; returns those settled as stuck.
+    async def keep_alive(self, now: float, waiting: Iterable[Job], after: float | None = None) -> list[Job]:
+        """``+WPI`` for inputs still being handled or waiting for a slot, silent for longer than ``after`` (default
+        half the ack wait); returns those settled as stuck.
 
         A job whose handler is done waits only for PubAcks, which the publisher fails after the
         publish timeout; one still unsettled twice that long after has lost a reference (a bug):
         it is nakked rather than kept forever.
         """
         stuck: list[Job] = []
+        if after is None:
+            after = self._keepalive_after
         for job in [*self.jobs, *waiting]:
             if job.done and now - job.done > self._publish_timeout:
                 if now - job.done > 2 * self._publish_timeout + 1:
@@ -213,7 +217,7 @@ class Settlement:
                     await self.release(job, "never settled")
                     stuck.append(job)
                 continue
-            if now - job.touched > self._keepalive_after:
+            if now - job.touched > after:
                 job.touched = now
                 try:
                     await self._wire.publish(job.ack_subject, _IN_PROGRESS)
