@@ -322,3 +322,27 @@ async def test_start_fails_on_a_missing_handler_file(nats_server, js, workflow_s
     with pytest.raises(HandlerLoadError, match="nope.py does not exist"):
         async with running_node(node_env(nats_server.url, "nope.py"), js):
             pass
+
+
+@pytest.mark.parametrize(("handler", "where", "says"), [
+    ("early_late.py:handler", "thread", "from within the handler itself"),
+    ("early_late.py:handler_task", "task", "after the handler returned"),
+])
+async def test_early_reply_outside_the_running_handler_raises_and_publishes_nothing(
+        nats_server, js, workflow_stream, tmp_path, monkeypatch, handler, where, says):
+    replies = await Collector(js, ENTRY).start()
+    out = await Collector(js, OUT).start()
+    outcomes = tmp_path / "outcomes"
+    monkeypatch.setenv("KRE_TEST_OUTCOMES", str(outcomes))  # the node runs in this process
+    async with running_node(node_env(nats_server.url, handler), js):
+        for name in ("a", "b", "c"):
+            await js.publish(IN, request_envelope(name).SerializeToString())
+        assert sorted(greeting(o) for o in await out.take(3)) == ["late a", "late b", "late c"]
+        await wait_settled(js, "v1-greeter")
+        deadline = asyncio.get_running_loop().time() + 10
+        while len(outcomes.read_text().splitlines() if outcomes.exists() else []) < 3:
+            assert asyncio.get_running_loop().time() < deadline, "the replies were never attempted"
+            await asyncio.sleep(0.05)
+    lines = outcomes.read_text().splitlines()
+    assert all(line.startswith(f"{where} RuntimeError: ") and says in line for line in lines), lines
+    assert await replies.nothing_more()
