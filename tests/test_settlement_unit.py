@@ -156,9 +156,9 @@ def test_the_pace_follows_slower_calls_at_once_and_faster_ones_gradually():
     assert credits.window == 4
     credits.relax(0.0)  # no call since the last look (idle): the pace stays for the next burst
     assert credits.pace == 0.5
-    credits.relax(0.1)  # calls got faster: at most a fifth off a look
-    assert credits.pace == pytest.approx(0.4) and credits.window == 5
-    for _ in range(40):  # 0.4 × 0.8^n reaches 1 ms after 27 looks
+    credits.relax(0.1)  # calls got faster: at most half off a look
+    assert credits.pace == pytest.approx(0.25) and credits.window == 8
+    for _ in range(10):  # 0.25 × 0.5^n reaches 1 ms after 8 looks
         credits.relax(0.001)
     assert credits.pace == 0.001 and not credits.paced and credits.slots == 256
 

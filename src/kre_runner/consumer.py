@@ -536,6 +536,8 @@ class Consumer:
         what is queued (acks, outputs, keep-alives) on the wire rather than behind the call."""
         await asyncio.sleep(0)
         await self._keep_alive(self._s.ack_wait / 10)
+        if self._credits.pace < self._s.ack_wait / 10:
+            return  # held up by one call, a keep-alive still arrives well within the ack wait
         try:
             await self._nc.flush(timeout=max(1, int(self._s.ack_wait / 4)))
         except Exception as exc:  # disconnected: what is queued goes out after the reconnect

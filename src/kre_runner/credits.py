@@ -45,8 +45,9 @@ __all__ = ["START_WITHIN", "Credits"]
 
 # Inputs asked for must be able to start within this part of the ack wait, at the measured pace.
 START_WITHIN = 0.5
-# A sync handler's pace follows its calls down by at most this factor a second (up: at once).
-_PACE_RELAX = 0.8
+# A sync handler's pace follows its calls down by at most this factor a look (up: at once): a slow first
+# call (a model warming up) paces the node for a few seconds, not for minutes.
+_PACE_RELAX = 0.5
 
 
 class Credits:
