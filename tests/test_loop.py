@@ -346,3 +346,20 @@ async def test_early_reply_outside_the_running_handler_raises_and_publishes_noth
     lines = outcomes.read_text().splitlines()
     assert all(line.startswith(f"{where} RuntimeError: ") and says in line for line in lines), lines
     assert await replies.nothing_more()
+
+
+@pytest.mark.parametrize("overrides", [
+    {"KRT_HANDLER_PATH": "sqlite_init.py:handler"},  # the default: on the event loop
+    {"KRT_HANDLER_PATH": "sqlite_init.py:handler", "KRT_HANDLER_THREADS": "1"},
+    {"KRT_HANDLER_PATH": "sqlite_init.py:handler_batch", "KRT_BATCH_SIZE": "8"},
+], ids=["loop", "one-thread", "batches"])
+async def test_init_runs_on_the_thread_the_handlers_run_on(nats_server, js, workflow_stream, overrides):
+    out = await Collector(js, OUT).start()
+    async with running_node(node_env(nats_server.url, "sqlite_init.py", **overrides), js):
+        for i in range(20):
+            await js.publish(IN, request_envelope(f"n{i}").SerializeToString())
+        got = await out.take(20)
+        await wait_settled(js, "v1-greeter")
+    errors = [o.error for o in got if o.error]
+    assert not errors, f"{len(errors)} of 20 calls failed: {errors[0]}"
+    assert sorted(int(greeting(o).split()[1]) for o in got) == list(range(1, 21))

@@ -132,14 +132,34 @@ def test_liveness_allows_the_reconnect_grace_and_readiness_follows_phase_and_con
     assert health.readiness() == (True, "consuming")
     health.disconnected()
     clock.now += 59
+    health.beat()  # the event loop runs meanwhile
     assert health.liveness()[0] is True and health.readiness()[0] is False
     clock.now += 2
+    health.beat()
     alive, reason = health.liveness()
     assert not alive and "KRT_HEALTH_RECONNECT_GRACE=60" in reason
     health.connected()
     assert health.liveness()[0] and health.readiness()[0]
     health.phase = DRAINING
     assert health.readiness()[0] is False and health.liveness()[0] is True
+
+
+def test_liveness_fails_once_the_event_loop_is_stuck_longer_than_the_stall_limit_but_not_during_init():
+    clock = _Clock()
+    health = Health(reconnect_grace=60, clock=clock, stall_limit=60)
+    health.connected()
+    health.phase = INIT
+    clock.now += 600  # a sync init holds the loop while a model loads: alive all along
+    assert health.liveness() == (True, "connected to NATS")
+    health.phase = READY
+    health.beat()
+    clock.now += 60
+    assert health.liveness()[0] is True
+    clock.now += 1.5
+    alive, reason = health.liveness()
+    assert not alive and "the event loop has not run for 62s" in reason
+    health.beat()
+    assert health.liveness()[0] is True
 
 
 # ------------------------------------------------------------------ logs

@@ -143,6 +143,7 @@ class Batcher:
         self.wait = settings.batch_wait
         self.runners = max(1, settings.handler_threads)  # batch calls running at once
         self._pool = None if code.handler_is_async else ThreadPoolExecutor(self.runners, "kre-batch")
+        self.pool = self._pool  # where a sync init runs: the thread the batch calls run on (one, by default)
         # Sync handlers: one more full batch per thread waits in the pool's queue, so a thread goes
         # straight on to it rather than waiting for the event loop to hand it over after each call.
         # A partial batch whose wait is over starts only on an idle thread: until then it keeps filling.

@@ -183,14 +183,20 @@ class Consumer:
                            "per-message handler would be", where)
 
     async def run_init(self) -> None:
-        """The user's ``init(ctx)``, once, before the first pull; on the thread handlers will use."""
+        """The user's ``init(ctx)``, once, before the first pull; a sync one on the thread the handlers use.
+
+        That is the event loop's by default (so the loop waits for it: the probes are served from a
+        thread of their own), the one handler thread with ``KRT_HANDLER_THREADS=1``, or one of the N.
+        """
         init = self._code.init
         if init is None:
             return
         if self._code.init_is_async:
             await init(self._ctx)
-        elif self._pool is not None:
-            await asyncio.get_running_loop().run_in_executor(self._pool, init, self._ctx)
+            return
+        pool = self._pool if self._batcher is None else self._batcher.pool
+        if pool is not None:
+            await asyncio.get_running_loop().run_in_executor(pool, init, self._ctx)
         else:
             init(self._ctx)
 

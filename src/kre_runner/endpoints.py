@@ -1,15 +1,22 @@
 """The node's HTTP endpoint (``KRT_HTTP_PORT``): ``/healthz``, ``/readyz``, ``/metrics``, ``/info``.
 
-Served by aiohttp on the node's event loop: answering at all proves the loop is not stuck, which is
-what liveness means. A sync ``init`` runs off the loop, so the probes answer while a model loads.
+Served by aiohttp on a thread and event loop of its own, so the probes answer while the node's loop
+is busy with what must run on it: a sync ``init`` loading a model (it runs on the thread the sync
+handlers run on, which by default is the loop's), or a slow sync handler. Whether that loop is stuck
+is what liveness asks, and :class:`~kre_runner.health.Health` answers it from the loop's heartbeat.
+What the handlers read is plain state the node's loop writes (numbers, phases); the histograms fold
+under a lock.
 """
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import contextlib
 import json
 import logging
 import platform
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -41,8 +48,42 @@ class Endpoints:
         self._info = info
         self._log = logger
         self._runner: web.AppRunner | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
 
     async def start(self) -> None:
+        """Serve on a thread of its own; raises :class:`StartupError` when the port cannot be had."""
+        loop = asyncio.new_event_loop()
+        started: concurrent.futures.Future[None] = concurrent.futures.Future()
+
+        def serve() -> None:
+            asyncio.set_event_loop(loop)
+            try:
+                loop.run_until_complete(self._serve())
+            except BaseException as exc:
+                started.set_exception(exc)
+                loop.close()
+                return
+            started.set_result(None)
+            try:
+                loop.run_forever()
+            finally:
+                if self._runner is not None:
+                    loop.run_until_complete(self._runner.cleanup())
+                loop.close()
+
+        self._loop = loop
+        # A daemon thread: the process must never wait for it at exit.
+        self._thread = threading.Thread(target=serve, name="kre-http", daemon=True)
+        self._thread.start()
+        try:
+            await asyncio.wrap_future(started)
+        except BaseException:
+            self._thread = self._loop = None
+            raise
+        self._log.info("HTTP on %s:%d: /healthz /readyz /metrics /info", self.host, self.port)
+
+    async def _serve(self) -> None:
         app = web.Application()
         app.router.add_get("/healthz", self._healthz)
         app.router.add_get("/readyz", self._readyz)
@@ -59,12 +100,15 @@ class Endpoints:
             self._runner = None
             raise StartupError(f"cannot serve HTTP on port {self.port} (KRT_HTTP_PORT): {exc.strerror or exc}; "
                                f"choose a free port, or KRT_HTTP_PORT=0 to turn the endpoint off") from None
-        self._log.info("HTTP on :%d: /healthz /readyz /metrics /info", self.port)
 
     async def stop(self) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
+        """Stop serving and wait for the thread (its loop closes the listening socket first)."""
+        loop, thread = self._loop, self._thread
+        self._loop = self._thread = None
+        if loop is None or thread is None:
+            return
+        loop.call_soon_threadsafe(loop.stop)
+        await asyncio.get_running_loop().run_in_executor(None, thread.join, 10)
 
     @staticmethod
     def _status(ok: bool, reason: str) -> web.Response:

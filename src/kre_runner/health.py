@@ -6,7 +6,10 @@ when ready *and* connected, so a rolling update waits for ``init`` and a replica
 is draining gets no traffic it cannot serve (there is none for a pull consumer, but the rollout
 and dashboards read it). Liveness fails only when NATS has been unreachable for longer than
 ``KRT_HEALTH_RECONNECT_GRACE``: a restart may help then, and not before (a server restart takes a
-few seconds, and a pod restarted meanwhile would reload its model for nothing).
+few seconds, and a pod restarted meanwhile would reload its model for nothing), or when the node's
+event loop has not run for longer than ``stall_limit`` once ready (a sync handler stuck on it: the
+probes are served from a thread of their own, so answering proves nothing about the loop; its
+heartbeat does). A sync ``init`` may hold the loop for as long as it takes.
 """
 
 from __future__ import annotations
@@ -25,8 +28,10 @@ DRAINING = "draining"
 class Health:
     """Updated by the node and the connection callbacks; read by ``/healthz`` and ``/readyz``."""
 
-    def __init__(self, reconnect_grace: float, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, reconnect_grace: float, clock: Callable[[], float] = time.monotonic,
+                 stall_limit: float = 60.0) -> None:
         self.reconnect_grace = reconnect_grace
+        self.stall_limit = stall_limit
         self._clock = clock
         self.phase = STARTING
         self.started = clock()
@@ -34,6 +39,11 @@ class Health:
         self.disconnected_since: float | None = self.started
         # Whether the durable consumer exists and is pulled from (False while it or its stream is recreated).
         self.consumer_bound: Callable[[], bool] = _always
+        self.last_beat = self.started  # when the node's event loop last ran its heartbeat
+
+    def beat(self) -> None:
+        """Called by the node's event loop every second."""
+        self.last_beat = self._clock()
 
     def connected(self) -> None:
         self.disconnected_since = None
@@ -44,13 +54,18 @@ class Health:
 
     def liveness(self) -> tuple[bool, str]:
         """(alive, reason)."""
-        if self.disconnected_since is None:
+        down = None if self.disconnected_since is None else self._clock() - self.disconnected_since
+        if down is not None and down >= self.reconnect_grace:
+            return False, (f"NATS unreachable for {down:.1f}s, longer than KRT_HEALTH_RECONNECT_GRACE="
+                           f"{self.reconnect_grace:g}")
+        if self.phase in (READY, DRAINING):
+            stalled = self._clock() - self.last_beat
+            if stalled > self.stall_limit:
+                return False, (f"the event loop has not run for {stalled:.0f}s (a sync handler blocking it?), "
+                               f"longer than KRT_ACK_WAIT + 30s")
+        if down is None:
             return True, "connected to NATS"
-        down = self._clock() - self.disconnected_since
-        if down < self.reconnect_grace:
-            return True, f"connecting to NATS for {down:.1f}s (grace {self.reconnect_grace:g}s)"
-        return False, (f"NATS unreachable for {down:.1f}s, longer than KRT_HEALTH_RECONNECT_GRACE="
-                       f"{self.reconnect_grace:g}")
+        return True, f"connecting to NATS for {down:.1f}s (grace {self.reconnect_grace:g}s)"
 
     def readiness(self) -> tuple[bool, str]:
         """(ready, reason)."""

@@ -9,6 +9,7 @@ when ``/metrics`` is scraped.
 
 from __future__ import annotations
 
+import threading
 from bisect import bisect_right
 from collections.abc import Callable, Iterator
 
@@ -42,7 +43,7 @@ class DurationHistogram:
     a bisect per message.
     """
 
-    __slots__ = ("_counts", "_pending", "_sum", "bounds", "observe", "slowest")
+    __slots__ = ("_counts", "_folding", "_pending", "_sum", "bounds", "observe", "slowest")
 
     def __init__(self, bounds: tuple[float, ...]) -> None:
         self.bounds = bounds
@@ -51,6 +52,8 @@ class DurationHistogram:
         self._pending: list[float] = []
         self.observe = self._pending.append
         self.slowest = 0.0  # the longest duration folded since :meth:`take_slowest` last looked
+        # The consumer's ticker and the HTTP thread's reads both fold: one at a time.
+        self._folding = threading.Lock()
 
     def take_slowest(self) -> float:
         """The longest duration observed since the last call (0: none); the consumer paces sync handlers by it."""
@@ -63,8 +66,17 @@ class DurationHistogram:
         pending = self._pending
         if not pending:
             return
-        batch = sorted(pending)
-        pending.clear()  # the same list: ``observe`` stays bound to it
+        with self._folding:
+            self._fold(pending)
+
+    def _fold(self, pending: list[float]) -> None:
+        # Take what is there now from the same list (``observe`` stays bound to it); a duration
+        # appended meanwhile by the loop's thread stays for the next fold.
+        taken = len(pending)
+        if not taken:
+            return
+        batch = sorted(pending[:taken])
+        del pending[:taken]
         start = 0
         for i, bound in enumerate(self.bounds):
             end = bisect_right(batch, bound, start)

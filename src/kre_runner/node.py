@@ -52,6 +52,13 @@ async def _mark_draining(stop: asyncio.Event, health: Health) -> None:
     health.phase = DRAINING
 
 
+async def _heartbeat(health: Health) -> None:
+    """The event loop's sign of life for /healthz, which is served from another thread."""
+    while True:
+        health.beat()
+        await asyncio.sleep(1.0)
+
+
 ServicesOpener = Callable[[Settings, Any, logging.Logger], Awaitable[Services]]
 
 
@@ -95,7 +102,7 @@ async def _off_loop(call: Callable[..., T], *args: Any) -> T:
 
 async def _run_node(settings: Settings, stop: asyncio.Event, logger: logging.Logger,
                     services_opener: ServicesOpener) -> Consumer:
-    health = Health(settings.health_reconnect_grace)
+    health = Health(settings.health_reconnect_grace, stall_limit=settings.ack_wait + 30)
     metrics = NodeMetrics()
     holder: list[Consumer] = []
     client: list[nats.aio.client.Client] = []
@@ -179,10 +186,9 @@ async def _run_connected(settings: Settings, stop: asyncio.Event, logger: loggin
         await _unless_stopped(consumer.setup(), stop)
         health.phase = INIT
         try:
-            if code.init is not None and not code.init_is_async and not settings.handler_threads:
-                await _unless_stopped(_off_loop(code.init, ctx), stop)
-            else:
-                await _unless_stopped(consumer.run_init(), stop)
+            # On the thread the handlers run on (the event loop's by default): what init makes may be
+            # bound to its thread (a sqlite3 connection, a thread-local session).
+            await _unless_stopped(consumer.run_init(), stop)
         except _Stopped:
             raise
         except Exception as exc:
@@ -197,10 +203,12 @@ async def _run_connected(settings: Settings, stop: asyncio.Event, logger: loggin
         health.consumer_bound = lambda: consumer.bound
         health.phase = READY
         draining = asyncio.create_task(_mark_draining(stop, health))
+        heartbeat = asyncio.create_task(_heartbeat(health))
         try:
             await consumer.run(stop)
         finally:
             draining.cancel()
+            heartbeat.cancel()
         return consumer
     finally:
         health.phase = DRAINING
