@@ -149,7 +149,8 @@ class _Wire:
         self.sent: list[tuple[str, bytes]] = []
         self.fail = fail
 
-    async def publish(self, subject: str, payload: bytes, reply: str = "", msg_id: str | None = None) -> None:
+    async def publish(self, subject: str, payload: bytes, reply: str = "", msg_id: str | None = None,
+                      headers: dict[str, str] | None = None) -> None:
         if self.fail:
             raise ConnectionError("connection closed")
         self.sent.append((subject, payload))
@@ -220,3 +221,51 @@ async def test_keep_alive_spares_finished_jobs_and_retries_leaked_ones():
                                         (leaked.ack_subject, b'-NAK {"delay": 500000000}')])
     wire.sent.clear()
     assert await settlement.keep_alive(101.0, [waiting]) == [] and wire.sent == []  # touched a second ago
+
+
+# --- PubAcks -------------------------------------------------------------------------------------
+
+class _FakeNats:
+    def new_inbox(self) -> str:
+        return "_INBOX.test"
+
+
+async def _puback_outcome(data: bytes, headers: dict[str, str] | None = None) -> str | None:
+    """What the publisher reports for a publish answered by ``data`` (None: stored)."""
+    from kre_runner.publisher import PubAckPublisher
+
+    reported: list[str | None] = []
+
+    async def on_stored(owner: object, error: str | None) -> None:
+        reported.append(error)
+
+    publisher = PubAckPublisher(_FakeNats(), None, _Wire(), 5.0, on_stored)  # type: ignore[arg-type]
+    await publisher.publish("s.out", b"x", "id", owner="job")
+    await publisher._on_puback("_INBOX.test.1", "", data, headers)
+    [error] = reported
+    return error
+
+
+@pytest.mark.parametrize("data", [
+    b'{"stream":"error","seq":1}',
+    b'{"stream":"error","domain":"error","seq":1}',
+    b'{"stream":"my-error-stream","seq":7,"duplicate": true}',
+    b'{"stream":"s", "domain":"error", "seq":3}',  # the server's hand-made form, spaces after commas
+    b' { "seq": 3, "stream": "error" }',  # any JSON object with a stream and a sequence, in any order
+])
+async def test_a_pub_ack_is_stored_whatever_its_stream_or_domain_is_named(data):
+    assert await _puback_outcome(data) is None
+
+
+@pytest.mark.parametrize(("data", "headers", "expected"), [
+    (b'{"error":{"code":503,"err_code":10077,"description":"maximum messages exceeded"},"stream":"error","seq":0}',
+     None, "JetStream error 503: maximum messages exceeded"),
+    (b'{"error":{"code":400,"description":"bad"}}', None, "JetStream error 400: bad"),
+    (b"", {"Status": "503"}, "no JetStream stream captures the subject (503 no responders)"),
+    (b"", None, "empty PubAck (status none)"),
+    (b"ok", None, "unreadable PubAck b'ok'"),  # a plain subscriber's reply is no PubAck
+    (b'["stream", 1]', None, "unreadable PubAck"),
+])
+async def test_a_failed_or_unreadable_pub_ack_says_why(data, headers, expected):
+    error = await _puback_outcome(data, headers)
+    assert error is not None and error.startswith(expected)
