@@ -79,6 +79,7 @@ def test_metrics_exposition_parses_with_labels_and_every_family():
     m = NodeMetrics()
     m.ok, m.error, m.invalid, m.filtered, m.retried = 5, 2, 1, 3, 4
     m.publish_failures, m.redeliveries = 6, 7
+    m.interrupted, m.internal_errors, m.never_settled = 13, 14, 15
     m.observe_handler(0.002)
     m.observe_handler(3.0)
     m.observe_workflow(0.2)
@@ -105,6 +106,9 @@ def test_metrics_exposition_parses_with_labels_and_every_family():
     assert value("kre_inflight_messages") == 9
     assert value("kre_publish_failures", "kre_publish_failures_total") == 6
     assert value("kre_redeliveries", "kre_redeliveries_total") == 7
+    assert value("kre_interrupted", "kre_interrupted_total") == 13
+    assert value("kre_internal_errors", "kre_internal_errors_total") == 14
+    assert value("kre_never_settled", "kre_never_settled_total") == 15
     assert value("kre_consumer_pending_messages") == 100
     assert value("kre_consumer_ack_pending_messages") == 10
     assert value("kre_influx_points_dropped", "kre_influx_points_dropped_total") == 11

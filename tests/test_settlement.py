@@ -296,3 +296,22 @@ async def test_outputs_stored_in_a_stream_or_domain_named_error_are_acked(output
             await client.close()
     # Every output stored once, and every input acked at its first delivery (no nak, no redelivery).
     assert (info.ack_floor.stream_seq, info.num_ack_pending, info.num_redelivered, stored) == (20, 0, 0, 20)
+
+
+@pytest.mark.parametrize("mode", ["threaded", "async"])
+async def test_inputs_interrupted_at_shutdown_are_not_counted_as_publish_failures(nats_server, js, workflow_stream,
+                                                                                 monkeypatch, mode):
+    monkeypatch.setenv("SLOW_SECONDS", "5")
+    env = node_env(nats_server.url, "slow.py" if mode == "async" else "slow_sync.py", KRT_SHUTDOWN_GRACE="0.5",
+                   KRT_ACK_WAIT="30", KRT_MAX_INFLIGHT="2", **MODES[mode][1])
+    async with running_node(env, js) as node:
+        for i in range(2):
+            await js.publish(IN, request_envelope(f"cut-{i}").SerializeToString())
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            if (await js.consumer_info(STREAM, CONSUMER)).num_ack_pending == 2:
+                break  # both delivered, their handlers running
+            await asyncio.sleep(0.05)
+    metrics = (await node).metrics
+    assert metrics.publish_failures == 0  # nothing was published, so nothing failed to be
+    assert (metrics.retried, metrics.interrupted) == (2, 2)

@@ -269,3 +269,41 @@ async def test_a_pub_ack_is_stored_whatever_its_stream_or_domain_is_named(data):
 async def test_a_failed_or_unreadable_pub_ack_says_why(data, headers, expected):
     error = await _puback_outcome(data, headers)
     assert error is not None and error.startswith(expected)
+
+
+@pytest.mark.parametrize(("error", "counter"), [
+    ("interrupted before its outcome was published", "interrupted"),
+    ("internal error: KeyError: 'x'", "internal_errors"),
+    ("never settled", "never_settled"),
+])
+async def test_failures_of_the_node_itself_are_not_counted_as_publish_failures(error, counter):
+    from kre_runner.metrics import NodeMetrics
+
+    metrics = NodeMetrics()
+    settlement = Settlement(_Wire(), logging.getLogger("test.settlement"), ack_wait=30, publish_timeout=5,
+                            metrics=metrics)  # type: ignore[arg-type]
+    job = _job()
+    settlement.jobs.add(job)
+    await settlement.release(job, error)
+    assert metrics.publish_failures == 0
+    assert (getattr(metrics, counter), metrics.retried) == (1, 1)
+
+
+async def test_a_failed_or_timed_out_publish_counts_as_a_publish_failure():
+    from kre_runner.metrics import NodeMetrics
+    from kre_runner.publisher import PubAckPublisher
+
+    metrics = NodeMetrics()
+
+    async def on_stored(owner: object, error: str | None) -> None:
+        pass
+
+    publisher = PubAckPublisher(_FakeNats(), None, _Wire(), 0.0, on_stored, metrics=metrics)  # type: ignore[arg-type]
+    await publisher.publish("s.out", b"x", "id", owner="job")
+    await publisher.publish("s.out", b"x", "id", owner="job")
+    await publisher._on_puback("_INBOX.test.1", "", b'{"error":{"code":503,"description":"full"}}', None)
+    await publisher.expire()  # the second: its PubAck is overdue
+    assert metrics.publish_failures == 2
+    await PubAckPublisher(_FakeNats(), None, _Wire(fail=True), 5.0, on_stored, metrics=metrics).publish(  # type: ignore[arg-type]
+        "s.out", b"x", "id", owner="job")
+    assert metrics.publish_failures == 3

@@ -19,6 +19,7 @@ from typing import Any
 from nats.aio.client import Client
 from nats.aio.subscription import Subscription
 
+from .metrics import NodeMetrics
 from .natsfast import Dispatcher, Wire
 
 __all__ = ["PubAckPublisher", "puback_error"]
@@ -31,8 +32,10 @@ class PubAckPublisher:
     """
 
     def __init__(self, nc: Client, dispatcher: Dispatcher, wire: Wire, timeout: float,
-                 on_stored: Callable[[Any, str | None], Awaitable[None]]) -> None:
+                 on_stored: Callable[[Any, str | None], Awaitable[None]], *,
+                 metrics: NodeMetrics | None = None) -> None:
         self._nc = nc
+        self._metrics = metrics or NodeMetrics()  # publish_failures: counted here, where a publish fails
         self._dispatcher = dispatcher
         self._wire = wire
         self._timeout = timeout
@@ -58,6 +61,7 @@ class PubAckPublisher:
             await self._wire.publish(subject, data, self._prefix + token, msg_id, headers)
         except Exception as exc:  # disconnected with a full buffer, payload too large, ...
             self._waiting.pop(token, None)
+            self._metrics.publish_failures += 1
             await self._on_stored(owner, f"publish to {subject} failed: {type(exc).__name__}: {exc}")
 
     @property
@@ -73,6 +77,7 @@ class PubAckPublisher:
             if deadline > now:
                 break
             del self._waiting[token]
+            self._metrics.publish_failures += 1
             await self._on_stored(owner, f"no PubAck within {self._timeout:g}s")
 
     async def resend(self) -> int:
@@ -92,6 +97,7 @@ class PubAckPublisher:
                 await self._wire.publish(subject, data, self._prefix + token, msg_id, headers)
             except Exception as exc:
                 if self._waiting.pop(token, None) is not None:
+                    self._metrics.publish_failures += 1
                     await self._on_stored(owner, f"publish to {subject} failed: {type(exc).__name__}: {exc}")
         return len(waiting)
 
@@ -107,7 +113,13 @@ class PubAckPublisher:
         # The server writes a stored message's PubAck as {"stream":..., its fields in that order (a
         # failure starts with {"error":...): one prefix test decides the usual case; anything else is
         # parsed as JSON. Never a substring test: a stream or domain may be named "error".
-        await self._on_stored(entry[1], None if data.startswith(_STORED) else puback_error(data, headers))
+        if data.startswith(_STORED):
+            await self._on_stored(entry[1], None)
+            return
+        error = puback_error(data, headers)
+        if error is not None:
+            self._metrics.publish_failures += 1
+        await self._on_stored(entry[1], error)
 
 
 # (deadline, owner, subject, data, Nats-Msg-Id, other headers) of one publish waiting for its PubAck.

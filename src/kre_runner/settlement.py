@@ -40,7 +40,14 @@ from .envelope import KreNatsMessage
 from .metrics import NodeMetrics
 from .natsfast import Wire
 
-__all__ = ["Job", "Settlement", "nak_delay", "parse_ack_subject", "retry_later"]
+__all__ = ["INTERNAL_ERROR", "INTERRUPTED", "NEVER_SETTLED", "Job", "Settlement", "nak_delay", "parse_ack_subject",
+           "retry_later"]
+
+# Why a job's own part failed when no publish did (the publisher counts failed publishes itself); each is
+# counted under its own name when released, so kre_publish_failures counts only publishes.
+INTERRUPTED = "interrupted before its outcome was published"  # cancelled (shutdown) between delivery and publish
+INTERNAL_ERROR = "internal error: "  # the start of the reason for an error of the runner's own code
+NEVER_SETTLED = "never settled"  # a job that lost a reference, found by the keep-alive check
 
 _ACK = b"+ACK"
 _IN_PROGRESS = b"+WPI"
@@ -107,7 +114,7 @@ class Settlement:
         self.nakked = 0
         self.dead_lettered = 0
         self._credits = credits or Credits(1)  # settling an input frees the bytes it held
-        self._metrics = metrics or NodeMetrics()  # settled inputs by outcome, publish failures
+        self._metrics = metrics or NodeMetrics()  # settled inputs by outcome, why parts failed
         self._acked_now: set[str] = set()  # Nats-Msg-Ids of inputs acked recently, in two generations
         self._acked_before: set[str] = set()
 
@@ -118,7 +125,12 @@ class Settlement:
     async def release(self, job: Job, error: str | None = None) -> bool:
         """Drop one reference (``error``: why its part failed, None if it succeeded); True if this settled the input."""
         if error is not None:
-            self._metrics.publish_failures += 1
+            if error == INTERRUPTED:
+                self._metrics.interrupted += 1
+            elif error == NEVER_SETTLED:
+                self._metrics.never_settled += 1
+            elif error.startswith(INTERNAL_ERROR):
+                self._metrics.internal_errors += 1
             if job.failed is None:
                 job.failed = error
         job.refs -= 1
@@ -210,7 +222,7 @@ class Settlement:
                     self._log.error("input seq %d was never settled (%d references left): retrying it",
                                     job.seq, job.refs)
                     job.refs = 1
-                    await self.release(job, "never settled")
+                    await self.release(job, NEVER_SETTLED)
                     stuck.append(job)
                 continue
             if now - job.touched > self._keepalive_after:
