@@ -307,3 +307,65 @@ async def test_a_failed_or_timed_out_publish_counts_as_a_publish_failure():
     await PubAckPublisher(_FakeNats(), None, _Wire(fail=True), 5.0, on_stored, metrics=metrics).publish(  # type: ignore[arg-type]
         "s.out", b"x", "id", owner="job")
     assert metrics.publish_failures == 3
+
+
+# --- dead letters refused ------------------------------------------------------------------------
+
+class _DeadLetters:
+    """Records each dead-letter publish (its stage) and takes its reference, as deadletter.DeadLetters does."""
+
+    def __init__(self) -> None:
+        self.stages: list[int] = []
+
+    async def send(self, job: Job, reason: str) -> None:
+        self.stages.append(job.dead_letter)
+        job.refs += 1
+
+
+def _dead_lettering(wire: _Wire) -> tuple[Settlement, _DeadLetters]:
+    from kre_runner.metrics import NodeMetrics
+
+    letters = _DeadLetters()
+    settlement = Settlement(wire, logging.getLogger("test.settlement"), ack_wait=30, publish_timeout=5,  # type: ignore[arg-type]
+                            max_deliver=2, dead_letter=letters.send, metrics=NodeMetrics())
+    return settlement, letters
+
+
+async def test_a_refused_dead_letter_is_held_alive_and_retried_and_the_entrypoint_told_only_once_stored():
+    import time
+
+    from kre_runner.settlement import DEAD_LETTER_COPY, DEAD_LETTER_TELL
+
+    wire = _Wire()
+    settlement, letters = _dead_lettering(wire)
+    metrics = settlement._metrics
+    job = _job(delivered=2)
+    settlement.jobs.add(job)
+    assert not await settlement.release(job, "the handler asked for a retry: down")  # out of deliveries
+    assert letters.stages == [DEAD_LETTER_COPY]  # the copy only: no error envelope yet
+    assert not await settlement.release(job, "JetStream error 503: maximum messages exceeded")  # refused
+    assert wire.sent == [] and not job.settled and job in settlement.jobs  # held: neither nakked nor acked
+    assert (metrics.dead_letter_failures, metrics.dead_letters_held(), metrics.retried) == (1, 1, 0)
+    assert "its dead-letter copy: JetStream error 503: maximum messages exceeded" in settlement.cannot_dead_letter()
+    later = time.monotonic() + 60
+    assert await settlement.keep_alive(later, []) == []  # due: published again, and kept alive
+    assert letters.stages == [DEAD_LETTER_COPY, DEAD_LETTER_COPY]
+    assert wire.sent == [(job.ack_subject, b"+WPI")]
+    assert not await settlement.release(job, None)  # the copy is stored: now the error envelope
+    assert letters.stages[-1] == DEAD_LETTER_TELL
+    assert await settlement.release(job, None)
+    assert wire.sent[-1] == (job.ack_subject, b"+TERM")
+    assert (metrics.dead_lettered, metrics.dead_letters_held(), settlement.cannot_dead_letter()) == (1, 0, None)
+
+
+@pytest.mark.parametrize(("delivered", "expected"), [(2, "2 spare deliveries left"), (4, "had its last delivery")])
+async def test_a_held_dead_letter_handed_back_at_shutdown_says_what_becomes_of_it(caplog, delivered, expected):
+    wire = _Wire()
+    settlement, _ = _dead_lettering(wire)
+    job = _job(delivered=delivered)
+    settlement.jobs.add(job)
+    await settlement.release(job, "the handler ran 2 times")
+    await settlement.release(job, "no JetStream stream captures the subject (503 no responders)")
+    await settlement.hand_back(job, "shutdown grace over")
+    assert wire.sent == [(job.ack_subject, b"-NAK")] and settlement.cannot_dead_letter() is None
+    assert expected in caplog.text

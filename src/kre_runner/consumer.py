@@ -488,7 +488,7 @@ class Consumer:
             return True
         if self._settlement.out_of_deliveries(delivered):
             job.failed = (f"the handler ran {self._s.max_deliver} times (KRT_MAX_DELIVER) with no outcome: the "
-                          f"process died or hung on it, or its acks were lost")
+                          f"process died or hung on it, its acks were lost, or its dead letter was refused")
             self._jobs.add(job)
             job.done = time.monotonic()
             await self._release(job)  # settlement dead-letters it
@@ -623,6 +623,13 @@ class Consumer:
             self._idle.set()
 
     # ---------------------------------------------------------------- ctx.early_reply / early_exit
+
+    def cannot_dead_letter(self) -> str | None:
+        """Why inputs wait for the dead-letter stream (for /readyz), None when none does."""
+        problem = self._settlement.cannot_dead_letter()
+        if problem is None:
+            return None
+        return f"stream {self._s.dead_letter_stream} (KRT_DEAD_LETTER_STREAM) refuses dead letters: {problem}"
 
     def _inflight(self) -> int:
         return len(self._jobs) + len(self._waiting)

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable, Iterable
 
 from .credits import Credits
@@ -40,7 +41,8 @@ from .envelope import KreNatsMessage
 from .metrics import NodeMetrics
 from .natsfast import Wire
 
-__all__ = ["INTERNAL_ERROR", "INTERRUPTED", "NEVER_SETTLED", "Job", "Settlement", "nak_delay", "parse_ack_subject",
+__all__ = ["DEAD_LETTER_COPY", "DEAD_LETTER_DELIVERIES", "DEAD_LETTER_TELL", "INTERNAL_ERROR", "INTERRUPTED",
+           "NEVER_SETTLED", "Job", "Settlement", "nak_delay", "parse_ack_subject",
            "retry_later"]
 
 # Why a job's own part failed when no publish did (the publisher counts failed publishes itself); each is
@@ -56,8 +58,32 @@ _TERMINATE = b"+TERM"
 _NAK_DELAYS = (0.5, 1, 2, 5, 10, 30)  # seconds, by delivery count, for inputs whose outcome was not stored
 _ACK_MEMORY = 32768  # inputs acked recently, remembered per generation (two generations)
 
-# Publishes the dead-letter copy and error envelope of a job (one reference each), see deadletter.py.
+# Deliveries beyond KRT_MAX_DELIVER on the consumer (jetstream.py): a delivery past the limit does not run
+# the handler, it only moves the input to the dead letters; two of them, for replicas that stop (or die)
+# while dead-lettering an input.
+DEAD_LETTER_DELIVERIES = 2
+
+# Job.dead_letter: which dead-letter publish the job waits for. The copy first; the error envelope only
+# once the copy is stored, so that the entrypoint is never told of a dead letter that is not there.
+DEAD_LETTER_COPY = 1
+DEAD_LETTER_TELL = 2
+
+# Publishes the dead-letter copy or the error envelope of a job, by ``Job.dead_letter`` (one reference
+# per publish), see deadletter.py.
 DeadLetter = Callable[["Job", str], Awaitable[None]]
+
+
+class _Letter:
+    """An input being dead-lettered: why, and how its refused publishes are retried."""
+
+    __slots__ = ("held", "reason", "refusals", "refused", "retry_at")
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason  # why it is dead-lettered (Kre-Error, and the error envelope)
+        self.held = False  # a publish of it was refused: held, unacked, until stored
+        self.refusals = 0
+        self.refused = ""  # what was refused last, and why
+        self.retry_at = 0.0  # monotonic time of the next try
 
 
 class Job:
@@ -73,7 +99,7 @@ class Job:
         self.refs = 1  # the handler's own reference
         self.failed: str | None = None  # why its outcome was not stored, or why it must be retried
         self.retry_delay: float | None = None  # the handler's Retry(delay=...)
-        self.dead_letter = False  # being dead-lettered: its publishes are the copy and the error envelope
+        self.dead_letter = 0  # being dead-lettered: DEAD_LETTER_COPY, then DEAD_LETTER_TELL
         self.kind: str | None = None  # what its outcome was, for the metrics: None (ok), error, invalid, filtered
         self.envelope: KreNatsMessage | None = None
         self.replied = False  # ctx.early_reply succeeded
@@ -117,6 +143,8 @@ class Settlement:
         self._metrics = metrics or NodeMetrics()  # settled inputs by outcome, why parts failed
         self._acked_now: set[str] = set()  # Nats-Msg-Ids of inputs acked recently, in two generations
         self._acked_before: set[str] = set()
+        self._letters: dict[Job, _Letter] = {}  # inputs being dead-lettered (rare): why, and whether held
+        self._metrics.dead_letters_held = self.held_dead_letters
 
     def out_of_deliveries(self, delivered: int) -> bool:
         """Whether a delivery this late only moves the input to the dead letters (its handler had its chances)."""
@@ -140,8 +168,14 @@ class Settlement:
             command = _TERMINATE if job.dead_letter else _ACK
             metrics = self._metrics
             if job.dead_letter:
+                if job.dead_letter == DEAD_LETTER_COPY:  # the copy is stored: now tell the entrypoint
+                    return await self._dead_letter_step(job, DEAD_LETTER_TELL)
                 self.dead_lettered += 1
                 metrics.dead_lettered += 1
+                letter = self._letters.pop(job, None)
+                if letter is not None and letter.held:
+                    self._log.warning("input seq %d dead-lettered at last, after %d refused attempt(s)", job.seq,
+                                      letter.refusals, extra=job.log_fields())
             else:
                 self.acked += 1
                 self._acked_now.add(job.msg_id)
@@ -149,14 +183,19 @@ class Settlement:
                     metrics.ok += 1
                 else:
                     setattr(metrics, job.kind, getattr(metrics, job.kind) + 1)
-        elif not job.dead_letter and self._dead_letter is not None and job.delivered >= self._max_deliver > 0:
-            # Out of deliveries: the dead-letter copy and error envelope hold the job until stored.
-            job.dead_letter, reason, job.failed = True, job.failed, None
+        elif job.dead_letter:
+            # Its dead-letter copy or error envelope was not stored. A nak would spend one of the few
+            # deliveries JetStream has left for it (KRT_MAX_DELIVER + DEAD_LETTER_DELIVERIES), and then
+            # strand it: the node holds it instead, with keep-alives, and tries again (keep_alive).
+            self._hold(job)
+            return False
+        elif self._dead_letter is not None and job.delivered >= self._max_deliver > 0:
+            # Out of deliveries: the dead-letter copy, then the error envelope, hold the job until stored.
+            self._letters[job] = _Letter(job.failed)
             self._log.error("input seq %d failed on all %d deliveries: dead-lettering it: %s", job.seq,
-                            job.delivered, reason, extra=job.log_fields())
-            job.refs = 1
-            await self._dead_letter(job, reason)
-            return await self.release(job)
+                            job.delivered, job.failed, extra=job.log_fields())
+            job.failed = None
+            return await self._dead_letter_step(job, DEAD_LETTER_COPY)
         else:
             self.nakked += 1
             self._metrics.retried += 1
@@ -174,6 +213,45 @@ class Settlement:
         except Exception as exc:
             self._lost(job, command, exc)
         return True
+
+    async def _dead_letter_step(self, job: Job, stage: int) -> bool:
+        """Publish the copy (``DEAD_LETTER_COPY``) or the error envelope (``DEAD_LETTER_TELL``) of ``job``."""
+        assert self._dead_letter is not None  # jobs are dead-lettered only when it is set
+        job.dead_letter = stage
+        job.refs = 1  # held here until the publish below has its reference
+        await self._dead_letter(job, self._letters[job].reason)
+        return await self.release(job)
+
+    def _hold(self, job: Job) -> None:
+        """A dead-letter publish of ``job`` was refused: keep the input, unacked and alive, and retry it later."""
+        letter = self._letters[job]
+        what = "its dead-letter copy" if job.dead_letter == DEAD_LETTER_COPY else "its error envelope"
+        reason, job.failed = job.failed, None
+        letter.refusals += 1
+        letter.refused = f"{what}: {reason}"
+        letter.retry_at = time.monotonic() + nak_delay(letter.refusals)
+        self._metrics.dead_letter_failures += 1
+        job.done = 0.0  # waiting for no PubAck now: it gets keep-alives like a running handler
+        if not letter.held:
+            letter.held = True
+            self._log.error("input seq %d: %s was refused (%s): the node holds the input, unacked, and retries "
+                            "until it is stored (every %gs at most); no error envelope goes out before its copy is "
+                            "stored, and /readyz says the node cannot dead-letter meanwhile", job.seq, what, reason,
+                            _NAK_DELAYS[-1], extra=job.log_fields())
+        else:
+            self._log.debug("input seq %d: %s refused again (attempt %d): %s", job.seq, what, letter.refusals, reason)
+
+    def held_dead_letters(self) -> int:
+        """Inputs held because a dead-letter publish was refused (the gauge ``kre_dead_letter_held_messages``)."""
+        return sum(1 for letter in self._letters.values() if letter.held)
+
+    def cannot_dead_letter(self) -> str | None:
+        """Why dead letters are not being stored now (for /readyz), None when none is held."""
+        held = [letter for letter in self._letters.values() if letter.held]
+        if not held:
+            return None
+        return (f"{len(held)} input(s) held unacked and retried until stored; last refused: "
+                f"{max(held, key=lambda letter: letter.retry_at).refused}")
 
     async def acked_before(self, job: Job) -> bool:
         """A redelivered input this node acked recently: ack it again, at once; True if so."""
@@ -195,7 +273,21 @@ class Settlement:
             return
         self.nakked += 1
         self._metrics.retried += 1
-        self._log.warning("returning input seq %d for redelivery: %s", job.seq, why, extra=job.log_fields())
+        letter = self._letters.pop(job, None)
+        spare = self._max_deliver + DEAD_LETTER_DELIVERIES - job.delivered
+        if letter is None or not letter.held:
+            self._log.warning("returning input seq %d for redelivery: %s", job.seq, why, extra=job.log_fields())
+        elif spare > 0:
+            self._log.error("returning input seq %d for redelivery (%s) without its dead letter: %s was refused; "
+                            "the replica it goes to dead-letters it without running the handler (%d spare "
+                            "deliveries left)", job.seq, why, letter.refused, spare, extra=job.log_fields())
+        else:
+            stream, seq, _ = parse_ack_subject(job.ack_subject)
+            self._log.error("input seq %d could not be dead-lettered before the node stopped (%s was refused) and "
+                            "had its last delivery (KRT_MAX_DELIVER + %d): JetStream will not deliver it again; it "
+                            "stays unacked in stream %s at seq %d: copy it by hand (nats stream get %s %d)",
+                            job.seq, letter.refused, DEAD_LETTER_DELIVERIES, stream, seq, stream, seq,
+                            extra=job.log_fields())
         await self._settle(job, _HAND_BACK)
 
     async def _settle(self, job: Job, command: bytes) -> None:
@@ -209,13 +301,18 @@ class Settlement:
             self._lost(job, command, exc)
 
     async def keep_alive(self, now: float, waiting: Iterable[Job]) -> list[Job]:
-        """``+WPI`` for inputs still being handled or waiting for a slot; returns those settled as stuck.
+        """``+WPI`` for inputs still being handled, waiting for a slot or held as dead letters; returns those settled.
 
         A job whose handler is done waits only for PubAcks, which the publisher fails after the
         publish timeout; one still unsettled twice that long after has lost a reference (a bug):
-        it is nakked rather than kept forever.
+        it is nakked rather than kept forever. Held dead letters whose retry is due are published again.
         """
         stuck: list[Job] = []
+        for job, letter in list(self._letters.items()):
+            # A held dead letter whose retry is due (refs 0: no publish of it in flight).
+            due = letter.held and not job.refs and not job.settled and letter.retry_at <= now
+            if due and await self._dead_letter_step(job, job.dead_letter):
+                stuck.append(job)
         for job in [*self.jobs, *waiting]:
             if job.done and now - job.done > self._publish_timeout:
                 if now - job.done > 2 * self._publish_timeout + 1:
