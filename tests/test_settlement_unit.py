@@ -358,7 +358,7 @@ async def test_a_refused_dead_letter_is_held_alive_and_retried_and_the_entrypoin
     assert (metrics.dead_lettered, metrics.dead_letters_held(), settlement.cannot_dead_letter()) == (1, 0, None)
 
 
-@pytest.mark.parametrize(("delivered", "expected"), [(2, "2 spare deliveries left"), (4, "had its last delivery")])
+@pytest.mark.parametrize(("delivered", "expected"), [(2, "2 spare deliveries left"), (4, "on its last delivery")])
 async def test_a_held_dead_letter_handed_back_at_shutdown_says_what_becomes_of_it(caplog, delivered, expected):
     wire = _Wire()
     settlement, _ = _dead_lettering(wire)

@@ -13,8 +13,10 @@ settled, exactly once (``Job.settled``):
   with the handler's own delay when it raised ``kre_runner.Retry``;
 * dead-lettered, then ``+TERM`` — the input failed so on its ``KRT_MAX_DELIVER``-th delivery, or
   arrives for a further delivery (the process died or hung on it every time): a copy goes to the
-  dead-letter stream and an error envelope to the entrypoint; once both are stored it is
-  terminated (never delivered again). If they cannot be stored it is nakked and tried again;
+  dead-letter stream, then (once the copy is stored) an error envelope to the entrypoint; once
+  both are stored it is terminated (never delivered again). If either is refused, the input is
+  held, unacked and kept alive with ``+WPI``, and the refused publish retried from the node until
+  stored (a nak would spend deliveries JetStream has few of left); /readyz fails meanwhile;
 * ``+ACK`` at once, without running the handler — a redelivered input this node acked recently (a
   restarted server that lost recent ack state): running it again would duplicate its output once
   the stream has forgotten its ``Nats-Msg-Id``;
@@ -42,8 +44,7 @@ from .metrics import NodeMetrics
 from .natsfast import Wire
 
 __all__ = ["DEAD_LETTER_COPY", "DEAD_LETTER_DELIVERIES", "DEAD_LETTER_TELL", "INTERNAL_ERROR", "INTERRUPTED",
-           "NEVER_SETTLED", "Job", "Settlement", "nak_delay", "parse_ack_subject",
-           "retry_later"]
+           "NEVER_SETTLED", "Job", "Settlement", "nak_delay", "parse_ack_subject", "retry_later"]
 
 # Why a job's own part failed when no publish did (the publisher counts failed publishes itself); each is
 # counted under its own name when released, so kre_publish_failures counts only publishes.
@@ -274,20 +275,22 @@ class Settlement:
         self.nakked += 1
         self._metrics.retried += 1
         letter = self._letters.pop(job, None)
-        spare = self._max_deliver + DEAD_LETTER_DELIVERIES - job.delivered
-        if letter is None or not letter.held:
-            self._log.warning("returning input seq %d for redelivery: %s", job.seq, why, extra=job.log_fields())
-        elif spare > 0:
+        refused = letter.refused if letter is not None and letter.held else ""
+        # Deliveries JetStream has left for it (the consumer's max_deliver is KRT_MAX_DELIVER + DEAD_LETTER_DELIVERIES).
+        spare = self._max_deliver + DEAD_LETTER_DELIVERIES - job.delivered if self._max_deliver > 0 else 1
+        if spare <= 0:
+            stream, seq, _ = parse_ack_subject(job.ack_subject)
+            self._log.error("input seq %d is returned (%s) on its last delivery (KRT_MAX_DELIVER + %d)%s: JetStream "
+                            "will not deliver it again; it stays unacked in stream %s at seq %d: copy it by hand "
+                            "(nats stream get %s %d) and publish it again", job.seq, why, DEAD_LETTER_DELIVERIES,
+                            f", not dead-lettered: {refused} was refused" if refused else "", stream, seq, stream,
+                            seq, extra=job.log_fields())
+        elif refused:
             self._log.error("returning input seq %d for redelivery (%s) without its dead letter: %s was refused; "
                             "the replica it goes to dead-letters it without running the handler (%d spare "
-                            "deliveries left)", job.seq, why, letter.refused, spare, extra=job.log_fields())
+                            "deliveries left)", job.seq, why, refused, spare, extra=job.log_fields())
         else:
-            stream, seq, _ = parse_ack_subject(job.ack_subject)
-            self._log.error("input seq %d could not be dead-lettered before the node stopped (%s was refused) and "
-                            "had its last delivery (KRT_MAX_DELIVER + %d): JetStream will not deliver it again; it "
-                            "stays unacked in stream %s at seq %d: copy it by hand (nats stream get %s %d)",
-                            job.seq, letter.refused, DEAD_LETTER_DELIVERIES, stream, seq, stream, seq,
-                            extra=job.log_fields())
+            self._log.warning("returning input seq %d for redelivery: %s", job.seq, why, extra=job.log_fields())
         await self._settle(job, _HAND_BACK)
 
     async def _settle(self, job: Job, command: bytes) -> None:
