@@ -348,3 +348,15 @@ async def test_max_inflight_bounds_the_inputs_held_for_batches(nats_server, js, 
         assert (info.num_ack_pending, info.num_pending) == (4, 6)
         assert len(await out.take(10, timeout=15)) == 10
         await wait_settled(js, CONSUMER)
+
+
+async def test_a_batch_handler_on_the_last_node_observes_the_workflow_duration(nats_server, js, workflow_stream):
+    out = await Collector(js, OUT).start()
+    env = _env(nats_server.url, "sync", KRT_BATCH_SIZE="3", KRT_BATCH_WAIT_MS="200", KRT_IS_LAST_NODE="true")
+    async with running_node(env, js) as node:
+        await _publish(js, "ok-w1", "ok-w2", "ok-w3", "ok-w4")
+        assert len(await out.take(4)) == 4
+        await wait_settled(js, CONSUMER)
+    workflow = (await node).metrics.workflow_seconds
+    assert workflow.count == 4  # one per output, as the per-message paths observe it
+    assert workflow.sum > 0

@@ -125,7 +125,9 @@ async def test_metrics_and_info_describe_the_running_node(nats_server, js, workf
         families = {f.name: f for f in text_string_to_metric_families(text)}
         labels = {"node": "greeter", "workflow": "wf", "version": "v1"}
         for name in ("kre_messages", "kre_handler_duration_seconds", "kre_workflow_duration_seconds",
-                     "kre_inflight_messages", "kre_publish_failures", "kre_redeliveries",
+                     "kre_inflight_messages", "kre_publish_failures", "kre_redeliveries", "kre_interrupted",
+                     "kre_internal_errors", "kre_never_settled", "kre_dead_letter_failures",
+                     "kre_dead_letter_held_messages",
                      "kre_consumer_pending_messages", "kre_consumer_ack_pending_messages",
                      "kre_influx_points_dropped", "kre_db_errors"):
             samples = families[name].samples

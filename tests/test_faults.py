@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 
+import aiohttp
 import nats
 import pytest
 from kre_helpers import (
@@ -26,9 +27,10 @@ from kre_helpers import (
     wait_ready,
     wait_settled,
 )
-from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, RetentionPolicy, StreamConfig
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, DiscardPolicy, RetentionPolicy, StreamConfig
 from nats.js.errors import NotFoundError
 
+from kre_runner.embedded import free_port
 from kre_runner.jetstream import SetupError
 
 pytestmark = pytest.mark.integration
@@ -130,6 +132,57 @@ async def test_an_input_that_kills_the_process_every_time_is_dead_lettered(nats_
     assert calls.read_text().split().count("die") == 2  # KRT_MAX_DELIVER attempts, then no more
     assert (letter.headers or {})["Kre-Error"].startswith("the handler ran 2 times (KRT_MAX_DELIVER) with no outcome")
     assert greeting(after) == "ok after"
+
+
+async def _http(port: int, path: str) -> tuple[int, str]:
+    async with aiohttp.ClientSession() as session, session.get(f"http://127.0.0.1:{port}{path}",
+                                                               timeout=aiohttp.ClientTimeout(total=5)) as response:
+        return response.status, await response.text()
+
+
+async def _metric(port: int, name: str) -> float:
+    _, text = await _http(port, "/metrics")
+    for line in text.splitlines():
+        if line.startswith(name + "{") or line.startswith(name + " "):
+            return float(line.rsplit(" ", 1)[1])
+    return -1.0  # not exposed
+
+
+async def test_a_dead_letter_the_stream_refuses_is_held_then_stored_never_stranded(nats_server, js, workflow_stream):
+    # The dead-letter stream is full and discards new messages: it refuses every copy until there is room.
+    await js.add_stream(StreamConfig(name=DEAD, subjects=[f"{DEAD}.>"], max_msgs=1, discard=DiscardPolicy.NEW))
+    await js.publish(f"{DEAD}.other", b"an older dead letter")
+    entry = await Collector(js, ENTRY).start()
+    port = free_port()
+    env = node_env(nats_server.url, "poison.py", KRT_MAX_DELIVER="2", KRT_ACK_WAIT="2", KRT_HTTP_PORT=str(port))
+    async with running_node(env, js):
+        await js.publish(IN, request_envelope("always-retry", tracking_id="t-held").SerializeToString())
+        # Refused again and again (retried from the node) while JetStream would have redelivered it after each
+        # ack wait: the node holds it with keep-alives, and uses no delivery beyond KRT_MAX_DELIVER.
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            info = await js.consumer_info(STREAM, CONSUMER)
+            if info.delivered.consumer_seq > 2 or await _metric(port, "kre_dead_letter_failures_total") >= 4:
+                break
+            await asyncio.sleep(0.2)
+        assert (info.delivered.consumer_seq, info.num_ack_pending) == (2, 1)
+        assert await _metric(port, "kre_dead_letter_held_messages") == 1
+        status, body = await _http(port, "/readyz")
+        assert status == 503 and "cannot dead-letter" in body and "maximum messages exceeded" in body
+        assert await entry.nothing_more()  # no error envelope claims a dead letter that is not stored
+        await js.purge_stream(DEAD)  # room again
+        [letter] = await _dead_letters(js, 1)
+        [error] = await entry.take(1)
+        await wait_settled(js, CONSUMER)
+        assert await _metric(port, "kre_dead_letter_held_messages") == 0
+        assert (await _http(port, "/readyz"))[0] == 200
+        info = await js.consumer_info(STREAM, CONSUMER)
+    assert info.delivered.consumer_seq == 2  # no further delivery was needed
+    assert (letter.headers or {})["Kre-Sequence"] == "1"
+    assert error.tracking_id == "t-held"
+    assert error.error.startswith("error in 'greeter': dead-lettered after 2 deliveries")
+    with pytest.raises(NotFoundError):
+        await js.get_msg(STREAM, 1)  # terminated: gone from the workflow stream
 
 
 async def test_a_deleted_consumer_is_recreated_and_consumption_resumes(nats_server, js, workflow_stream, caplog):

@@ -79,6 +79,8 @@ def test_metrics_exposition_parses_with_labels_and_every_family():
     m = NodeMetrics()
     m.ok, m.error, m.invalid, m.filtered, m.retried = 5, 2, 1, 3, 4
     m.publish_failures, m.redeliveries = 6, 7
+    m.interrupted, m.internal_errors, m.never_settled = 13, 14, 15
+    m.dead_letter_failures, m.dead_letters_held = 16, lambda: 2
     m.observe_handler(0.002)
     m.observe_handler(3.0)
     m.observe_workflow(0.2)
@@ -105,6 +107,11 @@ def test_metrics_exposition_parses_with_labels_and_every_family():
     assert value("kre_inflight_messages") == 9
     assert value("kre_publish_failures", "kre_publish_failures_total") == 6
     assert value("kre_redeliveries", "kre_redeliveries_total") == 7
+    assert value("kre_interrupted", "kre_interrupted_total") == 13
+    assert value("kre_internal_errors", "kre_internal_errors_total") == 14
+    assert value("kre_never_settled", "kre_never_settled_total") == 15
+    assert value("kre_dead_letter_failures", "kre_dead_letter_failures_total") == 16
+    assert value("kre_dead_letter_held_messages") == 2
     assert value("kre_consumer_pending_messages") == 100
     assert value("kre_consumer_ack_pending_messages") == 10
     assert value("kre_influx_points_dropped", "kre_influx_points_dropped_total") == 11
@@ -160,6 +167,18 @@ def test_liveness_fails_once_the_event_loop_is_stuck_longer_than_the_stall_limit
     assert not alive and "the event loop has not run for 62s" in reason
     health.beat()
     assert health.liveness()[0] is True
+
+
+def test_readiness_fails_while_the_node_cannot_dead_letter_and_liveness_does_not():
+    health = Health(reconnect_grace=60, clock=_Clock())
+    health.connected()
+    health.phase = READY
+    problem: list[str] = ["stream dl refuses dead letters: 1 input(s) held"]
+    health.cannot_dead_letter = lambda: problem[0] if problem else None
+    assert health.readiness() == (False, "cannot dead-letter: stream dl refuses dead letters: 1 input(s) held")
+    assert health.liveness()[0] is True  # a restart would not help, and would spend the held input's deliveries
+    problem.clear()
+    assert health.readiness() == (True, "consuming")
 
 
 # ------------------------------------------------------------------ logs

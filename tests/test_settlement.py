@@ -257,3 +257,61 @@ async def test_shutdown_grace_running_out_hands_inputs_back_at_once(nats_server,
         results = await out.take(4, timeout=8)
         await wait_settled(js, CONSUMER)
     assert sorted(greeting(r).split("!")[0] for r in results) == [f"Hello, held-{i}" for i in range(4)]
+
+
+class _NatsInDomain(EmbeddedNats):
+    """A server whose JetStream domain is ``error``: every PubAck carries ``"domain":"error"``."""
+
+    def _command(self) -> list[str]:
+        conf = f"{self.dir}/domain.conf"
+        with open(conf, "w") as f:
+            f.write(f'jetstream {{ store_dir: "{self.dir}", domain: error }}\n')
+        return [find_nats_server(), "-a", "127.0.0.1", "-p", str(self.port), "-c", conf]
+
+
+# Output streams (and a JetStream domain) named so that a PubAck judged by a substring holds that substring
+# on success: a stream named "error", one whose name holds it, and a domain named "error".
+@pytest.mark.parametrize(("output_stream", "domain"), [("error", False), ("my-error-stream", False),
+                                                       ("out", True)])
+async def test_outputs_stored_in_a_stream_or_domain_named_error_are_acked(output_stream, domain):
+    server = _NatsInDomain() if domain else EmbeddedNats()
+    with server:
+        client = await nats.connect(server.url)
+        try:
+            js = client.jetstream()
+            await js.add_stream(name=STREAM, subjects=[f"{STREAM}.*"])
+            await js.add_stream(name=output_stream, subjects=[f"{output_stream}.>"])
+            env = _env(server.url, "inline", KRT_NATS_OUTPUT=f"{output_stream}.out", KRT_ACK_WAIT="30")
+            async with running_node(env, js):
+                for i in range(20):
+                    await js.publish(IN, request_envelope(f"named-{i}").SerializeToString())
+                deadline = time.monotonic() + 10
+                while time.monotonic() < deadline:
+                    info = await js.consumer_info(STREAM, CONSUMER)
+                    if info.ack_floor.stream_seq == 20:
+                        break
+                    await asyncio.sleep(0.1)
+            stored = (await js.stream_info(output_stream)).state.messages
+        finally:
+            await client.close()
+    # Every output stored once, and every input acked at its first delivery (no nak, no redelivery).
+    assert (info.ack_floor.stream_seq, info.num_ack_pending, info.num_redelivered, stored) == (20, 0, 0, 20)
+
+
+@pytest.mark.parametrize("mode", ["threaded", "async"])
+async def test_inputs_interrupted_at_shutdown_are_not_counted_as_publish_failures(nats_server, js, workflow_stream,
+                                                                                 monkeypatch, mode):
+    monkeypatch.setenv("SLOW_SECONDS", "5")
+    env = node_env(nats_server.url, "slow.py" if mode == "async" else "slow_sync.py", KRT_SHUTDOWN_GRACE="0.5",
+                   KRT_ACK_WAIT="30", KRT_MAX_INFLIGHT="2", **MODES[mode][1])
+    async with running_node(env, js) as node:
+        for i in range(2):
+            await js.publish(IN, request_envelope(f"cut-{i}").SerializeToString())
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            if (await js.consumer_info(STREAM, CONSUMER)).num_ack_pending == 2:
+                break  # both delivered, their handlers running
+            await asyncio.sleep(0.05)
+    metrics = (await node).metrics
+    assert metrics.publish_failures == 0  # nothing was published, so nothing failed to be
+    assert (metrics.retried, metrics.interrupted) == (2, 2)

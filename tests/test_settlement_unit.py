@@ -178,7 +178,8 @@ class _Wire:
         self.sent: list[tuple[str, bytes]] = []
         self.fail = fail
 
-    async def publish(self, subject: str, payload: bytes, reply: str = "", msg_id: str | None = None) -> None:
+    async def publish(self, subject: str, payload: bytes, reply: str = "", msg_id: str | None = None,
+                      headers: dict[str, str] | None = None) -> None:
         if self.fail:
             raise ConnectionError("connection closed")
         self.sent.append((subject, payload))
@@ -249,3 +250,151 @@ async def test_keep_alive_spares_finished_jobs_and_retries_leaked_ones():
                                         (leaked.ack_subject, b'-NAK {"delay": 500000000}')])
     wire.sent.clear()
     assert await settlement.keep_alive(101.0, [waiting]) == [] and wire.sent == []  # touched a second ago
+
+
+# --- PubAcks -------------------------------------------------------------------------------------
+
+class _FakeNats:
+    def new_inbox(self) -> str:
+        return "_INBOX.test"
+
+
+async def _puback_outcome(data: bytes, headers: dict[str, str] | None = None) -> str | None:
+    """What the publisher reports for a publish answered by ``data`` (None: stored)."""
+    from kre_runner.publisher import PubAckPublisher
+
+    reported: list[str | None] = []
+
+    async def on_stored(owner: object, error: str | None) -> None:
+        reported.append(error)
+
+    publisher = PubAckPublisher(_FakeNats(), None, _Wire(), 5.0, on_stored)  # type: ignore[arg-type]
+    await publisher.publish("s.out", b"x", "id", owner="job")
+    await publisher._on_puback("_INBOX.test.1", "", data, headers)
+    [error] = reported
+    return error
+
+
+@pytest.mark.parametrize("data", [
+    b'{"stream":"error","seq":1}',
+    b'{"stream":"error","domain":"error","seq":1}',
+    b'{"stream":"my-error-stream","seq":7,"duplicate": true}',
+    b'{"stream":"s", "domain":"error", "seq":3}',  # the server's hand-made form, spaces after commas
+    b' { "seq": 3, "stream": "error" }',  # any JSON object with a stream and a sequence, in any order
+])
+async def test_a_pub_ack_is_stored_whatever_its_stream_or_domain_is_named(data):
+    assert await _puback_outcome(data) is None
+
+
+@pytest.mark.parametrize(("data", "headers", "expected"), [
+    (b'{"error":{"code":503,"err_code":10077,"description":"maximum messages exceeded"},"stream":"error","seq":0}',
+     None, "JetStream error 503: maximum messages exceeded"),
+    (b'{"error":{"code":400,"description":"bad"}}', None, "JetStream error 400: bad"),
+    (b"", {"Status": "503"}, "no JetStream stream captures the subject (503 no responders)"),
+    (b"", None, "empty PubAck (status none)"),
+    (b"ok", None, "unreadable PubAck b'ok'"),  # a plain subscriber's reply is no PubAck
+    (b'["stream", 1]', None, "unreadable PubAck"),
+])
+async def test_a_failed_or_unreadable_pub_ack_says_why(data, headers, expected):
+    error = await _puback_outcome(data, headers)
+    assert error is not None and error.startswith(expected)
+
+
+@pytest.mark.parametrize(("error", "counter"), [
+    ("interrupted before its outcome was published", "interrupted"),
+    ("internal error: KeyError: 'x'", "internal_errors"),
+    ("never settled", "never_settled"),
+])
+async def test_failures_of_the_node_itself_are_not_counted_as_publish_failures(error, counter):
+    from kre_runner.metrics import NodeMetrics
+
+    metrics = NodeMetrics()
+    settlement = Settlement(_Wire(), logging.getLogger("test.settlement"), ack_wait=30, publish_timeout=5,
+                            metrics=metrics)  # type: ignore[arg-type]
+    job = _job()
+    settlement.jobs.add(job)
+    await settlement.release(job, error)
+    assert metrics.publish_failures == 0
+    assert (getattr(metrics, counter), metrics.retried) == (1, 1)
+
+
+async def test_a_failed_or_timed_out_publish_counts_as_a_publish_failure():
+    from kre_runner.metrics import NodeMetrics
+    from kre_runner.publisher import PubAckPublisher
+
+    metrics = NodeMetrics()
+
+    async def on_stored(owner: object, error: str | None) -> None:
+        pass
+
+    publisher = PubAckPublisher(_FakeNats(), None, _Wire(), 0.0, on_stored, metrics=metrics)  # type: ignore[arg-type]
+    await publisher.publish("s.out", b"x", "id", owner="job")
+    await publisher.publish("s.out", b"x", "id", owner="job")
+    await publisher._on_puback("_INBOX.test.1", "", b'{"error":{"code":503,"description":"full"}}', None)
+    await publisher.expire()  # the second: its PubAck is overdue
+    assert metrics.publish_failures == 2
+    await PubAckPublisher(_FakeNats(), None, _Wire(fail=True), 5.0, on_stored, metrics=metrics).publish(  # type: ignore[arg-type]
+        "s.out", b"x", "id", owner="job")
+    assert metrics.publish_failures == 3
+
+
+# --- dead letters refused ------------------------------------------------------------------------
+
+class _DeadLetters:
+    """Records each dead-letter publish (its stage) and takes its reference, as deadletter.DeadLetters does."""
+
+    def __init__(self) -> None:
+        self.stages: list[int] = []
+
+    async def send(self, job: Job, reason: str) -> None:
+        self.stages.append(job.dead_letter)
+        job.refs += 1
+
+
+def _dead_lettering(wire: _Wire) -> tuple[Settlement, _DeadLetters]:
+    from kre_runner.metrics import NodeMetrics
+
+    letters = _DeadLetters()
+    settlement = Settlement(wire, logging.getLogger("test.settlement"), ack_wait=30, publish_timeout=5,  # type: ignore[arg-type]
+                            max_deliver=2, dead_letter=letters.send, metrics=NodeMetrics())
+    return settlement, letters
+
+
+async def test_a_refused_dead_letter_is_held_alive_and_retried_and_the_entrypoint_told_only_once_stored():
+    import time
+
+    from kre_runner.settlement import DEAD_LETTER_COPY, DEAD_LETTER_TELL
+
+    wire = _Wire()
+    settlement, letters = _dead_lettering(wire)
+    metrics = settlement._metrics
+    job = _job(delivered=2)
+    settlement.jobs.add(job)
+    assert not await settlement.release(job, "the handler asked for a retry: down")  # out of deliveries
+    assert letters.stages == [DEAD_LETTER_COPY]  # the copy only: no error envelope yet
+    assert not await settlement.release(job, "JetStream error 503: maximum messages exceeded")  # refused
+    assert wire.sent == [] and not job.settled and job in settlement.jobs  # held: neither nakked nor acked
+    assert (metrics.dead_letter_failures, metrics.dead_letters_held(), metrics.retried) == (1, 1, 0)
+    assert "its dead-letter copy: JetStream error 503: maximum messages exceeded" in settlement.cannot_dead_letter()
+    later = time.monotonic() + 60
+    assert await settlement.keep_alive(later, []) == []  # due: published again, and kept alive
+    assert letters.stages == [DEAD_LETTER_COPY, DEAD_LETTER_COPY]
+    assert wire.sent == [(job.ack_subject, b"+WPI")]
+    assert not await settlement.release(job, None)  # the copy is stored: now the error envelope
+    assert letters.stages[-1] == DEAD_LETTER_TELL
+    assert await settlement.release(job, None)
+    assert wire.sent[-1] == (job.ack_subject, b"+TERM")
+    assert (metrics.dead_lettered, metrics.dead_letters_held(), settlement.cannot_dead_letter()) == (1, 0, None)
+
+
+@pytest.mark.parametrize(("delivered", "expected"), [(2, "2 spare deliveries left"), (4, "on its last delivery")])
+async def test_a_held_dead_letter_handed_back_at_shutdown_says_what_becomes_of_it(caplog, delivered, expected):
+    wire = _Wire()
+    settlement, _ = _dead_lettering(wire)
+    job = _job(delivered=delivered)
+    settlement.jobs.add(job)
+    await settlement.release(job, "the handler ran 2 times")
+    await settlement.release(job, "no JetStream stream captures the subject (503 no responders)")
+    await settlement.hand_back(job, "shutdown grace over")
+    assert wire.sent == [(job.ack_subject, b"-NAK")] and settlement.cannot_dead_letter() is None
+    assert expected in caplog.text

@@ -45,11 +45,11 @@ from .envelope import EnvelopeError, KreNatsMessage, TrackingClock, decode
 from .handler import UserCode
 from .outcome import Outcome, Outcomes
 from .publisher import PubAckPublisher
-from .settlement import Job, Settlement, retry_later
+from .settlement import INTERRUPTED, Job, Settlement, retry_later
 
 __all__ = ["Batcher", "current_tracking_ids", "in_batch_handler", "one_at_a_time"]
 
-_INTERRUPTED = "interrupted before its outcome was published"
+_INTERRUPTED = INTERRUPTED  # counted as interrupted, not as a publish failure (settlement.py)
 
 # The batch whose handler call is running in this task or handler thread (ctx.batch_tracking_ids).
 _current_batch: contextvars.ContextVar[list[Job]] = contextvars.ContextVar("kre_current_batch")
@@ -123,6 +123,7 @@ class Batcher:
         internal_error: Callable[[Job, Exception], str],
         record_elapsed: Callable[[KreNatsMessage, float, float], None] | None = None,
         observe_handler: Callable[[float], None] | None = None,
+        observe_workflow: Callable[[KreNatsMessage, float], None] | None = None,
     ) -> None:
         self._code = code
         self._ctx = ctx
@@ -138,6 +139,8 @@ class Batcher:
         self._internal_error = internal_error
         self._record_elapsed = record_elapsed
         self._observe_handler = observe_handler or _ignore
+        # The last node's workflow duration, per output (the consumer passes one only when it is the last node).
+        self._observe_workflow = observe_workflow if settings.is_last_node else None
         # A batch larger than KRT_MAX_INFLIGHT could never fill: it would always wait for the linger.
         self.size = min(settings.batch_size, settings.max_inflight)
         self.wait = settings.batch_wait
@@ -327,6 +330,7 @@ class Batcher:
             return self._all_failed(batch, problem, start[1])
         outcomes: list[Outcome] = []
         record = self._record_elapsed
+        observe_workflow = self._observe_workflow
         for job, result in zip(batch, results, strict=True):
             envelope = job.envelope
             assert envelope is not None
@@ -339,6 +343,8 @@ class Batcher:
                 continue
             if record is not None:
                 record(envelope, start[0], end[0])
+            if observe_workflow is not None:
+                observe_workflow(envelope, end[0])
             outcomes.append(self._outcomes.output(job, envelope, result, start, end))
         return outcomes
 

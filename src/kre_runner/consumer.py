@@ -61,7 +61,7 @@ from .metrics import NodeMetrics
 from .natsfast import Dispatcher, Wire, describe, probe
 from .outcome import Outcome, Outcomes
 from .publisher import PubAckPublisher
-from .settlement import Job, Settlement, parse_ack_subject, retry_later
+from .settlement import INTERNAL_ERROR, INTERRUPTED, Job, Settlement, parse_ack_subject, retry_later
 
 __all__ = ["Consumer", "SetupError"]
 
@@ -69,7 +69,7 @@ _PULL_EXPIRES = 30.0  # seconds a pull request waits on the server
 _HEARTBEAT = 5.0  # server heartbeat on an open pull request; 3 missed => requests presumed lost
 _SLOW_INLINE_S = 0.5  # a sync handler slower than this should run in threads: say so once
 _WAITING_HANDLER_S = 0.001  # a handler call this long waited on something: keep messages at hand
-_INTERRUPTED = "interrupted before its outcome was published"
+_INTERRUPTED = INTERRUPTED  # counted as interrupted, not as a publish failure (settlement.py)
 # Pull requests that end with these are part of the routine (a byte budget spent, a batch filled).
 _USUAL_409 = ("Exceeded", "Batch Completed", "Exceeds MaxBytes")
 _CONSUMER_CHECK_S = 5.0  # seconds between looks at the consumer (ack floor, existence)
@@ -109,8 +109,9 @@ class Consumer:
         self.fast_path = probe(nc)
         self._wire = Wire(nc, self.fast_path)
         self._dispatcher = Dispatcher(nc, self.fast_path)
-        self._publisher = PubAckPublisher(nc, self._dispatcher, self._wire, settings.publish_timeout, self._release)
         self.metrics = metrics or NodeMetrics()
+        self._publisher = PubAckPublisher(nc, self._dispatcher, self._wire, settings.publish_timeout, self._release,
+                                          metrics=self.metrics)
         self._observe_handler = self.metrics.observe_handler
         self._failures = failures or RateLimitedLog(logger, "handler failures")
         self._outcomes = Outcomes(settings, self._clock, logger, self._failures)
@@ -129,7 +130,8 @@ class Consumer:
             settings, code, ctx, logger, clock=self._clock, outcomes=self._outcomes, publisher=self._publisher,
             settlement=self._settlement, credits=self._credits, release=self._release, pull=self._pull,
             internal_error=self._internal_error, record_elapsed=record_elapsed,
-            observe_handler=self.metrics.observe_handler) if code.batch else None
+            observe_handler=self.metrics.observe_handler,
+            observe_workflow=self._observe_workflow) if code.batch else None
         self._inline_job: Job | None = None  # the job whose inline (sync) handler is running
         self._pull_subject = f"$JS.API.CONSUMER.MSG.NEXT.{settings.stream}.{settings.consumer_name}"
         # Nats-Msg-Id = {node}:{stream}:{stream sequence}: the same for every delivery of an input.
@@ -496,7 +498,7 @@ class Consumer:
             return True
         if self._settlement.out_of_deliveries(delivered):
             job.failed = (f"the handler ran {self._s.max_deliver} times (KRT_MAX_DELIVER) with no outcome: the "
-                          f"process died or hung on it, or its acks were lost")
+                          f"process died or hung on it, its acks were lost, or its dead letter was refused")
             self._jobs.add(job)
             job.done = time.monotonic()
             await self._release(job)  # settlement dead-letters it
@@ -617,7 +619,12 @@ class Consumer:
         """Building or publishing an outcome failed in a way the outcome builders could not absorb."""
         self._log.error("input seq %d: internal error, it will be retried: %s: %s", job.seq, type(exc).__name__, exc,
                         exc_info=exc)
-        return f"internal error: {type(exc).__name__}: {exc}"
+        return f"{INTERNAL_ERROR}{type(exc).__name__}: {exc}"
+
+    def _observe_workflow(self, envelope: KreNatsMessage, ended: float) -> None:
+        """The last node's workflow duration for one output of a batch (the per-message paths do it inline)."""
+        if self._workflow_clock is not None:
+            self._workflow_clock.observe(envelope, ended, self.metrics)
 
     def _warn_slow(self, seconds: float) -> None:
         self._warned_slow = True
@@ -647,6 +654,13 @@ class Consumer:
             self._idle.set()
 
     # ---------------------------------------------------------------- ctx.early_reply / early_exit
+
+    def cannot_dead_letter(self) -> str | None:
+        """Why inputs wait for the dead-letter stream (for /readyz), None when none does."""
+        problem = self._settlement.cannot_dead_letter()
+        if problem is None:
+            return None
+        return f"stream {self._s.dead_letter_stream} (KRT_DEAD_LETTER_STREAM) refuses dead letters: {problem}"
 
     def _inflight(self) -> int:
         return len(self._jobs) + len(self._waiting)

@@ -2,8 +2,10 @@
 
 When an input runs out of deliveries (``KRT_MAX_DELIVER``; see settlement.py), the node publishes
 a copy of it, as delivered, to ``{KRT_DEAD_LETTER_STREAM}.{node}`` with headers saying where it
-came from and why it failed, and an error envelope for its ``tracking_id`` to the entrypoint;
-once both are stored the input is terminated. The dead-letter stream has *limits* retention (not
+came from and why it failed; once the copy is stored, an error envelope for its ``tracking_id`` to
+the entrypoint; once both are stored the input is terminated. When the dead-letter stream refuses
+the copy (full, missing), the node holds the input, unacked and kept alive, and publishes the copy
+again until it is stored; /readyz fails meanwhile, saying why. The dead-letter stream has *limits* retention (not
 the workflow stream's interest retention, under which a subject nobody consumes keeps nothing), so
 the copies stay until an operator lists, replays or purges them with ``kre-runner dead-letter``.
 """
@@ -22,7 +24,7 @@ from .config import Settings
 from .envelope import EnvelopeError, KreNatsMessage, decode
 from .outcome import Outcomes
 from .publisher import PubAckPublisher
-from .settlement import Job, parse_ack_subject
+from .settlement import DEAD_LETTER_COPY, Job, parse_ack_subject
 
 __all__ = ["HEADERS", "DeadLetter", "DeadLetters", "ensure_stream", "read", "replay"]
 
@@ -39,8 +41,12 @@ class DeadLetters:
         self._outcomes = outcomes
 
     async def send(self, job: Job, reason: str) -> None:
-        """Publish the copy and the error envelope, each holding one reference of ``job`` until stored."""
+        """Publish the copy (``job.dead_letter`` is DEAD_LETTER_COPY) or else the error envelope, holding one
+        reference of ``job`` until stored. Settlement sends the envelope only once the copy is stored."""
         stream, seq, delivered = parse_ack_subject(job.ack_subject)
+        if job.dead_letter != DEAD_LETTER_COPY:
+            await self._tell(job, reason, delivered)
+            return
         headers = {
             "Kre-Subject": self._s.input_subject,
             "Kre-Stream": stream,
@@ -52,6 +58,9 @@ class DeadLetters:
         }
         job.refs += 1
         await self._publisher.publish(self._s.dead_letter_subject, job.data, f"{job.msg_id}:dead-letter", job, headers)
+
+    async def _tell(self, job: Job, reason: str, delivered: int) -> None:
+        """The error envelope for the entrypoint: the input is in the dead letters now."""
         envelope = job.envelope
         if envelope is None:
             try:
@@ -78,8 +87,10 @@ async def ensure_stream(js: JetStreamContext, settings: Settings, logger: loggin
                                          storage=StorageType.FILE))
         logger.info("created dead-letter stream %s (subjects %s.>)", name, name)
     except Exception as exc:
-        logger.warning("dead-letter stream %s is missing and cannot be created (%s): inputs that run out of "
-                       "deliveries will be retried until it exists (KRT_DEAD_LETTER_STREAM)", name, exc)
+        logger.warning("dead-letter stream %s is missing and cannot be created (%s): an input that runs out of "
+                       "deliveries will be held by the node, unacked, and its copy retried until the stream exists "
+                       "(/readyz says so meanwhile); create it, or set KRT_DEAD_LETTER_STREAM to one that exists",
+                       name, exc)
 
 
 @dataclass(frozen=True)

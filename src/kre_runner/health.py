@@ -39,6 +39,8 @@ class Health:
         self.disconnected_since: float | None = self.started
         # Whether the durable consumer exists and is pulled from (False while it or its stream is recreated).
         self.consumer_bound: Callable[[], bool] = _always
+        # Why the node cannot dead-letter now (inputs held until the dead-letter stream takes them), or None.
+        self.cannot_dead_letter: Callable[[], str | None] = _nothing
         self.last_beat = self.started  # when the node's event loop last ran its heartbeat
 
     def beat(self) -> None:
@@ -76,8 +78,16 @@ class Health:
             return False, "disconnected from NATS"
         if not self.consumer_bound():
             return False, "the durable consumer or its stream is missing: recreating it"
+        # Readiness, not liveness: a restart would not help, and it would spend the held inputs' last deliveries.
+        problem = self.cannot_dead_letter()
+        if problem is not None:
+            return False, f"cannot dead-letter: {problem}"
         return True, "consuming"
 
 
 def _always() -> bool:
     return True
+
+
+def _nothing() -> str | None:
+    return None

@@ -22,14 +22,12 @@ from nats.js.api import AckPolicy, ConsumerConfig, ConsumerInfo, DeliverPolicy, 
 from nats.js.errors import APIError, NoStreamResponseError, NotFoundError, ServiceUnavailableError
 
 from .config import Settings
-from .settlement import nak_delay
+from .settlement import DEAD_LETTER_DELIVERIES, nak_delay
 
 __all__ = ["SetupError", "consumer_config", "prepare", "recreate", "subject_in"]
 
-# Deliveries beyond KRT_MAX_DELIVER on the consumer: a delivery past the limit does not run the handler,
-# it only moves the input to the dead letters (settlement.py); two of them, so a dead-letter stream
-# briefly unable to store does not strand the input.
-_DEAD_LETTER_DELIVERIES = 2
+# Deliveries beyond KRT_MAX_DELIVER on the consumer (see settlement.py).
+_DEAD_LETTER_DELIVERIES = DEAD_LETTER_DELIVERIES
 
 
 class SetupError(RuntimeError):

@@ -128,8 +128,14 @@ class NodeMetrics:
       handed back at shutdown);
     * ``dead_lettered``: out of deliveries, copied to the dead letters and terminated.
 
-    Also ``publish_failures`` (publishes not stored: no PubAck in time, no stream, ...) and
-    ``redeliveries`` (inputs delivered more than once, counted on each such delivery).
+    Also ``publish_failures`` (publishes not stored: refused, no PubAck in time, no stream, ...; counted
+    by the publisher, and nothing else), ``redeliveries`` (inputs delivered more than once, counted on
+    each such delivery), and what failed when no publish did: ``interrupted`` (a handler's run cancelled
+    by the shutdown before its outcome was published; the input is handed back), ``internal_errors``
+    (the runner's own code failed building or sending an outcome; retried) and ``never_settled``
+    (an input that lost a reference, retried by the keep-alive check: a bug). ``dead_letter_failures``
+    counts dead-letter publishes refused (the copy, or the error envelope after it); ``dead_letters_held``
+    returns the inputs the node holds, unacked, until their dead letter is stored.
     ``inflight`` returns the messages held by the consumer; ``consumer_pending`` and
     ``consumer_ack_pending`` come from the consumer's info (the consumer reads it every 5 s), ``None``
     until first read. ``influx_dropped`` and ``db_errors`` read the sinks' own counters.
@@ -143,6 +149,11 @@ class NodeMetrics:
         self.retried = 0
         self.dead_lettered = 0
         self.publish_failures = 0
+        self.interrupted = 0
+        self.internal_errors = 0
+        self.never_settled = 0
+        self.dead_letter_failures = 0
+        self.dead_letters_held: Callable[[], int] = _zero
         self.redeliveries = 0
         self.handler_seconds = DurationHistogram(HANDLER_BUCKETS)
         self.workflow_seconds = DurationHistogram(WORKFLOW_BUCKETS)
@@ -201,8 +212,20 @@ class NodeCollector(Collector):
         inflight = self._family(GaugeMetricFamily, "kre_inflight_messages", "Messages held by this replica")
         inflight.add_metric(labels, m.inflight())
         yield inflight
+        held = self._family(GaugeMetricFamily, "kre_dead_letter_held_messages",
+                            "Inputs held unacked because the dead-letter stream refuses them (retried until stored)")
+        held.add_metric(labels, m.dead_letters_held())
+        yield held
         for name, doc, value in (
-            ("kre_publish_failures", "Publishes not stored (no PubAck in time, no stream, ...)", m.publish_failures),
+            ("kre_publish_failures", "Publishes not stored (refused, no PubAck in time, no stream, ...)",
+             m.publish_failures),
+            ("kre_interrupted", "Handler runs cancelled by the shutdown before their outcome was published",
+             m.interrupted),
+            ("kre_internal_errors", "Outcomes the runner failed to build or send (inputs retried)", m.internal_errors),
+            ("kre_never_settled", "Inputs found unsettled long after their handler ended (retried; a bug)",
+             m.never_settled),
+            ("kre_dead_letter_failures", "Dead-letter copies (or their error envelopes) refused; retried by the node",
+             m.dead_letter_failures),
             ("kre_redeliveries", "Inputs delivered again (after a nak, a crash or the ack wait)", m.redeliveries),
             ("kre_influx_points_dropped", "Time-series points dropped (buffer full, refused, left at shutdown)",
              m.influx_dropped()),

@@ -201,6 +201,7 @@ async def _run_connected(settings: Settings, stop: asyncio.Event, logger: loggin
         gc.freeze()
         logger.info("node %s ready", settings.node_name)
         health.consumer_bound = lambda: consumer.bound
+        health.cannot_dead_letter = consumer.cannot_dead_letter
         health.phase = READY
         draining = asyncio.create_task(_mark_draining(stop, health))
         heartbeat = asyncio.create_task(_heartbeat(health))

@@ -19,9 +19,10 @@ from typing import Any
 from nats.aio.client import Client
 from nats.aio.subscription import Subscription
 
+from .metrics import NodeMetrics
 from .natsfast import Dispatcher, Wire
 
-__all__ = ["PubAckPublisher"]
+__all__ = ["PubAckPublisher", "puback_error"]
 
 
 class PubAckPublisher:
@@ -31,8 +32,10 @@ class PubAckPublisher:
     """
 
     def __init__(self, nc: Client, dispatcher: Dispatcher, wire: Wire, timeout: float,
-                 on_stored: Callable[[Any, str | None], Awaitable[None]]) -> None:
+                 on_stored: Callable[[Any, str | None], Awaitable[None]], *,
+                 metrics: NodeMetrics | None = None) -> None:
         self._nc = nc
+        self._metrics = metrics or NodeMetrics()  # publish_failures: counted here, where a publish fails
         self._dispatcher = dispatcher
         self._wire = wire
         self._timeout = timeout
@@ -58,6 +61,7 @@ class PubAckPublisher:
             await self._wire.publish(subject, data, self._prefix + token, msg_id, headers)
         except Exception as exc:  # disconnected with a full buffer, payload too large, ...
             self._waiting.pop(token, None)
+            self._metrics.publish_failures += 1
             await self._on_stored(owner, f"publish to {subject} failed: {type(exc).__name__}: {exc}")
 
     @property
@@ -73,6 +77,7 @@ class PubAckPublisher:
             if deadline > now:
                 break
             del self._waiting[token]
+            self._metrics.publish_failures += 1
             await self._on_stored(owner, f"no PubAck within {self._timeout:g}s")
 
     async def resend(self) -> int:
@@ -92,6 +97,7 @@ class PubAckPublisher:
                 await self._wire.publish(subject, data, self._prefix + token, msg_id, headers)
             except Exception as exc:
                 if self._waiting.pop(token, None) is not None:
+                    self._metrics.publish_failures += 1
                     await self._on_stored(owner, f"publish to {subject} failed: {type(exc).__name__}: {exc}")
         return len(waiting)
 
@@ -104,22 +110,45 @@ class PubAckPublisher:
         entry = self._waiting.pop(subject[self._prefix_len:], None)
         if entry is None:
             return  # already timed out and retried
-        # A PubAck is {"stream":..,"seq":..[,"duplicate":true]}; only failures carry "error".
-        await self._on_stored(entry[1], None if data and b'"error"' not in data else _puback_error(data, headers))
+        # The server writes a stored message's PubAck as {"stream":..., its fields in that order (a
+        # failure starts with {"error":...): one prefix test decides the usual case; anything else is
+        # parsed as JSON. Never a substring test: a stream or domain may be named "error".
+        if data.startswith(_STORED):
+            await self._on_stored(entry[1], None)
+            return
+        error = puback_error(data, headers)
+        if error is not None:
+            self._metrics.publish_failures += 1
+        await self._on_stored(entry[1], error)
 
 
 # (deadline, owner, subject, data, Nats-Msg-Id, other headers) of one publish waiting for its PubAck.
 _Waiting = tuple[float, Any, str, bytes, str, "dict[str, str] | None"]
 
 
-def _puback_error(data: bytes, headers: dict[str, str] | None) -> str:
+_STORED = b'{"stream"'
+
+
+def puback_error(data: bytes, headers: dict[str, str] | None) -> str | None:
+    """Why a publish answered by ``data`` was not stored; None when the answer is a PubAck that says it was.
+
+    A PubAck is ``{"stream":"S","seq":N[,"domain":"D"][,"duplicate":true]}`` (a duplicate was stored
+    before), a failure ``{"error":{"code":..,"err_code":..,"description":..},...}``; "no responders"
+    comes as a header-only message with status 503.
+    """
     if not data:
         status = (headers or {}).get("Status", "")
         if status == "503":
             return "no JetStream stream captures the subject (503 no responders)"
         return f"empty PubAck (status {status or 'none'})"
     try:
-        error = json.loads(data)["error"]
-        return f"JetStream error {error.get('code')}: {error.get('description')}"
-    except (ValueError, KeyError, AttributeError):
-        return f"unreadable PubAck {data[:200]!r}"
+        reply = json.loads(data)
+    except ValueError:
+        reply = None
+    if isinstance(reply, dict):
+        error = reply.get("error")
+        if isinstance(error, dict):
+            return f"JetStream error {error.get('code')}: {error.get('description')}"
+        if error is None and isinstance(reply.get("stream"), str) and isinstance(reply.get("seq"), int):
+            return None
+    return f"unreadable PubAck {data[:200]!r}"

@@ -13,8 +13,10 @@ settled, exactly once (``Job.settled``):
   with the handler's own delay when it raised ``kre_runner.Retry``;
 * dead-lettered, then ``+TERM`` — the input failed so on its ``KRT_MAX_DELIVER``-th delivery, or
   arrives for a further delivery (the process died or hung on it every time): a copy goes to the
-  dead-letter stream and an error envelope to the entrypoint; once both are stored it is
-  terminated (never delivered again). If they cannot be stored it is nakked and tried again;
+  dead-letter stream, then (once the copy is stored) an error envelope to the entrypoint; once
+  both are stored it is terminated (never delivered again). If either is refused, the input is
+  held, unacked and kept alive with ``+WPI``, and the refused publish retried from the node until
+  stored (a nak would spend deliveries JetStream has few of left); /readyz fails meanwhile;
 * ``+ACK`` at once, without running the handler — a redelivered input this node acked recently (a
   restarted server that lost recent ack state): running it again would duplicate its output once
   the stream has forgotten its ``Nats-Msg-Id``;
@@ -33,6 +35,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable, Iterable
 
 from .credits import Credits
@@ -40,7 +43,14 @@ from .envelope import KreNatsMessage
 from .metrics import NodeMetrics
 from .natsfast import Wire
 
-__all__ = ["Job", "Settlement", "nak_delay", "parse_ack_subject", "retry_later"]
+__all__ = ["DEAD_LETTER_COPY", "DEAD_LETTER_DELIVERIES", "DEAD_LETTER_TELL", "INTERNAL_ERROR", "INTERRUPTED",
+           "NEVER_SETTLED", "Job", "Settlement", "nak_delay", "parse_ack_subject", "retry_later"]
+
+# Why a job's own part failed when no publish did (the publisher counts failed publishes itself); each is
+# counted under its own name when released, so kre_publish_failures counts only publishes.
+INTERRUPTED = "interrupted before its outcome was published"  # cancelled (shutdown) between delivery and publish
+INTERNAL_ERROR = "internal error: "  # the start of the reason for an error of the runner's own code
+NEVER_SETTLED = "never settled"  # a job that lost a reference, found by the keep-alive check
 
 _ACK = b"+ACK"
 _IN_PROGRESS = b"+WPI"
@@ -49,8 +59,32 @@ _TERMINATE = b"+TERM"
 _NAK_DELAYS = (0.5, 1, 2, 5, 10, 30)  # seconds, by delivery count, for inputs whose outcome was not stored
 _ACK_MEMORY = 32768  # inputs acked recently, remembered per generation (two generations)
 
-# Publishes the dead-letter copy and error envelope of a job (one reference each), see deadletter.py.
+# Deliveries beyond KRT_MAX_DELIVER on the consumer (jetstream.py): a delivery past the limit does not run
+# the handler, it only moves the input to the dead letters; two of them, for replicas that stop (or die)
+# while dead-lettering an input.
+DEAD_LETTER_DELIVERIES = 2
+
+# Job.dead_letter: which dead-letter publish the job waits for. The copy first; the error envelope only
+# once the copy is stored, so that the entrypoint is never told of a dead letter that is not there.
+DEAD_LETTER_COPY = 1
+DEAD_LETTER_TELL = 2
+
+# Publishes the dead-letter copy or the error envelope of a job, by ``Job.dead_letter`` (one reference
+# per publish), see deadletter.py.
 DeadLetter = Callable[["Job", str], Awaitable[None]]
+
+
+class _Letter:
+    """An input being dead-lettered: why, and how its refused publishes are retried."""
+
+    __slots__ = ("held", "reason", "refusals", "refused", "retry_at")
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason  # why it is dead-lettered (Kre-Error, and the error envelope)
+        self.held = False  # a publish of it was refused: held, unacked, until stored
+        self.refusals = 0
+        self.refused = ""  # what was refused last, and why
+        self.retry_at = 0.0  # monotonic time of the next try
 
 
 class Job:
@@ -66,7 +100,7 @@ class Job:
         self.refs = 1  # the handler's own reference
         self.failed: str | None = None  # why its outcome was not stored, or why it must be retried
         self.retry_delay: float | None = None  # the handler's Retry(delay=...)
-        self.dead_letter = False  # being dead-lettered: its publishes are the copy and the error envelope
+        self.dead_letter = 0  # being dead-lettered: DEAD_LETTER_COPY, then DEAD_LETTER_TELL
         self.kind: str | None = None  # what its outcome was, for the metrics: None (ok), error, invalid, filtered
         self.envelope: KreNatsMessage | None = None
         self.replied = False  # ctx.early_reply succeeded
@@ -108,9 +142,11 @@ class Settlement:
         self.nakked = 0
         self.dead_lettered = 0
         self._credits = credits or Credits(1)  # settling an input frees the bytes it held
-        self._metrics = metrics or NodeMetrics()  # settled inputs by outcome, publish failures
+        self._metrics = metrics or NodeMetrics()  # settled inputs by outcome, why parts failed
         self._acked_now: set[str] = set()  # Nats-Msg-Ids of inputs acked recently, in two generations
         self._acked_before: set[str] = set()
+        self._letters: dict[Job, _Letter] = {}  # inputs being dead-lettered (rare): why, and whether held
+        self._metrics.dead_letters_held = self.held_dead_letters
 
     def out_of_deliveries(self, delivered: int) -> bool:
         """Whether a delivery this late only moves the input to the dead letters (its handler had its chances)."""
@@ -119,7 +155,12 @@ class Settlement:
     async def release(self, job: Job, error: str | None = None) -> bool:
         """Drop one reference (``error``: why its part failed, None if it succeeded); True if this settled the input."""
         if error is not None:
-            self._metrics.publish_failures += 1
+            if error == INTERRUPTED:
+                self._metrics.interrupted += 1
+            elif error == NEVER_SETTLED:
+                self._metrics.never_settled += 1
+            elif error.startswith(INTERNAL_ERROR):
+                self._metrics.internal_errors += 1
             if job.failed is None:
                 job.failed = error
         job.refs -= 1
@@ -129,8 +170,14 @@ class Settlement:
             command = _TERMINATE if job.dead_letter else _ACK
             metrics = self._metrics
             if job.dead_letter:
+                if job.dead_letter == DEAD_LETTER_COPY:  # the copy is stored: now tell the entrypoint
+                    return await self._dead_letter_step(job, DEAD_LETTER_TELL)
                 self.dead_lettered += 1
                 metrics.dead_lettered += 1
+                letter = self._letters.pop(job, None)
+                if letter is not None and letter.held:
+                    self._log.warning("input seq %d dead-lettered at last, after %d refused attempt(s)", job.seq,
+                                      letter.refusals, extra=job.log_fields())
             else:
                 self.acked += 1
                 self._acked_now.add(job.msg_id)
@@ -138,14 +185,19 @@ class Settlement:
                     metrics.ok += 1
                 else:
                     setattr(metrics, job.kind, getattr(metrics, job.kind) + 1)
-        elif not job.dead_letter and self._dead_letter is not None and job.delivered >= self._max_deliver > 0:
-            # Out of deliveries: the dead-letter copy and error envelope hold the job until stored.
-            job.dead_letter, reason, job.failed = True, job.failed, None
+        elif job.dead_letter:
+            # Its dead-letter copy or error envelope was not stored. A nak would spend one of the few
+            # deliveries JetStream has left for it (KRT_MAX_DELIVER + DEAD_LETTER_DELIVERIES), and then
+            # strand it: the node holds it instead, with keep-alives, and tries again (keep_alive).
+            self._hold(job)
+            return False
+        elif self._dead_letter is not None and job.delivered >= self._max_deliver > 0:
+            # Out of deliveries: the dead-letter copy, then the error envelope, hold the job until stored.
+            self._letters[job] = _Letter(job.failed)
             self._log.error("input seq %d failed on all %d deliveries: dead-lettering it: %s", job.seq,
-                            job.delivered, reason, extra=job.log_fields())
-            job.refs = 1
-            await self._dead_letter(job, reason)
-            return await self.release(job)
+                            job.delivered, job.failed, extra=job.log_fields())
+            job.failed = None
+            return await self._dead_letter_step(job, DEAD_LETTER_COPY)
         else:
             self.nakked += 1
             self._metrics.retried += 1
@@ -163,6 +215,45 @@ class Settlement:
         except Exception as exc:
             self._lost(job, command, exc)
         return True
+
+    async def _dead_letter_step(self, job: Job, stage: int) -> bool:
+        """Publish the copy (``DEAD_LETTER_COPY``) or the error envelope (``DEAD_LETTER_TELL``) of ``job``."""
+        assert self._dead_letter is not None  # jobs are dead-lettered only when it is set
+        job.dead_letter = stage
+        job.refs = 1  # held here until the publish below has its reference
+        await self._dead_letter(job, self._letters[job].reason)
+        return await self.release(job)
+
+    def _hold(self, job: Job) -> None:
+        """A dead-letter publish of ``job`` was refused: keep the input, unacked and alive, and retry it later."""
+        letter = self._letters[job]
+        what = "its dead-letter copy" if job.dead_letter == DEAD_LETTER_COPY else "its error envelope"
+        reason, job.failed = job.failed, None
+        letter.refusals += 1
+        letter.refused = f"{what}: {reason}"
+        letter.retry_at = time.monotonic() + nak_delay(letter.refusals)
+        self._metrics.dead_letter_failures += 1
+        job.done = 0.0  # waiting for no PubAck now: it gets keep-alives like a running handler
+        if not letter.held:
+            letter.held = True
+            self._log.error("input seq %d: %s was refused (%s): the node holds the input, unacked, and retries "
+                            "until it is stored (every %gs at most); no error envelope goes out before its copy is "
+                            "stored, and /readyz says the node cannot dead-letter meanwhile", job.seq, what, reason,
+                            _NAK_DELAYS[-1], extra=job.log_fields())
+        else:
+            self._log.debug("input seq %d: %s refused again (attempt %d): %s", job.seq, what, letter.refusals, reason)
+
+    def held_dead_letters(self) -> int:
+        """Inputs held because a dead-letter publish was refused (the gauge ``kre_dead_letter_held_messages``)."""
+        return sum(1 for letter in self._letters.values() if letter.held)
+
+    def cannot_dead_letter(self) -> str | None:
+        """Why dead letters are not being stored now (for /readyz), None when none is held."""
+        held = [letter for letter in self._letters.values() if letter.held]
+        if not held:
+            return None
+        return (f"{len(held)} input(s) held unacked and retried until stored; last refused: "
+                f"{max(held, key=lambda letter: letter.retry_at).refused}")
 
     async def acked_before(self, job: Job) -> bool:
         """A redelivered input this node acked recently: ack it again, at once; True if so."""
@@ -184,7 +275,23 @@ class Settlement:
             return
         self.nakked += 1
         self._metrics.retried += 1
-        self._log.warning("returning input seq %d for redelivery: %s", job.seq, why, extra=job.log_fields())
+        letter = self._letters.pop(job, None)
+        refused = letter.refused if letter is not None and letter.held else ""
+        # Deliveries JetStream has left for it (the consumer's max_deliver is KRT_MAX_DELIVER + DEAD_LETTER_DELIVERIES).
+        spare = self._max_deliver + DEAD_LETTER_DELIVERIES - job.delivered if self._max_deliver > 0 else 1
+        if spare <= 0:
+            stream, seq, _ = parse_ack_subject(job.ack_subject)
+            self._log.error("input seq %d is returned (%s) on its last delivery (KRT_MAX_DELIVER + %d)%s: JetStream "
+                            "will not deliver it again; it stays unacked in stream %s at seq %d: copy it by hand "
+                            "(nats stream get %s %d) and publish it again", job.seq, why, DEAD_LETTER_DELIVERIES,
+                            f", not dead-lettered: {refused} was refused" if refused else "", stream, seq, stream,
+                            seq, extra=job.log_fields())
+        elif refused:
+            self._log.error("returning input seq %d for redelivery (%s) without its dead letter: %s was refused; "
+                            "the replica it goes to dead-letters it without running the handler (%d spare "
+                            "deliveries left)", job.seq, why, refused, spare, extra=job.log_fields())
+        else:
+            self._log.warning("returning input seq %d for redelivery: %s", job.seq, why, extra=job.log_fields())
         await self._settle(job, _HAND_BACK)
 
     async def _settle(self, job: Job, command: bytes) -> None:
@@ -198,23 +305,28 @@ class Settlement:
             self._lost(job, command, exc)
 
     async def keep_alive(self, now: float, waiting: Iterable[Job], after: float | None = None) -> list[Job]:
-        """``+WPI`` for inputs still being handled or waiting for a slot, silent for longer than ``after`` (default
-        half the ack wait); returns those settled as stuck.
+        """``+WPI`` for inputs still being handled, waiting for a slot or held as dead letters, silent for longer
+        than ``after`` (default half the ack wait); returns those settled.
 
         A job whose handler is done waits only for PubAcks, which the publisher fails after the
         publish timeout; one still unsettled twice that long after has lost a reference (a bug):
-        it is nakked rather than kept forever.
+        it is nakked rather than kept forever. Held dead letters whose retry is due are published again.
         """
         stuck: list[Job] = []
         if after is None:
             after = self._keepalive_after
+        for job, letter in list(self._letters.items()):
+            # A held dead letter whose retry is due (refs 0: no publish of it in flight).
+            due = letter.held and not job.refs and not job.settled and letter.retry_at <= now
+            if due and await self._dead_letter_step(job, job.dead_letter):
+                stuck.append(job)
         for job in [*self.jobs, *waiting]:
             if job.done and now - job.done > self._publish_timeout:
                 if now - job.done > 2 * self._publish_timeout + 1:
                     self._log.error("input seq %d was never settled (%d references left): retrying it",
                                     job.seq, job.refs)
                     job.refs = 1
-                    await self.release(job, "never settled")
+                    await self.release(job, NEVER_SETTLED)
                     stuck.append(job)
                 continue
             if now - job.touched > after:
