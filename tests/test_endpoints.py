@@ -206,18 +206,19 @@ async def test_handler_lines_and_failures_carry_the_tracking_id_and_the_users_tr
     proc = start_process(node_env(nats_server.url, "outcomes.py", KRT_LOG_FORMAT="json", KRT_HANDLER_THREADS=threads))
     try:
         await wait_ready(js, "v1-greeter")
-        await js.publish(IN, request_envelope("boom-x", tracking_id="track-fail").SerializeToString())
-        await js.publish(IN, b"garbage")
+        boom = await js.publish(IN, request_envelope("boom-x", tracking_id="track-fail").SerializeToString())
+        # (The stream stores the error envelopes too: the garbage's sequence depends on who was first.)
+        garbage = await js.publish(IN, b"garbage")
         assert len(await entry.take(2)) == 2
     finally:
         log = _stop(proc)
     lines = [json.loads(line) for line in log.splitlines() if line.strip()]
-    [failed] = [line for line in lines if line["message"].startswith("handler failed on input seq 1")]
-    assert failed["tracking_id"] == "track-fail" and failed["seq"] == 1 and failed["level"] == "WARN"
+    [failed] = [line for line in lines if line["message"].startswith(f"handler failed on input seq {boom.seq}")]
+    assert failed["tracking_id"] == "track-fail" and failed["seq"] == boom.seq and failed["level"] == "WARN"
     assert 'outcomes.py", line' in failed["exception"] and "ValueError: cannot greet boom-x" in failed["exception"]
     assert "kre_runner" not in failed["exception"]  # the user's frames, not the runner's
     [invalid] = [line for line in lines if "is not a valid envelope" in line["message"]]
-    assert invalid["seq"] == 2 and "tracking_id" not in invalid
+    assert invalid["seq"] == garbage.seq and "tracking_id" not in invalid
 
 
 async def test_metrics_count_every_outcome_exactly(nats_server, js, workflow_stream):
