@@ -57,9 +57,10 @@ class Endpoints:
         except OSError as exc:
             await self._runner.cleanup()
             self._runner = None
-            raise StartupError(f"cannot serve HTTP on port {self.port} (KRT_HTTP_PORT): {exc.strerror or exc}; "
-                               f"choose a free port, or KRT_HTTP_PORT=0 to turn the endpoint off") from None
-        self._log.info("HTTP on :%d: /healthz /readyz /metrics /info", self.port)
+            raise StartupError(f"cannot serve HTTP on port {self.port} (KRT_HTTP_PORT) of {self.host} (KRT_HTTP_HOST): "
+                               f"{exc.strerror or exc}; choose a free port (and an address of this host), or "
+                               f"KRT_HTTP_PORT=0 to turn the endpoint off") from None
+        self._log.info("HTTP on %s:%d: /healthz /readyz /metrics /info", self.host, self.port)
 
     async def stop(self) -> None:
         if self._runner is not None:
