@@ -70,6 +70,8 @@ VARIABLES: tuple[tuple[str, bool, str, str], ...] = (
      "created if missing)", "demo-v1-greeter-dead-letter"),
     ("KRT_MAX_INFLIGHT_BYTES", False, "bytes of input held in flight per replica, and asked for per pull request "
      "(default 16777216); keeps large messages far below the server's slow-consumer limit", "16777216"),
+    ("KRT_MAX_INFLATED_BYTES", False, "the most a gzip-compressed input may inflate to; a larger one gets an error "
+     "envelope and is never inflated whole (default 4 × the server's max_payload)", "4194304"),
     ("KRT_MIGRATE_PUSH_CONSUMER", False, "take over the original runner's push consumer without a gap (default "
      "true); false refuses to start instead", "true"),
     ("KRT_DELIVER_POLICY", False, "where a new consumer starts: new (as the original) or all (default new)",
@@ -201,6 +203,7 @@ class Settings:
     max_deliver: int = 5
     dead_letter_stream: str = ""
     max_inflight_bytes: int = 16 * 1024 * 1024
+    max_inflated_bytes: int = 0  # 0: 4 × the server's max_payload, known once connected (inflated_limit)
     migrate_push_consumer: bool = True
     db_timeout: float = 5.0
     log_level: str = "INFO"
@@ -213,6 +216,14 @@ class Settings:
     @property
     def consumer_name(self) -> str:
         return consumer_name(self.version, self.node_name)
+
+    def inflated_limit(self, max_payload: int) -> int:
+        """The most a compressed input may inflate to: KRT_MAX_INFLATED_BYTES, else 4 × the server's max_payload.
+
+        A gzip bomb of a few hundred KB must not take the node's memory; a legitimate compressed input
+        is over max_payload inflated (it was compressed because of it) and seldom shrinks 4 times.
+        """
+        return self.max_inflated_bytes or 4 * max_payload
 
     @property
     def dead_letter_subject(self) -> str:
@@ -265,6 +276,8 @@ class Settings:
                                                _parse_stream, "a stream name without . * > or spaces"),
             max_inflight_bytes=reader.optional("KRT_MAX_INFLIGHT_BYTES", 16 * 1024 * 1024, _at_least(2 * 1024 * 1024),
                                                "an integer ≥ 2097152 (two 1 MiB messages)"),
+            max_inflated_bytes=reader.optional("KRT_MAX_INFLATED_BYTES", 0, _at_least(1024 * 1024),
+                                               "an integer ≥ 1048576 (bytes)"),
             migrate_push_consumer=reader.optional("KRT_MIGRATE_PUSH_CONSUMER", True, _parse_bool, "true or false"),
             deliver_policy=reader.optional("KRT_DELIVER_POLICY", "new", _choice("new", "all"), "new or all"),
             db_timeout=reader.optional("KRT_DB_TIMEOUT", 5.0, _positive_float, "seconds > 0"),
@@ -561,7 +574,7 @@ _SHOWN: dict[type, frozenset[str]] = {
         "mongo_db", "influx_org", "influx_bucket", "influx_batch_size", "influx_flush_interval", "influx_buffer",
         "elapsed_metrics", "max_inflight", "handler_threads", "batch_size", "batch_wait", "ack_wait",
         "publish_timeout", "shutdown_grace", "deliver_policy", "max_deliver", "dead_letter_stream",
-        "max_inflight_bytes", "migrate_push_consumer", "db_timeout", "log_level", "log_format", "http_port",
-        "http_host", "health_reconnect_grace", "nats_auth",
+        "max_inflight_bytes", "max_inflated_bytes", "migrate_push_consumer", "db_timeout", "log_level", "log_format",
+        "http_port", "http_host", "health_reconnect_grace", "nats_auth",
     }),
 }
