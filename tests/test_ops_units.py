@@ -79,6 +79,14 @@ def test_redacted_settings_hide_every_secret(tmp_path):
     assert redacted_settings(url_token)["nats_servers"] == ["nats://***@h:4222"] and "tok-SECRET" not in repr(url_token)
 
 
+def test_the_mongo_writers_settings_keep_their_secrets_out_of_repr():
+    from kre_runner.mongo_writer import WriterSettings
+
+    s = WriterSettings.from_env({"KRT_NATS_SERVER": "nats://a:n-SECRET@h:4222", "KRT_NATS_MONGO_WRITER": "w.demo",
+                                 "KRT_MONGO_URI": "mongodb://u:m-SECRET@db:27017", "KRT_RUNTIME_ID": "demo"})
+    assert s.mongo_uri.endswith("@db:27017") and "SECRET" not in repr(s), repr(s)
+
+
 def test_info_settings_are_an_allow_list():
     """Every settings field is shown as is, shown redacted or hidden: a field added later is not shown by default."""
     from dataclasses import fields

@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 __all__ = ["SECRET_VARIABLES", "VARIABLES", "ConfigError", "NatsAuth", "Settings", "consumer_name", "redact_url",
-           "redacted_settings", "shown_fields"]
+           "redacted_settings", "secret_field", "shown_fields", "url_field"]
 
 T = TypeVar("T")
 
@@ -127,11 +127,14 @@ _SECRET = "secret"  # shown as *** (or "" when unset)
 _URL = "url"  # a URL or tuple of URLs: shown with userinfo and secret query parameters as ***
 
 
-def _secret_field(default: Any) -> Any:
+def secret_field(default: Any) -> Any:
+    """A settings field holding a secret: never in repr(), ``***`` in /info."""
     return field(default=default, repr=False, metadata={_SHOW: _SECRET})
 
 
-def _url_field(default: Any = MISSING) -> Any:
+def url_field(default: Any = MISSING) -> Any:
+    """A settings field holding a URL (or a tuple of them) that may carry credentials: never in repr(),
+    redacted in /info."""
     return field(default=default, repr=False, metadata={_SHOW: _URL})
 
 
@@ -141,9 +144,9 @@ class NatsAuth:
 
     creds: Path | None = None
     nkey_seed: Path | None = None
-    token: str = _secret_field("")
+    token: str = secret_field("")
     user: str = ""
-    password: str = _secret_field("")
+    password: str = secret_field("")
     tls_ca: Path | None = None
     tls_cert: Path | None = None
     tls_key: Path | None = None
@@ -173,7 +176,7 @@ class Settings:
     version_id: str
     version: str
     node_name: str
-    nats_servers: tuple[str, ...] = _url_field()
+    nats_servers: tuple[str, ...] = url_field()
     stream: str
     input_subject: str
     output_subject: str
@@ -182,10 +185,10 @@ class Settings:
     is_last_node: bool = False
     entrypoint_subject: str | None = None
     mongo_writer_subject: str | None = None
-    mongo_uri: str | None = _url_field(None)
+    mongo_uri: str | None = url_field(None)
     mongo_db: str = ""
-    influx_uri: str | None = _url_field(None)
-    influx_token: str = _secret_field("")
+    influx_uri: str | None = url_field(None)
+    influx_token: str = secret_field("")
     influx_org: str = ""
     influx_bucket: str = ""
     influx_batch_size: int = 1000
