@@ -8,6 +8,7 @@ import contextlib
 import json
 import logging
 import signal
+import socket
 import subprocess
 import time
 from collections.abc import AsyncIterator
@@ -109,10 +110,39 @@ async def test_probes_follow_a_nats_outage_and_the_reconnect_grace(nats_server, 
         await _until(port, "/readyz", 200, timeout=20)
 
 
-async def test_metrics_and_info_describe_the_running_node(nats_server, js, workflow_stream):
+def _outside_address() -> str | None:
+    """An address of this host other than loopback (None when it has none): where the network would reach."""
+    with contextlib.suppress(OSError), socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        probe.connect(("10.255.255.255", 1))  # no packet is sent: this only picks the outgoing interface
+        address = probe.getsockname()[0]
+        return None if address.startswith("127.") else address
+    return None
+
+
+async def test_http_host_chooses_the_address_the_endpoint_listens_on(nats_server, workflow_stream):
+    outside = _outside_address()
+    for host, reachable_outside in (("127.0.0.1", False), ("0.0.0.0", True)):
+        port = free_port()
+        env = node_env(nats_server.url, "greet.py", KRT_HTTP_PORT=str(port), KRT_HTTP_HOST=host)
+        async with _node(env):
+            await _until(port, "/healthz", 200)
+            if outside is not None:
+                try:
+                    _, writer = await asyncio.wait_for(asyncio.open_connection(outside, port), 5)
+                    writer.close()
+                    answered = True
+                except OSError:
+                    answered = False
+                assert answered == reachable_outside, (host, outside)
+
+
+async def test_metrics_and_info_describe_the_running_node(nats_server, js, workflow_stream, caplog):
+    caplog.set_level(logging.INFO)
     port = free_port()
     env = node_env(nats_server.url, "greet.py", KRT_HTTP_PORT=str(port),
-                   KRT_INFLUX_TOKEN="influx-SECRET-token", KRT_NATS_SERVER=nats_server.url)
+                   KRT_INFLUX_TOKEN="influx-SECRET-token", KRT_NATS_SERVER=nats_server.url,
+                   KRT_MONGO_URI="mongodb://u:mongo-SECRET@127.0.0.1:1/db?authSource=admin"
+                                 "&tlsCertificateKeyFilePassword=q-SECRET&token=t-SECRET")
     out = await Collector(js, OUT).start()
     async with _node(env):
         await wait_ready(js, "v1-greeter")
@@ -142,6 +172,9 @@ async def test_metrics_and_info_describe_the_running_node(nats_server, js, workf
         assert info["handler"]["path"].endswith("greet.py") and info["handler"]["init"] is True
         assert info["uptime_seconds"] > 0 and "processed" in info and "errors" in info
         assert info["settings"]["influx_token"] == "***" and "SECRET" not in text
+        assert info["settings"]["mongo_uri"] == ("mongodb://u:***@127.0.0.1:1/db?authSource=admin"
+                                                 "&tlsCertificateKeyFilePassword=***&token=***")
+    assert "SECRET" not in caplog.text and "tlsCertificateKeyFilePassword=***" in caplog.text
 
 
 def _stop(proc: subprocess.Popen[bytes], sig: int | None = signal.SIGTERM, timeout: float = 40) -> str:

@@ -103,7 +103,8 @@ ECHO = """
         if request.name == "boom":
             raise ValueError("no boom here")
         return Response(greeting=f"{request.name} pid={os.getpid()} port={os.environ['KRT_HTTP_PORT']} "
-                                 f"threads={os.environ.get('KRT_HANDLER_THREADS')}")
+                                 f"threads={os.environ.get('KRT_HANDLER_THREADS')} "
+                                 f"host={os.environ.get('KRT_HTTP_HOST')}")
 """
 SHOUT = """
     from greeter_pb2 import Response
@@ -152,6 +153,7 @@ def test_up_runs_the_workflow_call_answers_and_ctrl_c_stops_everything(tmp_path)
         assert [a.split()[0] for a in answers] == [f"N{i}" for i in range(60)]  # in order, one each
         ports = {a.split("PID=")[1].split()[0]: a.split("PORT=")[1].split()[0] for a in answers}
         assert all("THREADS=2" in a for a in answers)
+        assert all("HOST=127.0.0.1" in a for a in answers)  # up keeps the nodes' endpoints off the network
         error = kre("call", str(workflow), "--json", '{"name": "boom"}')
         assert error.returncode == 1
         assert error.stderr.strip() == "error in 'echo': no boom here"

@@ -6,7 +6,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from kre_helpers import PROTOS
+from kre_helpers import HANDLERS, PROTOS
 
 from kre_runner.messages import MessageTypeError, find_message_type, from_json, parse_json_inputs, to_json
 from kre_runner.streams import subject_in
@@ -130,3 +130,56 @@ def test_scripts_test_says_how_to_provide_victoria_metrics_where_it_cannot_insta
     assert proc.returncode == 1
     assert proc.stderr.count("\n") == 1 and "victoria-metrics is not on PATH" in proc.stderr
     assert "KRE_TEST_INFLUX_URL" in proc.stderr and "command not found" not in proc.stderr
+
+
+# ------------------------------------------------------------------ run-once: every handler shape as `run`
+
+async def _run_once(handler: str, *names: str) -> tuple[int, list[str], str]:
+    """run_once in this process: (exit code, stdout lines, stderr)."""
+    import gc
+    import io
+    import warnings
+
+    from greeter_pb2 import Request
+
+    from kre_runner.handler import load_user_code
+    from kre_runner.run_once import run_once
+
+    code = load_user_code(HANDLERS, handler)
+    out, err = io.StringIO(), io.StringIO()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = await run_once(code, [Request(name=name) for name in names], out, err, env={})
+        gc.collect()  # an un-awaited coroutine warns when it is collected
+    assert not [w for w in caught if issubclass(w.category, RuntimeWarning)], [str(w.message) for w in caught]
+    return result, out.getvalue().splitlines(), err.getvalue()
+
+
+async def test_run_once_sends_a_sync_handlers_early_reply_as_run_does():
+    code, out, err = await _run_once("early.py", "Ann")
+    assert code == 0 and out == ['{"greeting": "late Ann"}']
+    assert 'early reply: {"greeting": "early Ann"}' in err
+    code, out, err = await _run_once("early.py", "twice")  # as in a node: one early reply per request
+    assert code == 1 and "RuntimeError: an early reply was already sent for this request" in err
+    code, out, err = await _run_once("early_async.py", "Bo")
+    assert code == 0 and out == ['{"greeting": "late Bo"}'] and 'early reply: {"greeting": "early Bo"}' in err
+
+
+async def test_run_once_early_exit_and_a_too_large_early_reply_behave_as_in_a_node():
+    code, out, err = await _run_once("faults.py", "exit", "early-too-large")
+    assert code == 0, err
+    assert out == ['{"greeting": "left early"}', '{"greeting": "answered after EnvelopeError"}']
+    assert "early exit" in err
+
+
+async def test_run_once_runs_a_batch_handler_with_one_input_as_run_does():
+    code, out, err = await _run_once("batch.py", "a", "tracking", "early", "none")
+    assert code == 0, err
+    assert out[0] == '{"greeting": "ok a"}' and out[3] == "null"
+    assert out[1].startswith('{"greeting": "') and out[1] != '{"greeting": ""}'  # the input's tracking id
+    assert out[2] == ('{"greeting": "ctx.early_reply acts on one message: it is not available in a batch '
+                      'handler"}')
+    code, out, err = await _run_once("batch.py", "exc1")  # an Exception item fails its input
+    assert code == 1 and "ValueError: bad exc1" in err
+    code, out, err = await _run_once("batch.py:classify_async", "b")
+    assert code == 0 and out == ['{"greeting": "ok b"}'], err

@@ -53,16 +53,81 @@ def test_auth_problems_name_the_variable_and_never_show_a_secret(tmp_path):
 def test_redacted_settings_hide_every_secret(tmp_path):
     ca = tmp_path / "ca.crt"
     ca.write_text("x")
-    s = services_settings(KRT_NATS_USER="bob", KRT_NATS_PASSWORD="pw-SECRET", KRT_INFLUX_URI="http://influx:8086",
-                          KRT_INFLUX_TOKEN="influx-SECRET", KRT_MONGO_URI="mongodb://u:mongo-SECRET@db:27017",
-                          KRT_NATS_SERVER="nats://a:url-SECRET@h:4222", KRT_NATS_TLS_CA=str(ca))
-    shown = json.dumps(redacted_settings(s))
-    assert "SECRET" not in shown
-    assert redacted_settings(s)["nats_auth"]["password"] == "***"
-    assert redacted_settings(s)["nats_auth"]["tls_ca"] == str(ca)
-    assert "pw-SECRET" not in repr(s)
+    s = services_settings(
+        KRT_NATS_USER="bob", KRT_NATS_PASSWORD="pw-SECRET", KRT_INFLUX_URI="http://influx:8086?token=q1-SECRET",
+        KRT_INFLUX_TOKEN="influx-SECRET",
+        KRT_MONGO_URI="mongodb://u:mongo-SECRET@db1:27017,db2:27017/x?tlsCertificateKeyFilePassword=q2-SECRET"
+                      "&authSource=admin&authMechanismProperties=AWS_SESSION_TOKEN:q3-SECRET",
+        KRT_NATS_SERVER="nats://a:url1-SECRET@h1:4222?token=q4-SECRET,nats://b:url2-SECRET@h2:4222,"
+                        "tls://c:url3-SECRET@h3:4222,d:url4-SECRET@h4:4222",
+        KRT_NATS_TLS_CA=str(ca))
+    shown = redacted_settings(s)
+    text = json.dumps(shown)
+    assert "SECRET" not in text, text
+    assert "SECRET" not in repr(s), repr(s)
+    assert shown["nats_auth"]["password"] == "***" and shown["influx_token"] == "***"
+    assert shown["nats_auth"]["tls_ca"] == str(ca) and shown["nats_auth"]["user"] == "bob"
+    # Every URL of the list is there, each with its user and host kept.
+    assert shown["nats_servers"] == ["nats://a:***@h1:4222?token=***", "nats://b:***@h2:4222",
+                                     "tls://c:***@h3:4222", "d:***@h4:4222"]
+    assert shown["mongo_uri"] == ("mongodb://u:***@db1:27017,db2:27017/x?tlsCertificateKeyFilePassword=***"
+                                  "&authSource=admin&authMechanismProperties=***")
+    assert shown["influx_uri"] == "http://influx:8086?token=***"
     token = services_settings(KRT_NATS_TOKEN="tok-SECRET")
     assert "tok-SECRET" not in json.dumps(redacted_settings(token)) and "tok-SECRET" not in repr(token)
+    url_token = services_settings(KRT_NATS_SERVER="nats://tok-SECRET@h:4222")
+    assert redacted_settings(url_token)["nats_servers"] == ["nats://***@h:4222"] and "tok-SECRET" not in repr(url_token)
+
+
+def test_the_mongo_writers_settings_keep_their_secrets_out_of_repr():
+    from kre_runner.mongo_writer import WriterSettings
+
+    s = WriterSettings.from_env({"KRT_NATS_SERVER": "nats://a:n-SECRET@h:4222", "KRT_NATS_MONGO_WRITER": "w.demo",
+                                 "KRT_MONGO_URI": "mongodb://u:m-SECRET@db:27017", "KRT_RUNTIME_ID": "demo"})
+    assert s.mongo_uri.endswith("@db:27017") and "SECRET" not in repr(s), repr(s)
+
+
+def test_info_settings_are_an_allow_list():
+    """Every settings field is shown as is, shown redacted or hidden: a field added later is not shown by default."""
+    from dataclasses import fields
+
+    from kre_runner.config import NatsAuth, Settings, shown_fields
+
+    s = services_settings()
+    shown = redacted_settings(s)
+    for cls, values in ((Settings, shown), (NatsAuth, shown["nats_auth"])):
+        for item in fields(cls):
+            assert (item.name in values) == (item.name in shown_fields(cls)), item.name
+    assert set(shown) <= {item.name for item in fields(Settings)}
+
+
+def test_an_invalid_server_list_hides_the_password_of_every_url():
+    with pytest.raises(ConfigError) as err:
+        services_settings(KRT_NATS_SERVER="nats://a:pw1-SECRET@h1:4222,nats://b:pw2-SECRET@h2:4222,"
+                                          "nats://c:pw3-SECRET@h3:notaport?token=q-SECRET")
+    text = str(err.value)
+    assert "SECRET" not in text, text
+    assert "nats://a:***@h1:4222,nats://b:***@h2:4222,nats://c:***@h3:notaport?token=***" in text
+
+
+def test_http_host_defaults_to_every_interface_and_is_validated():
+    assert services_settings().http_host == "0.0.0.0"
+    assert services_settings(KRT_HTTP_HOST="127.0.0.1").http_host == "127.0.0.1"
+    assert services_settings(KRT_HTTP_HOST="::1").http_host == "::1"
+    with pytest.raises(ConfigError) as err:
+        services_settings(KRT_HTTP_HOST="http://x:1")
+    assert "KRT_HTTP_HOST='http://x:1' is invalid: expected an address to listen on" in str(err.value)
+
+
+def test_influx_credentials_in_the_url_and_a_token_refuse_to_start():
+    with pytest.raises(ConfigError) as err:
+        services_settings(KRT_INFLUX_URI="http://user:pw-SECRET@influx:8086", KRT_INFLUX_TOKEN="tok-SECRET")
+    text = str(err.value)
+    assert "SECRET" not in text
+    assert "KRT_INFLUX_URI carries a user and password and KRT_INFLUX_TOKEN is set" in text
+    # Either alone is fine.
+    assert services_settings(KRT_INFLUX_URI="http://user:pw@influx:8086").influx_uri == "http://user:pw@influx:8086"
+    assert services_settings(KRT_INFLUX_URI="http://influx:8086", KRT_INFLUX_TOKEN="t").influx_token == "t"
 
 
 # ------------------------------------------------------------------ metrics

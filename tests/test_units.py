@@ -156,12 +156,11 @@ def test_garbage_is_an_envelope_error(data):
         decode(data)
 
 
-def test_gzip_bombs_are_refused(monkeypatch):
-    import kre_runner.envelope as envelope_module
-
-    monkeypatch.setattr(envelope_module, "MAX_INFLATED_SIZE", 1000)
-    with pytest.raises(EnvelopeError, match="inflates beyond"):
-        decode(gzip.compress(b"\x00" * 5000))
+def test_gzip_bombs_are_refused():
+    with pytest.raises(EnvelopeError, match="inflates to more than 1000 bytes, the limit KRT_MAX_INFLATED_BYTES"):
+        decode(gzip.compress(b"\x00" * 5000), 1000)
+    envelope = KreNatsMessage(error="x" * 990)
+    assert decode(gzip.compress(envelope.SerializeToString()), envelope.ByteSize()) == envelope  # exactly the limit
 
 
 def test_tracking_timestamps_parse_naive_utc():

@@ -41,11 +41,11 @@ from typing import Any
 from .config import Settings
 from .context import Context, Retry
 from .credits import Credits
-from .envelope import EnvelopeError, KreNatsMessage, TrackingClock, decode
+from .envelope import GZIP_MAGIC, EnvelopeError, KreNatsMessage, TrackingClock, decode
 from .handler import UserCode
 from .outcome import Outcome, Outcomes
 from .publisher import PubAckPublisher
-from .settlement import INTERRUPTED, Job, Settlement, retry_later
+from .settlement import INTERRUPTED, Job, Settlement, hold_inflated, retry_later
 
 __all__ = ["Batcher", "current_tracking_ids", "in_batch_handler", "one_at_a_time"]
 
@@ -180,10 +180,12 @@ class Batcher:
         error: str | None = _INTERRUPTED
         try:
             try:
-                envelope = job.envelope = decode(data)
+                envelope = job.envelope = decode(data, self._outcomes.max_inflated)
             except EnvelopeError as exc:
                 outcome = self._outcomes.invalid(job, exc)
             else:
+                if data[:2] == GZIP_MAGIC:
+                    hold_inflated(job, envelope, self._credits)
                 if not envelope.error:
                     self._collect(job)
                     queued = True

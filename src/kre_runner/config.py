@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, TypeVar
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 __all__ = ["SECRET_VARIABLES", "VARIABLES", "ConfigError", "NatsAuth", "Settings", "consumer_name", "redact_url",
-           "redacted_settings"]
+           "redacted_settings", "secret_field", "shown_fields", "url_field"]
 
 T = TypeVar("T")
 
@@ -70,6 +70,8 @@ VARIABLES: tuple[tuple[str, bool, str, str], ...] = (
      "created if missing)", "demo-v1-greeter-dead-letter"),
     ("KRT_MAX_INFLIGHT_BYTES", False, "bytes of input held in flight per replica, and asked for per pull request "
      "(default 16777216); keeps large messages far below the server's slow-consumer limit", "16777216"),
+    ("KRT_MAX_INFLATED_BYTES", False, "the most a gzip-compressed input may inflate to; a larger one gets an error "
+     "envelope and is never inflated whole (default 4 × the server's max_payload)", "4194304"),
     ("KRT_MIGRATE_PUSH_CONSUMER", False, "take over the original runner's push consumer without a gap (default "
      "true); false refuses to start instead", "true"),
     ("KRT_DELIVER_POLICY", False, "where a new consumer starts: new (as the original) or all (default new)",
@@ -80,6 +82,8 @@ VARIABLES: tuple[tuple[str, bool, str, str], ...] = (
      "json"),
     ("KRT_HTTP_PORT", False, "port of /healthz, /readyz, /metrics and /info (default 8080; 0 turns it off)",
      "8080"),
+    ("KRT_HTTP_HOST", False, "address the HTTP endpoint listens on (default 0.0.0.0: every interface, as a pod "
+     "needs; kre-runner up uses 127.0.0.1)", "127.0.0.1"),
     ("KRT_HEALTH_RECONNECT_GRACE", False, "seconds /healthz stays 200 while NATS is unreachable (default 60)",
      "60"),
     ("KRT_NATS_CREDS", False, "NATS .creds file (user JWT and nkey seed)", "/etc/nats/node.creds"),
@@ -97,6 +101,13 @@ VARIABLES: tuple[tuple[str, bool, str, str], ...] = (
 # Values never shown in a log line, an error or /info.
 SECRET_VARIABLES = frozenset({"KRT_NATS_TOKEN", "KRT_NATS_PASSWORD", "KRT_INFLUX_TOKEN"})
 _EXAMPLES = {name: example for name, _, _, example in VARIABLES}
+# Query parameters whose value is a secret (case-insensitive): these names, or names containing a part below.
+# authMechanismProperties may carry AWS_SESSION_TOKEN:... in a MongoDB URI.
+_SECRET_PARAMS = frozenset({"password", "passwd", "pwd", "token", "secret", "key", "credentials", "apikey", "api_key",
+                            "authmechanismproperties"})
+_SECRET_PARAM_PARTS = ("password", "token", "secret")
+_SCHEME_START_RE = re.compile(r",(?=\s*[A-Za-z][A-Za-z0-9+.-]*://)")  # a comma starting the next URL of a list
+_HOST_RE = re.compile(r"^[A-Za-z0-9.:%-]+$")
 _SUBJECT_RE = re.compile(r"^[^\s*>.]+(\.[^\s*>.]+)*$")
 _NAME_UNSAFE_RE = re.compile(r"[^A-Za-z0-9_-]")
 
@@ -109,15 +120,33 @@ class ConfigError(ValueError):
         super().__init__("invalid configuration:\n  " + "\n  ".join(problems))
 
 
+# How /info, errors and repr() may show a settings field (its metadata["show"]). A field marked SECRET or URL
+# is left out of repr(); /info shows it redacted. Fields neither marked nor on _SHOWN are not in /info at all.
+_SHOW = "show"
+_SECRET = "secret"  # shown as *** (or "" when unset)
+_URL = "url"  # a URL or tuple of URLs: shown with userinfo and secret query parameters as ***
+
+
+def secret_field(default: Any) -> Any:
+    """A settings field holding a secret: never in repr(), ``***`` in /info."""
+    return field(default=default, repr=False, metadata={_SHOW: _SECRET})
+
+
+def url_field(default: Any = MISSING) -> Any:
+    """A settings field holding a URL (or a tuple of them) that may carry credentials: never in repr(),
+    redacted in /info."""
+    return field(default=default, repr=False, metadata={_SHOW: _URL})
+
+
 @dataclass(frozen=True)
 class NatsAuth:
     """How the node proves who it is to NATS, and how it checks the server (TLS). Empty: URL only."""
 
     creds: Path | None = None
     nkey_seed: Path | None = None
-    token: str = field(default="", repr=False)
+    token: str = secret_field("")
     user: str = ""
-    password: str = field(default="", repr=False)
+    password: str = secret_field("")
     tls_ca: Path | None = None
     tls_cert: Path | None = None
     tls_key: Path | None = None
@@ -147,7 +176,7 @@ class Settings:
     version_id: str
     version: str
     node_name: str
-    nats_servers: tuple[str, ...]
+    nats_servers: tuple[str, ...] = url_field()
     stream: str
     input_subject: str
     output_subject: str
@@ -156,10 +185,10 @@ class Settings:
     is_last_node: bool = False
     entrypoint_subject: str | None = None
     mongo_writer_subject: str | None = None
-    mongo_uri: str | None = None
+    mongo_uri: str | None = url_field(None)
     mongo_db: str = ""
-    influx_uri: str | None = None
-    influx_token: str = ""
+    influx_uri: str | None = url_field(None)
+    influx_token: str = secret_field("")
     influx_org: str = ""
     influx_bucket: str = ""
     influx_batch_size: int = 1000
@@ -177,17 +206,27 @@ class Settings:
     max_deliver: int = 5
     dead_letter_stream: str = ""
     max_inflight_bytes: int = 16 * 1024 * 1024
+    max_inflated_bytes: int = 0  # 0: 4 × the server's max_payload, known once connected (inflated_limit)
     migrate_push_consumer: bool = True
     db_timeout: float = 5.0
     log_level: str = "INFO"
     log_format: str = "text"
     http_port: int = 8080
+    http_host: str = "0.0.0.0"
     health_reconnect_grace: float = 60.0
     nats_auth: NatsAuth = field(default_factory=NatsAuth)
 
     @property
     def consumer_name(self) -> str:
         return consumer_name(self.version, self.node_name)
+
+    def inflated_limit(self, max_payload: int) -> int:
+        """The most a compressed input may inflate to: KRT_MAX_INFLATED_BYTES, else 4 × the server's max_payload.
+
+        A gzip bomb of a few hundred KB must not take the node's memory; a legitimate compressed input
+        is over max_payload inflated (it was compressed because of it) and seldom shrinks 4 times.
+        """
+        return self.max_inflated_bytes or 4 * max_payload
 
     @property
     def dead_letter_subject(self) -> str:
@@ -240,6 +279,8 @@ class Settings:
                                                _parse_stream, "a stream name without . * > or spaces"),
             max_inflight_bytes=reader.optional("KRT_MAX_INFLIGHT_BYTES", 16 * 1024 * 1024, _at_least(2 * 1024 * 1024),
                                                "an integer ≥ 2097152 (two 1 MiB messages)"),
+            max_inflated_bytes=reader.optional("KRT_MAX_INFLATED_BYTES", 0, _at_least(1024 * 1024),
+                                               "an integer ≥ 1048576 (bytes)"),
             migrate_push_consumer=reader.optional("KRT_MIGRATE_PUSH_CONSUMER", True, _parse_bool, "true or false"),
             deliver_policy=reader.optional("KRT_DELIVER_POLICY", "new", _choice("new", "all"), "new or all"),
             db_timeout=reader.optional("KRT_DB_TIMEOUT", 5.0, _positive_float, "seconds > 0"),
@@ -247,10 +288,18 @@ class Settings:
                                       "DEBUG, INFO, WARNING (or WARN) or ERROR"),
             log_format=reader.optional("KRT_LOG_FORMAT", "text", _choice("text", "json"), "text or json"),
             http_port=reader.optional("KRT_HTTP_PORT", 8080, _port, "a port 1-65535, or 0 for no HTTP endpoint"),
+            http_host=reader.optional("KRT_HTTP_HOST", "0.0.0.0", _parse_host,
+                                      "an address to listen on: 0.0.0.0 (every interface), 127.0.0.1, :: or a host "
+                                      "name"),
             health_reconnect_grace=reader.optional("KRT_HEALTH_RECONNECT_GRACE", 60.0, _positive_float,
                                                    "seconds > 0"),
             nats_auth=read_nats_auth(reader),
         )
+        if settings.influx_uri and settings.influx_token and "@" in urlsplit(settings.influx_uri).netloc:
+            # aiohttp refuses a request with both ("Cannot combine AUTHORIZATION header"): not one point is written.
+            reader.problems.append("KRT_INFLUX_URI carries a user and password and KRT_INFLUX_TOKEN is set: InfluxDB "
+                                   "takes one credential: remove user:password@ from KRT_INFLUX_URI (for InfluxDB 1.8 "
+                                   "put it in KRT_INFLUX_TOKEN as user:password), or unset KRT_INFLUX_TOKEN")
         if reader.problems:
             raise ConfigError(reader.problems)
         return settings
@@ -296,23 +345,33 @@ def parse_log_level(raw: str) -> str:
 
 
 def redacted_settings(settings: Settings) -> dict[str, Any]:
-    """``settings`` as JSON-ready values with every secret replaced by ``***`` (for /info)."""
+    """``settings`` as JSON-ready values for /info: allowed fields only, every secret replaced by ``***``."""
+    return _shown(settings)
+
+
+def shown_fields(cls: type) -> frozenset[str]:
+    """The fields of ``Settings`` or ``NatsAuth`` that /info shows: the allow-list, and the marked ones redacted."""
+    return _SHOWN[cls] | {item.name for item in fields(cls) if _SHOW in item.metadata}
+
+
+def _shown(value: Any) -> dict[str, Any]:
+    allowed = shown_fields(type(value))
     shown: dict[str, Any] = {}
-    for item in fields(settings):
-        value = getattr(settings, item.name)
-        if item.name == "nats_auth":
-            value = {f.name: ("***" if getattr(value, f.name) else "") if f.name in ("token", "password")
-                     else (str(getattr(value, f.name)) if getattr(value, f.name) is not None else None)
-                     for f in fields(value)}
-        elif item.name == "influx_token":
-            value = "***" if value else ""
-        elif item.name in ("mongo_uri", "influx_uri") and value:
-            value = redact_url(value)
-        elif item.name == "nats_servers":
-            value = [redact_url(server) for server in value]
-        elif isinstance(value, Path):
-            value = str(value)
-        shown[item.name] = value
+    for item in fields(value):
+        if item.name not in allowed:
+            continue
+        field_value = getattr(value, item.name)
+        how = item.metadata.get(_SHOW)
+        if how == _SECRET:
+            field_value = "***" if field_value else ""
+        elif how == _URL:
+            field_value = ([redact_url(url) for url in field_value] if isinstance(field_value, tuple)
+                           else redact_url(field_value) if field_value else field_value)
+        elif is_dataclass(field_value):
+            field_value = _shown(field_value)
+        elif isinstance(field_value, Path):
+            field_value = str(field_value)
+        shown[item.name] = field_value
     return shown
 
 
@@ -322,17 +381,39 @@ def consumer_name(version: str, node: str) -> str:
 
 
 def redact_url(url: str) -> str:
-    """``url`` with any password replaced by ``***``, safe to log."""
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return "<unparseable url>"
-    if "@" not in parts.netloc:
+    """``url`` (or a comma-separated list of URLs) with passwords, tokens and secret query values as ``***``.
+
+    Safe to log. Each URL of a list is redacted; userinfo ``user:password`` keeps the user, a lone
+    userinfo is a token and is hidden whole; query parameters named like a secret (password, token,
+    secret, key, ...) keep their name only.
+    """
+    if "://" not in url:  # a list of bare host:port servers, as KRT_NATS_SERVER allows
+        return ",".join(_redact_one(part, 0) for part in url.split(","))
+    return ",".join(_redact_one(part, part.find("://") + 3) for part in _SCHEME_START_RE.split(url))
+
+
+def _redact_one(url: str, start: int) -> str:
+    """One URL whose authority begins at ``start``. Everything up to the last ``@`` before the query is
+    userinfo, so a password with an unescaped ``,`` or ``/`` (or a MongoDB host list) stays hidden."""
+    query_at = min((i for i in (url.find("?", start), url.find("#", start)) if i >= 0), default=len(url))
+    at = url.rfind("@", start, query_at)
+    if at >= 0:
+        user, colon, _ = url[start:at].partition(":")
+        url = f"{url[:start]}{user + ':***' if colon else '***'}{url[at:]}"
+    query_at = url.find("?", start)
+    if query_at < 0:
         return url
-    host = parts.netloc.rpartition("@")[2]
-    # user:password keeps the user; a lone userinfo is a token and is hidden whole.
-    userinfo = f"{parts.username}:***" if parts.password is not None else "***"
-    return urlunsplit(parts._replace(netloc=f"{userinfo}@{host}"))
+    query, hash_mark, fragment = url[query_at + 1:].partition("#")
+    params = []
+    for param in query.split("&"):
+        name, equals, _ = param.partition("=")
+        params.append(f"{name}=***" if equals and _secret_param(name) else param)
+    return f"{url[:query_at + 1]}{'&'.join(params)}{hash_mark}{fragment}"
+
+
+def _secret_param(name: str) -> bool:
+    lowered = name.strip().lower()
+    return lowered in _SECRET_PARAMS or any(part in lowered for part in _SECRET_PARAM_PARTS)
 
 
 class _Reader:
@@ -366,7 +447,7 @@ class _Reader:
             if secret:
                 self.problems.append(f"{name} is invalid: expected {expected}")
                 return None  # type: ignore[return-value]
-            shown = redact_url(raw) if "://" in raw else raw
+            shown = redact_url(raw) if "://" in raw or "@" in raw else raw
             self.problems.append(f"{name}={shown!r} is invalid: expected {expected}, e.g. {name}={_EXAMPLES[name]}")
             return None  # type: ignore[return-value]
 
@@ -455,6 +536,13 @@ def _parse_stream(raw: str) -> str:
     return raw
 
 
+def _parse_host(raw: str) -> str:
+    """An address or host name to listen on (not a URL: no scheme, port or path)."""
+    if not _HOST_RE.match(raw) or raw.count(":") == 1:  # host:port is not a host
+        raise ValueError(raw)
+    return raw
+
+
 def _parse_servers(raw: str) -> tuple[str, ...]:
     servers = tuple(s.strip() for s in raw.split(",") if s.strip())
     for server in servers:
@@ -478,3 +566,18 @@ def _parse_http_url(raw: str) -> str:
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ValueError(raw)
     return raw.rstrip("/")
+
+
+# /info shows these fields as they are; the SECRET and URL fields are shown redacted; any other field, not at all.
+_SHOWN: dict[type, frozenset[str]] = {
+    NatsAuth: frozenset({"creds", "nkey_seed", "user", "tls_ca", "tls_cert", "tls_key"}),
+    Settings: frozenset({
+        "workflow_name", "runtime_id", "version_id", "version", "node_name", "stream", "input_subject",
+        "output_subject", "handler_path", "base_path", "is_last_node", "entrypoint_subject", "mongo_writer_subject",
+        "mongo_db", "influx_org", "influx_bucket", "influx_batch_size", "influx_flush_interval", "influx_buffer",
+        "elapsed_metrics", "max_inflight", "handler_threads", "batch_size", "batch_wait", "ack_wait",
+        "publish_timeout", "shutdown_grace", "deliver_policy", "max_deliver", "dead_letter_stream",
+        "max_inflight_bytes", "max_inflated_bytes", "migrate_push_consumer", "db_timeout", "log_level", "log_format",
+        "http_port", "http_host", "health_reconnect_grace", "nats_auth",
+    }),
+}

@@ -53,7 +53,7 @@ from .context import Context, Retry
 from .credits import Credits
 from .deadletter import DeadLetters
 from .elapsed import WorkflowClock
-from .envelope import EnvelopeError, KreNatsMessage, TrackingClock, decode
+from .envelope import GZIP_MAGIC, EnvelopeError, KreNatsMessage, TrackingClock, decode
 from .handler import UserCode
 from .jetstream import SetupError, prepare, recreate
 from .logs import RateLimitedLog
@@ -61,7 +61,7 @@ from .metrics import NodeMetrics
 from .natsfast import Dispatcher, Wire, describe, probe
 from .outcome import Outcome, Outcomes
 from .publisher import PubAckPublisher
-from .settlement import INTERNAL_ERROR, INTERRUPTED, Job, Settlement, parse_ack_subject, retry_later
+from .settlement import INTERNAL_ERROR, INTERRUPTED, Job, Settlement, hold_inflated, parse_ack_subject, retry_later
 
 __all__ = ["Consumer", "SetupError"]
 
@@ -115,6 +115,7 @@ class Consumer:
         self._observe_handler = self.metrics.observe_handler
         self._failures = failures or RateLimitedLog(logger, "handler failures")
         self._outcomes = Outcomes(settings, self._clock, logger, self._failures)
+        self._max_inflated = self._outcomes.max_inflated  # decode's bound (KRT_MAX_INFLATED_BYTES)
         self._credits = Credits(settings.max_inflight, settings.max_inflight_bytes, ack_wait=settings.ack_wait)
         self._settlement = Settlement(self._wire, logger, ack_wait=settings.ack_wait,
                                       publish_timeout=settings.publish_timeout, max_deliver=settings.max_deliver,
@@ -174,6 +175,7 @@ class Consumer:
         self._log.info(describe(self.fast_path))
         self._outcomes.set_publish_limit(await prepare(self._nc, self._s, self._log))
         self._credits.message_bytes = self._nc.max_payload
+        self._max_inflated = self._outcomes.max_inflated = self._s.inflated_limit(self._nc.max_payload)
         self._log.info("consuming %s from stream %s with durable pull consumer %s (max in flight %d)",
                        self._s.input_subject, self._s.stream, self._s.consumer_name, self._s.max_inflight)
         if self._batcher is not None:
@@ -463,9 +465,11 @@ class Consumer:
 
     def _handle_inline(self, job: Job, data: bytes) -> Outcome:
         try:
-            envelope = job.envelope = decode(data)
+            envelope = job.envelope = decode(data, self._max_inflated)
         except EnvelopeError as exc:
             return self._outcomes.invalid(job, exc)
+        if data[:2] == GZIP_MAGIC:
+            hold_inflated(job, envelope, self._credits)
         if envelope.error:
             return self._outcomes.passthrough(job, envelope)
         now = self._clock.now
@@ -568,9 +572,11 @@ class Consumer:
 
     async def _handle(self, job: Job, data: bytes) -> Outcome:
         try:
-            envelope = job.envelope = decode(data)
+            envelope = job.envelope = decode(data, self._max_inflated)
         except EnvelopeError as exc:
             return self._outcomes.invalid(job, exc)
+        if data[:2] == GZIP_MAGIC:
+            hold_inflated(job, envelope, self._credits)
         if envelope.error:
             return self._outcomes.passthrough(job, envelope)
         now = self._clock.now

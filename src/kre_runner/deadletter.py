@@ -64,7 +64,7 @@ class DeadLetters:
         envelope = job.envelope
         if envelope is None:
             try:
-                envelope = decode(job.data)
+                envelope = decode(job.data, self._outcomes.max_inflated)
             except EnvelopeError:
                 envelope = KreNatsMessage()
         error = self._outcomes.error(job, envelope, f"dead-lettered after {delivered} deliveries: {reason}",

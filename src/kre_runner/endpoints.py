@@ -98,8 +98,9 @@ class Endpoints:
         except OSError as exc:
             await self._runner.cleanup()
             self._runner = None
-            raise StartupError(f"cannot serve HTTP on port {self.port} (KRT_HTTP_PORT): {exc.strerror or exc}; "
-                               f"choose a free port, or KRT_HTTP_PORT=0 to turn the endpoint off") from None
+            raise StartupError(f"cannot serve HTTP on port {self.port} (KRT_HTTP_PORT) of {self.host} (KRT_HTTP_HOST): "
+                               f"{exc.strerror or exc}; choose a free port (and an address of this host), or "
+                               f"KRT_HTTP_PORT=0 to turn the endpoint off") from None
 
     async def stop(self) -> None:
         """Stop serving and wait for the thread (its loop closes the listening socket first)."""

@@ -28,7 +28,8 @@ __all__ = [
 
 GZIP_MAGIC = b"\x1f\x8b"
 _EPOCH = datetime(1970, 1, 1)
-# A compressed input may not inflate beyond this: a gzip bomb must not take the node down.
+# The local tools' bound on what a compressed envelope may inflate to; a node passes its own
+# (KRT_MAX_INFLATED_BYTES, Settings.inflated_limit): a gzip bomb must not take it down.
 MAX_INFLATED_SIZE = 256 * 1024 * 1024
 
 
@@ -36,10 +37,10 @@ class EnvelopeError(ValueError):
     """The bytes are not a ``KreNatsMessage`` (or not one that fits the limits)."""
 
 
-def decode(data: bytes) -> KreNatsMessage:
-    """Parse an envelope, gunzipping it first when it carries the gzip magic."""
+def decode(data: bytes, max_inflated: int = MAX_INFLATED_SIZE) -> KreNatsMessage:
+    """Parse an envelope, gunzipping it first when it carries the gzip magic (to ``max_inflated`` bytes at most)."""
     if data[:2] == GZIP_MAGIC:
-        data = _gunzip(data)
+        data = _gunzip(data, max_inflated)
     envelope = KreNatsMessage()
     try:
         envelope.ParseFromString(data)
@@ -116,14 +117,17 @@ def parse_iso(value: str) -> datetime | None:
     return parsed
 
 
-def _gunzip(data: bytes) -> bytes:
+def _gunzip(data: bytes, limit: int) -> bytes:
+    """Inflate at most ``limit`` + 1 bytes: a bomb is refused without ever being inflated whole."""
     inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)
     try:
-        out = inflater.decompress(data, MAX_INFLATED_SIZE)
+        out = inflater.decompress(data, limit + 1)
     except zlib.error as exc:
         raise EnvelopeError(f"bad gzip data ({len(data)} bytes): {exc}") from None
-    if inflater.unconsumed_tail:
-        raise EnvelopeError(f"gzip data inflates beyond {MAX_INFLATED_SIZE} bytes")
+    if len(out) > limit:
+        raise EnvelopeError(f"the compressed input ({len(data)} bytes) inflates to more than {limit} bytes, the limit "
+                            f"KRT_MAX_INFLATED_BYTES sets (default 4 × the server's max_payload): raise it, or send "
+                            f"smaller messages")
     if not inflater.eof:
         raise EnvelopeError(f"truncated gzip data ({len(data)} bytes)")
     return out

@@ -29,6 +29,7 @@ from .config import (
     parse_log_level,
     read_nats_auth,
     redact_url,
+    url_field,
 )
 from .connection import connect
 from .sinks.mongo import MongoConnection, decode_writer_payload
@@ -51,9 +52,9 @@ _REPLY_OK = b'{"success":true}'
 class WriterSettings:
     """The writer's configuration; attribute names match :class:`~kre_runner.config.Settings`."""
 
-    nats_servers: tuple[str, ...]
+    nats_servers: tuple[str, ...] = url_field()
     mongo_writer_subject: str
-    mongo_uri: str
+    mongo_uri: str = url_field()
     mongo_db: str
     db_timeout: float = 5.0
     log_level: str = "INFO"

@@ -112,7 +112,8 @@ async def _run_node(settings: Settings, stop: asyncio.Event, logger: logging.Log
         registry = metrics_registry(metrics, node=settings.node_name, workflow=settings.workflow_name,
                                     version=settings.version)
         endpoints = Endpoints(settings.http_port, health, registry,
-                              lambda: info_document(settings, loaded, health, metrics, client), logger)
+                              lambda: info_document(settings, loaded, health, metrics, client), logger,
+                              host=settings.http_host)
         await endpoints.start()
     try:
         # Off the loop: a handler importing torch takes seconds, and liveness must answer meanwhile.

@@ -55,6 +55,8 @@ class Outcomes:
         self._failures = failures or RateLimitedLog(logger, "handler failures")
         self._type_urls: dict[Any, str] = {}
         self.limit = 1024 * 1024 - _HEADER_ROOM
+        # The most a compressed input may inflate to (decode's bound), set again once connected.
+        self.max_inflated = settings.inflated_limit(1024 * 1024)
         self.errors = 0  # error envelopes built for this node's own failures
         self.passed_errors = 0  # inputs that already carried an error
 

@@ -44,7 +44,7 @@ from .metrics import NodeMetrics
 from .natsfast import Wire
 
 __all__ = ["DEAD_LETTER_COPY", "DEAD_LETTER_DELIVERIES", "DEAD_LETTER_TELL", "INTERNAL_ERROR", "INTERRUPTED",
-           "NEVER_SETTLED", "Job", "Settlement", "nak_delay", "parse_ack_subject", "retry_later"]
+           "NEVER_SETTLED", "Job", "Settlement", "hold_inflated", "nak_delay", "parse_ack_subject", "retry_later"]
 
 # Why a job's own part failed when no publish did (the publisher counts failed publishes itself); each is
 # counted under its own name when released, so kre_publish_failures counts only publishes.
@@ -90,13 +90,14 @@ class _Letter:
 class Job:
     """One input message from delivery to settlement."""
 
-    __slots__ = ("ack_subject", "data", "dead_letter", "done", "early_exit", "envelope", "failed", "handling", "kind",
-                 "msg_id", "refs", "replied", "retry_delay", "settled", "task", "touched")
+    __slots__ = ("ack_subject", "data", "dead_letter", "done", "early_exit", "envelope", "failed", "handling",
+                 "inflated", "kind", "msg_id", "refs", "replied", "retry_delay", "settled", "task", "touched")
 
     def __init__(self, ack_subject: str, msg_id: str, now: float, data: bytes = b"") -> None:
         self.ack_subject = ack_subject
         self.msg_id = msg_id  # Nats-Msg-Id of its output: the same for every delivery of the input
         self.data = data  # the input as delivered (its size counts against KRT_MAX_INFLIGHT_BYTES)
+        self.inflated = 0  # a compressed input: the bytes its envelope holds beyond len(data) (counted too)
         self.refs = 1  # the handler's own reference
         self.failed: str | None = None  # why its outcome was not stored, or why it must be retried
         self.retry_delay: float | None = None  # the handler's Retry(delay=...)
@@ -209,7 +210,7 @@ class Settlement:
             command = b'-NAK {"delay": %d}' % int(delay * 1e9)
         job.settled = True
         self.jobs.discard(job)
-        self._credits.held_bytes -= len(job.data)
+        self._credits.held_bytes -= len(job.data) + job.inflated
         try:
             await self._wire.publish(job.ack_subject, command)
         except Exception as exc:
@@ -298,7 +299,7 @@ class Settlement:
         """Settle ``job`` with ``command`` (what ``release`` does inline, once per message, for acks and naks)."""
         job.settled = True
         self.jobs.discard(job)
-        self._credits.held_bytes -= len(job.data)
+        self._credits.held_bytes -= len(job.data) + job.inflated
         try:
             await self._wire.publish(job.ack_subject, command)
         except Exception as exc:
@@ -340,6 +341,18 @@ class Settlement:
     def _lost(self, job: Job, command: bytes, exc: Exception) -> None:
         self._log.warning("could not send %s for input seq %d (redelivered after the ack wait; its output is "
                           "not duplicated): %s", command[:4].decode(), job.seq, exc)
+
+
+def hold_inflated(job: Job, envelope: KreNatsMessage, credits: Credits) -> None:
+    """A compressed input was inflated: until it settles it holds its envelope's size, not its wire size.
+
+    The extra bytes count against ``KRT_MAX_INFLIGHT_BYTES`` (so the node pulls less meanwhile) and
+    settlement frees them with the input's own.
+    """
+    extra = envelope.ByteSize() - len(job.data)
+    if extra > 0:
+        job.inflated = extra
+        credits.held_bytes += extra
 
 
 def retry_later(job: Job, reason: str, delay: float) -> None:

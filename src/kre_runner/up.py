@@ -260,6 +260,7 @@ class LocalWorkflow:
         env.update(self._extra_env)
         # Every process its own port once nodes serve HTTP (KRT_HTTP_PORT); unbuffered, so lines come at once.
         env["KRT_HTTP_PORT"] = str(free_port())
+        env.setdefault("KRT_HTTP_HOST", "127.0.0.1")  # a developer's machine: the endpoints stay off the network
         env["PYTHONUNBUFFERED"] = "1"
         proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "kre_runner", "run", env=env, stdin=asyncio.subprocess.DEVNULL,
