@@ -90,6 +90,7 @@ class Row:
     duplicated: int
     recovery: float | None = None  # seconds; None where no outage applies
     note: str = ""
+    second_calls: int = 0  # inputs that reached the handler more than once (the slow-handler rows count them)
 
     def cells(self) -> list[str]:
         recovery = "—" if self.recovery is None else f"{self.recovery:.1f} s"
@@ -645,6 +646,28 @@ async def output_stream_full(quick: bool) -> Row:
         return row
 
 
+async def slow_handlers(quick: bool) -> Row:
+    """Handler calls from 1 ms to half the ack wait, on the loop, in a thread, async and in batches: each
+    input reaches its handler once (slow_handlers.py)."""
+    import slow_handlers as grid
+
+    work = Path(tempfile.mkdtemp(prefix="kre-slow-"))
+    server = EmbeddedNats().start()
+    try:
+        results = await grid.run_grid(server.url, work, quick=quick)
+    finally:
+        server.cleanup()
+        _remove(work)
+    inputs = sum(sum(r.inputs.values()) for r in results.values())
+    outputs = sum(sum(r.outputs.values()) for r in results.values())
+    speeds = ", ".join(f"{s * 1000:g} ms" for s in next(iter(results.values())).inputs)
+    second = {path: sum(r.second_calls.values()) for path, r in results.items()}
+    row = Row(f"slow handlers ({speeds}) on 4 paths", inputs, outputs, 0, 0, inputs - outputs,
+              sum(sum(r.duplicated.values()) for r in results.values()), second_calls=sum(second.values()))
+    row.note = "second handler calls: " + ", ".join(f"{path} {n}" for path, n in second.items())
+    return row
+
+
 Scenario = Callable[[bool], Awaitable[Row]]
 
 SCENARIOS: dict[str, Scenario] = {
@@ -659,6 +682,7 @@ SCENARIOS: dict[str, Scenario] = {
     "handler-hangs": handler_hangs,
     "process-killed": process_killed_by_input,
     "output-stream-full": output_stream_full,
+    "slow-handlers": slow_handlers,
 }
 
 
@@ -697,7 +721,7 @@ def main() -> int:
     for row in rows:
         if row.note:
             print(f"* {row.scenario}: {row.note}")
-    return 1 if any(row.lost or row.duplicated for row in rows) else 0
+    return 1 if any(row.lost or row.duplicated or row.second_calls for row in rows) else 0
 
 
 if __name__ == "__main__":
