@@ -113,9 +113,8 @@ async def _feed(target: str, count: int) -> None:
         ctx = Context(base_path=settings.base_path, logger=log, measurement=measurement)
         consumer = Consumer(settings, load_user_code(settings.base_path, settings.handler_path), nc, ctx, log,
                             record_elapsed=record)
-        await consumer._publisher.start()
-        await consumer._dispatcher.subscribe(consumer._inbox, consumer._on_delivery)
-        inbox, prefix = consumer._inbox, consumer._publisher._prefix
+        inbox = await consumer.attach()
+        prefix = consumer.puback_prefix
     sids = {sub.subject: sid for sid, sub in nc._subs.items()}
     data = make_request()
     chunks = []
@@ -133,7 +132,7 @@ async def _feed(target: str, count: int) -> None:
         await asyncio.sleep(0)  # the reference handles inputs in its subscription's task
         published += _BATCH
         # The handler thread's results: a few polls per chunk.
-        while target in _THREADED and consumer._publisher._counter < published:  # noqa: ASYNC110
+        while target in _THREADED and consumer.published < published:  # noqa: ASYNC110
             await asyncio.sleep(0.01)
         await nc._ps.parse(pubacks)
         await asyncio.sleep(0)

@@ -126,7 +126,7 @@ async def _one_path(path: str, nats_url: str, js: JetStreamContext, work: Path, 
                 info = await js.consumer_info(STREAM, consumer)
                 return info.num_pending == 0 and info.num_ack_pending == 0
 
-            await _wait(f"{path}: inputs of {seconds}s not settled", settled, 3 * ack_wait + 30)
+            await _wait(f"{path}: inputs of {seconds}s not settled", settled, 3 * count * seconds + 3 * ack_wait + 60)
             with contextlib.suppress(asyncio.TimeoutError, nats.errors.TimeoutError):  # outputs stored twice?
                 for msg in await outputs.fetch(256, timeout=0.5):
                     seen[_greeting(decode(msg.data))] += 1

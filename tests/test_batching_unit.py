@@ -60,6 +60,7 @@ def test_batch_tracking_ids_outside_a_batch_handler_raise():
 
 async def test_each_output_of_a_batch_gets_its_own_elapsed_time_point_spanning_the_call(tmp_path):
     import logging
+    from types import SimpleNamespace
 
     from kre_helpers import Response, request_envelope
 
@@ -82,10 +83,12 @@ async def test_each_output_of_a_batch_gets_its_own_elapsed_time_point_spanning_t
     class _Settlement:  # only its set of held jobs is used by _call
         jobs: set[Job] = set()  # noqa: RUF012
 
-    batcher = Batcher(settings, code, Context(base_path=tmp_path, logger=log), log, clock=clock,
-                      outcomes=Outcomes(settings, clock, log), publisher=None, settlement=_Settlement(),  # type: ignore[arg-type]
-                      credits=Credits(8), release=None, pull=None, internal_error=None,  # type: ignore[arg-type]
-                      record_elapsed=lambda envelope, start, end: points.append((envelope.tracking_id, start, end)))
+    # The pipeline's steps a batch call uses: its clock, and the elapsed point it records per output.
+    pipeline = SimpleNamespace(clock=clock, open=None, publish=None, release=None, internal_error=None,
+                               record=lambda envelope, start, end: points.append((envelope.tracking_id, start, end)))
+    batcher = Batcher(settings, code, Context(base_path=tmp_path, logger=log), log, pipeline=pipeline,  # type: ignore[arg-type]
+                      outcomes=Outcomes(settings, clock, log), settlement=_Settlement(),  # type: ignore[arg-type]
+                      credits=Credits(8), pull=None)  # type: ignore[arg-type]
     batch = []
     for seq, name in enumerate("abc", 1):
         job = Job(f"$JS.ACK.s.c.1.{seq}.{seq}.0.0", f"node:s:{seq}", 0.0)

@@ -99,11 +99,9 @@ async def _run_pipeline(mode: str, inputs: list[Input]) -> tuple[Seen, list[logg
         log = logging.getLogger("kre_runner.fuzz")
         ctx = Context(base_path=s.base_path, logger=log)
         consumer = Consumer(s, load_user_code(s.base_path, s.handler_path), nc, ctx, log)
-        await consumer._publisher.start()
-        await consumer._dispatcher.subscribe(consumer._inbox, consumer._on_delivery)
+        inbox = await consumer.attach()
         sids = {sub.subject: sid for sid, sub in nc._subs.items()}
-        prefix = consumer._publisher._prefix
-        inbox = consumer._inbox
+        prefix = consumer.puback_prefix
         by_ack = {i.ack_subject: i for i in inputs}
         seen = Seen()
         await nc._ps.parse(b"".join(b"MSG %s %d %s %d\r\n%s\r\n" % (inbox.encode(), sids[inbox], i.ack_subject.encode(),
@@ -125,13 +123,13 @@ async def _run_pipeline(mode: str, inputs: list[Input]) -> tuple[Seen, list[logg
             if pubacks:
                 await nc._ps.parse(b"".join(pubacks))
             settled = [i for i in inputs if any(c.startswith(_SETTLING) for c in seen.settles.get(i.ack_subject, []))]
-            if len(settled) == len(inputs) and not consumer._jobs and not pubacks:
+            if len(settled) == len(inputs) and not consumer.inflight and not pubacks:
                 break
         return seen, errors.records
     finally:
         root.removeHandler(errors)
-        if consumer is not None and consumer._pool is not None:
-            consumer._pool.shutdown(wait=True)
+        if consumer is not None:
+            consumer.stop_threads()
         nc._flusher_task.cancel()
         for sub in nc._subs.values():
             if sub._wait_for_msgs_task is not None:

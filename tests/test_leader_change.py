@@ -28,10 +28,9 @@ async def _consumer(nc: StandIn) -> Consumer:
     log = logging.getLogger("kre_runner.leader")
     consumer = Consumer(s, load_user_code(s.base_path, s.handler_path), nc, Context(base_path=s.base_path, logger=log),
                         log)
-    await consumer._publisher.start()
-    await consumer._dispatcher.subscribe(consumer._inbox, consumer._on_delivery)
-    await consumer._watch_leader()
-    consumer._pulling = True
+    await consumer.attach()
+    await consumer.link.watch_leader()
+    consumer.link.pulling = True
     return consumer
 
 
@@ -43,9 +42,9 @@ def _pulls(nc: StandIn) -> int:
 async def test_a_new_consumer_leader_renews_the_pull_requests_at_once():
     nc = StandIn()
     consumer = await _consumer(nc)
-    await consumer._pull()
+    await consumer.link.pull()
     assert _pulls(nc) == 1
-    await consumer._pull()
+    await consumer.link.pull()
     assert _pulls(nc) == 0  # the credit is out: nothing more to ask for
     sid = next(sid for sid, sub in nc._subs.items() if sub.subject == ADVISORY)
     advisory = b'{"type":"io.nats.jetstream.advisory.v1.consumer_leader_elected","leader":"n2"}'
@@ -67,7 +66,7 @@ async def test_after_a_reconnect_the_node_pulls_once_the_consumer_has_a_leader(m
             return answer
 
     monkeypatch.setattr(nc, "jetstream", lambda **_: JetStream())
-    monkeypatch.setattr("kre_runner.consumer._LEADERLESS_POLL", 0.01)
+    monkeypatch.setattr("kre_runner.pulling._LEADERLESS_POLL", 0.01)
     await consumer.on_reconnect()
     await asyncio.sleep(0)
     assert _pulls(nc) == 0  # not into the void while the consumer is leaderless

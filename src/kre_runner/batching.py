@@ -36,20 +36,21 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .config import Settings
 from .context import Context, Retry
 from .credits import Credits
-from .envelope import GZIP_MAGIC, EnvelopeError, KreNatsMessage, TrackingClock, decode
+from .envelope import KreNatsMessage
 from .handler import UserCode
 from .outcome import Outcome, Outcomes
-from .publisher import PubAckPublisher
-from .settlement import INTERRUPTED, Job, Settlement, hold_inflated, retry_later
+from .settlement import INTERRUPTED, Job, Settlement, retry_later
+
+if TYPE_CHECKING:
+    from .pipeline import Pipeline
 
 __all__ = ["Batcher", "current_tracking_ids", "in_batch_handler", "one_at_a_time"]
 
-_INTERRUPTED = INTERRUPTED  # counted as interrupted, not as a publish failure (settlement.py)
 
 # The batch whose handler call is running in this task or handler thread (ctx.batch_tracking_ids).
 _current_batch: contextvars.ContextVar[list[Job]] = contextvars.ContextVar("kre_current_batch")
@@ -113,34 +114,29 @@ class Batcher:
         ctx: Context,
         logger: logging.Logger,
         *,
-        clock: TrackingClock,
+        pipeline: Pipeline,
         outcomes: Outcomes,
-        publisher: PubAckPublisher,
         settlement: Settlement,
         credits: Credits,
-        release: Callable[[Job, str | None], Awaitable[None]],
         pull: Callable[[], Awaitable[None]],
-        internal_error: Callable[[Job, Exception], str],
-        record_elapsed: Callable[[KreNatsMessage, float, float], None] | None = None,
         observe_handler: Callable[[float], None] | None = None,
-        observe_workflow: Callable[[KreNatsMessage, float], None] | None = None,
     ) -> None:
         self._code = code
         self._ctx = ctx
         self._log = logger
-        self._clock = clock
+        # The message pipeline's own steps, around one handler call per batch (pipeline.py).
+        self._clock = pipeline.clock
+        self._open = pipeline.open
+        self._record = pipeline.record
+        self._publish = pipeline.publish
+        self._release = pipeline.release
+        self._internal_error = pipeline.internal_error
         self._outcomes = outcomes
-        self._publisher = publisher
         self._settlement = settlement
         self._jobs = settlement.jobs
         self._credits = credits
-        self._release = release
         self._pull = pull
-        self._internal_error = internal_error
-        self._record_elapsed = record_elapsed
         self._observe_handler = observe_handler or _ignore
-        # The last node's workflow duration, per output (the consumer passes one only when it is the last node).
-        self._observe_workflow = observe_workflow if settings.is_last_node else None
         # A batch larger than KRT_MAX_INFLIGHT could never fill: it would always wait for the linger.
         self.size = min(settings.batch_size, settings.max_inflight)
         self.wait = settings.batch_wait
@@ -177,21 +173,14 @@ class Batcher:
             return
         self._jobs.add(job)
         queued = False
-        error: str | None = _INTERRUPTED
+        error: str | None = INTERRUPTED
         try:
-            try:
-                envelope = job.envelope = decode(data, self._outcomes.max_inflated)
-            except EnvelopeError as exc:
-                outcome = self._outcomes.invalid(job, exc)
-            else:
-                if data[:2] == GZIP_MAGIC:
-                    hold_inflated(job, envelope, self._credits)
-                if not envelope.error:
-                    self._collect(job)
-                    queued = True
-                    return
-                outcome = self._outcomes.passthrough(job, envelope)  # the handler never sees it
-            await self._publish(job, outcome)
+            opened = self._open(job, data)
+            if type(opened) is KreNatsMessage:
+                self._collect(job)
+                queued = True
+                return
+            await self._publish(job, opened)  # type: ignore[arg-type]  # no handler sees this input
             error = None
         except Exception as exc:
             error = self._internal_error(job, exc)
@@ -269,7 +258,7 @@ class Batcher:
 
     async def _run(self, batch: list[Job]) -> None:
         """Call the handler on ``batch``, publish each input's outcome, release every input once."""
-        errors: list[str | None] = [_INTERRUPTED] * len(batch)
+        errors: list[str | None] = [INTERRUPTED] * len(batch)
         freed = False
         try:
             outcomes = await self._call(batch)
@@ -331,8 +320,7 @@ class Batcher:
             self._log.error("%s (%s): every input of the batch gets an error envelope", problem, _seqs(batch))
             return self._all_failed(batch, problem, start[1])
         outcomes: list[Outcome] = []
-        record = self._record_elapsed
-        observe_workflow = self._observe_workflow
+        record = self._record
         for job, result in zip(batch, results, strict=True):
             envelope = job.envelope
             assert envelope is not None
@@ -343,20 +331,12 @@ class Batcher:
             if isinstance(result, BaseException):
                 outcomes.append(self._outcomes.failed(job, envelope, result, start))  # type: ignore[arg-type]
                 continue
-            if record is not None:
-                record(envelope, start[0], end[0])
-            if observe_workflow is not None:
-                observe_workflow(envelope, end[0])
+            record(envelope, start[0], end[0])
             outcomes.append(self._outcomes.output(job, envelope, result, start, end))
         return outcomes
 
     def _all_failed(self, batch: list[Job], reason: str, start: str) -> list[Outcome]:
         return [self._outcomes.error(job, job.envelope or KreNatsMessage(), reason, start) for job in batch]
-
-    async def _publish(self, job: Job, outcome: Outcome) -> None:
-        if outcome is not None:
-            job.refs += 1  # the publish's reference, released by its PubAck or timeout
-            await self._publisher.publish(outcome[0], outcome[1], job.msg_id, job)
 
     # ---------------------------------------------------------------- stopping
 

@@ -2,100 +2,71 @@
 
 The life of an input, and the module that owns each step:
 
-    setup     jetstream.prepare     the stream captures our subjects; the durable consumer
-                                    ``{KRT_VERSION}-{KRT_NODE_NAME}`` exists (shared by every replica)
-    pull      credits.Credits       how many messages to ask for; ``_pull`` sends the request
-    deliver   ``_on_delivery``      called by natsfast.Dispatcher in nats-py's reader task: the input
-                                    becomes a settlement.Job, starts, or waits for a free slot; a
-                                    redelivery may be settled at once (``_redelivered``: acked before,
-                                    or out of deliveries: dead-lettered without running the handler)
-    handle    inline                sync handlers run right there, on the event loop (fastest);
-              ``_work``             async handlers, and sync ones in threads, run on workers that go
-                                    straight on to the next waiting input
-              batching.Batcher      batch handlers: inputs collected into batches, one call per batch
-    outcome   outcome.Outcomes      output / error / pass-through envelope, or nothing
-    publish   publisher             one reference per publish, released by its PubAck or timeout
-    settle    settlement.Settlement ack when every publish was stored, else nak, or dead-letter
-                                    (deadletter.py) when out of deliveries; the handler's own
-                                    reference is released in a ``finally``: whatever raises or is
-                                    cancelled between delivery and here, the input settles once
-    shutdown  ``_shutdown``         stop pulling, finish in-flight inputs within the grace, hand
-                                    back the rest
-
-``_tick`` runs once a second beside it: PubAck timeouts, keep-alives, lost pull requests, and
-every few seconds a look at the consumer (its lag for the metrics, its ack floor; a consumer found
-deleted is recreated by ``_recover``). ``on_reconnect`` republishes what waited for a PubAck.
+    setup     jetstream.prepare       the stream captures our subjects; the durable consumer
+                                      ``{KRT_VERSION}-{KRT_NODE_NAME}`` exists (shared by every replica)
+    pull      pulling.PullLink        pull requests as the credits (credits.Credits) allow; their status
+                                      messages; leader elections, reconnects, a deleted consumer
+    deliver   ``_on_delivery``        called by natsfast.Dispatcher in nats-py's reader task: the input
+                                      becomes a settlement.Job; a redelivery may be settled at once
+                                      (``_redelivered``: acked before, or out of deliveries)
+    route     ``_on_delivery``        batch handlers: batching.Batcher; a sync handler on the loop:
+                                      pipeline.Pipeline.run right there (fastest); others, and a sync
+                                      handler too slow for that (paced, credits.py): a worker
+                                      (``_work``) per free slot, inputs waiting for one kept alive
+    handle    pipeline.Pipeline       decode, the handler call (current.Current tells ctx which input
+                                      it is), the outcome (outcome.Outcomes), the publish (publisher)
+    settle    settlement.Settlement   ack once every publish was stored, else nak, or dead-letter
+                                      (deadletter.py); the handler's reference is released in the
+                                      pipeline's ``finally``, so the input settles once; the consumer
+                                      hears of it once (``_settled``), to start what waits for the slot
+    maintain  maintenance.Maintenance PubAck timeouts, keep-alives, missed heartbeats (every second);
+                                      a look at the consumer (every few seconds, apart)
+    shutdown  ``_shutdown``           stop pulling, finish in-flight inputs within the grace, hand
+                                      back the rest
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import contextvars
 import logging
-import threading
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
 
-from google.protobuf.any_pb2 import Any as AnyProto
 from google.protobuf.message import Message
 from nats.aio.client import Client
-from nats.aio.subscription import Subscription
 from nats.js.api import ConsumerInfo
-from nats.js.errors import NotFoundError
 
-from .batching import Batcher, current_tracking_ids, in_batch_handler, one_at_a_time
+from .batching import Batcher, one_at_a_time
 from .config import Settings
-from .context import Context, Retry
+from .context import Context
 from .credits import Credits
+from .current import Current
 from .deadletter import DeadLetters
-from .elapsed import WorkflowClock
-from .envelope import GZIP_MAGIC, EnvelopeError, KreNatsMessage, TrackingClock, decode
+from .envelope import KreNatsMessage, TrackingClock
 from .handler import UserCode
-from .jetstream import SetupError, prepare, recreate
+from .jetstream import SetupError, prepare
 from .logs import RateLimitedLog
+from .maintenance import Maintenance
 from .metrics import NodeMetrics
 from .natsfast import Dispatcher, Wire, describe, probe
-from .outcome import Outcome, Outcomes
+from .outcome import Outcomes
+from .pipeline import Pipeline
 from .publisher import PubAckPublisher
-from .settlement import INTERNAL_ERROR, INTERRUPTED, Job, Settlement, hold_inflated, parse_ack_subject, retry_later
+from .pulling import PullLink
+from .settlement import Job, Settlement, parse_ack_subject
 
 __all__ = ["Consumer", "SetupError"]
-
-_PULL_EXPIRES = 30.0  # seconds a pull request waits on the server
-_HEARTBEAT = 5.0  # server heartbeat on an open pull request; 3 missed => requests presumed lost
-_SLOW_INLINE_S = 0.5  # a sync handler slower than this should run in threads: say so once
-_WAITING_HANDLER_S = 0.001  # a handler call this long waited on something: keep messages at hand
-_INTERRUPTED = INTERRUPTED  # counted as interrupted, not as a publish failure (settlement.py)
-# Pull requests that end with these are part of the routine (a byte budget spent, a batch filled).
-_USUAL_409 = ("Exceeded", "Batch Completed", "Exceeds MaxBytes")
-_CONSUMER_CHECK_S = 5.0  # seconds between looks at the consumer (ack floor, existence)
-_MISSING_LOG_EVERY = 30.0  # seconds between log lines while the stream or consumer is missing
-_LEADERLESS_POLL = 0.25  # seconds between looks for a consumer leader after a reconnect
-_LEADERLESS_WAIT = 30.0  # then pull anyway (the missed-heartbeat check still applies)
-
-# The job whose handler is running in this task or handler thread (read by ctx.early_reply/early_exit).
-_current_job: contextvars.ContextVar[Job] = contextvars.ContextVar("kre_current_job")
 
 
 class Consumer:
     """Consumes the node's input until ``stop`` is set, then drains in-flight work and returns."""
 
-    def __init__(
-        self,
-        settings: Settings,
-        code: UserCode,
-        nc: Client,
-        ctx: Context,
-        logger: logging.Logger,
-        *,
-        record_elapsed: Callable[[KreNatsMessage, float, float], None] | None = None,
-        metrics: NodeMetrics | None = None,
-        failures: RateLimitedLog | None = None,
-    ) -> None:
+    def __init__(self, settings: Settings, code: UserCode, nc: Client, ctx: Context, logger: logging.Logger, *,
+                 record_elapsed: Callable[[KreNatsMessage, float, float], None] | None = None,
+                 metrics: NodeMetrics | None = None, failures: RateLimitedLog | None = None) -> None:
         self._s = settings
         self._one_at_a_time = code.batch and min(settings.batch_size, settings.max_inflight) == 1
         if self._one_at_a_time:
@@ -104,59 +75,51 @@ class Consumer:
         self._nc = nc
         self._ctx = ctx
         self._log = logger
-        self._record_elapsed = record_elapsed
-        self._clock = TrackingClock()
         self.fast_path = probe(nc)
-        self._wire = Wire(nc, self.fast_path)
-        self._dispatcher = Dispatcher(nc, self.fast_path)
-        self.metrics = metrics or NodeMetrics()
-        self._publisher = PubAckPublisher(nc, self._dispatcher, self._wire, settings.publish_timeout, self._release,
-                                          metrics=self.metrics)
-        self._observe_handler = self.metrics.observe_handler
-        self._failures = failures or RateLimitedLog(logger, "handler failures")
-        self._outcomes = Outcomes(settings, self._clock, logger, self._failures)
-        self._max_inflated = self._outcomes.max_inflated  # decode's bound (KRT_MAX_INFLATED_BYTES)
-        self._credits = Credits(settings.max_inflight, settings.max_inflight_bytes, ack_wait=settings.ack_wait)
-        self._settlement = Settlement(self._wire, logger, ack_wait=settings.ack_wait,
+        wire = Wire(nc, self.fast_path)
+        dispatcher = Dispatcher(nc, self.fast_path)
+        self.metrics = metrics = metrics or NodeMetrics()
+        metrics.inflight = self._inflight
+        failures = failures or RateLimitedLog(logger, "handler failures")
+        clock = TrackingClock()
+        self._publisher = PubAckPublisher(nc, dispatcher, wire, settings.publish_timeout, self._release_publish,
+                                          metrics=metrics)
+        self._outcomes = Outcomes(settings, clock, logger, failures)
+        self._credits = credits = Credits(settings.max_inflight, settings.max_inflight_bytes,
+                                          ack_wait=settings.ack_wait)
+        self._settlement = Settlement(wire, logger, ack_wait=settings.ack_wait,
                                       publish_timeout=settings.publish_timeout, max_deliver=settings.max_deliver,
-                                      dead_letter=DeadLetters(settings, self._publisher, self._outcomes).send,
-                                      credits=self._credits, metrics=self.metrics)
-        self.metrics.inflight = self._inflight
-        self._workflow_clock = WorkflowClock() if settings.is_last_node else None
+                                      credits=credits, metrics=metrics,
+                                      dead_letter=DeadLetters(settings, self._publisher, self._outcomes).send)
         self._jobs = self._settlement.jobs  # started and not yet settled (settlement removes them)
+        # Inputs delivered while every slot is busy: they start as slots free up, kept alive meanwhile.
+        self._waiting: deque[tuple[Job, bytes]] = deque()
         self._pool = ThreadPoolExecutor(settings.handler_threads, "kre-handler") if settings.handler_threads else None
-        self._inline = not code.handler_is_async and self._pool is None  # handler runs in the inbox route
+        self.current = Current(settings, self._outcomes, self._publisher, one_at_a_time=self._one_at_a_time)
+        self._pipeline = Pipeline(settings, code, ctx, logger, clock=clock, outcomes=self._outcomes,
+                                  publisher=self._publisher, settlement=self._settlement, credits=credits,
+                                  current=self.current, metrics=metrics, pool=self._pool,
+                                  record_elapsed=record_elapsed, on_settled=self._settled)
+        self._on_loop = self._pipeline.on_loop
+        self.link = PullLink(settings, nc, wire, dispatcher, credits, metrics, logger, held=self._held)
+        self._maintenance = Maintenance(ack_wait=settings.ack_wait, publisher=self._publisher,
+                                        settlement=self._settlement, link=self.link, credits=credits,
+                                        metrics=metrics, failures=failures, paced=self._on_loop,
+                                        waiting=self._waiting_jobs, on_settled=self._settled, logger=logger)
         # Batch handlers (batching.py): delivered inputs go to the batcher instead of the paths below.
-        self._batcher = Batcher(
-            settings, code, ctx, logger, clock=self._clock, outcomes=self._outcomes, publisher=self._publisher,
-            settlement=self._settlement, credits=self._credits, release=self._release, pull=self._pull,
-            internal_error=self._internal_error, record_elapsed=record_elapsed,
-            observe_handler=self.metrics.observe_handler,
-            observe_workflow=self._observe_workflow) if code.batch else None
-        self._inline_job: Job | None = None  # the job whose inline (sync) handler is running
-        self._pull_subject = f"$JS.API.CONSUMER.MSG.NEXT.{settings.stream}.{settings.consumer_name}"
+        self._batcher = Batcher(settings, code, ctx, logger, pipeline=self._pipeline, outcomes=self._outcomes,
+                                settlement=self._settlement, credits=credits, pull=self.link.pull,
+                                observe_handler=metrics.observe_handler) if code.batch else None
         # Nats-Msg-Id = {node}:{stream}:{stream sequence}: the same for every delivery of an input.
         self._node_id = settings.node_name.replace("\r", "").replace("\n", "")
         self._msg_id_prefix = f"{self._node_id}:{settings.stream}:"
         self._ack_prefix = f"$JS.ACK.{settings.stream}.{settings.consumer_name}."
         self._ack_prefix_len = len(self._ack_prefix)
-        self._inbox = nc.new_inbox()
-        self._inbox_sub: Subscription | None = None
-        # Inputs delivered while KRT_MAX_INFLIGHT handlers run: they start as slots free up.
-        self._waiting: deque[tuple[Job, bytes]] = deque()
-        self._last_seen = time.monotonic()
-        self._pulling = False
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._loop_thread = threading.get_ident()
         self._idle = asyncio.Event()
         self._idle.set()
-        self._warned_slow = False
-        self._settled_since_look = 0  # settlements since _release last looked at the credit
-        self._ack_floor: int | None = None  # the consumer's ack floor (stream seq) when last looked at
-        self._recovering: asyncio.Task[None] | None = None
-        self._rebinding: asyncio.Task[None] | None = None  # after a reconnect: re-pull once a leader answers
-        self.bound = False  # the durable consumer exists and we pull from it (readiness)
-        self.consumer_info: ConsumerInfo | None = None  # refreshed every few seconds
+        self._settled_since_look = 0  # settlements since the credit was last looked at
+
+    # ---------------------------------------------------------------- what the node reads
 
     @property
     def processed(self) -> int:
@@ -168,14 +131,43 @@ class Consumer:
         """Error envelopes built for this node's own failures."""
         return self._outcomes.errors
 
+    @property
+    def bound(self) -> bool:
+        """The durable consumer exists and is pulled from (readiness)."""
+        return self.link.bound
+
+    @property
+    def consumer_info(self) -> ConsumerInfo | None:
+        return self.link.consumer_info
+
+    def cannot_dead_letter(self) -> str | None:
+        """Why inputs wait for the dead-letter stream (for /readyz), None when none does."""
+        problem = self._settlement.cannot_dead_letter()
+        if problem is None:
+            return None
+        return f"stream {self._s.dead_letter_stream} (KRT_DEAD_LETTER_STREAM) refuses dead letters: {problem}"
+
+    def current_tracking_id(self) -> str | None:
+        return self.current.tracking_id()
+
+    def batch_tracking_ids(self) -> list[str]:
+        return self.current.batch_tracking_ids()
+
+    def early_reply(self, response: Message) -> Awaitable[None]:
+        return self.current.early_reply(response)
+
+    def early_exit(self) -> None:
+        self.current.early_exit()
+
     # ---------------------------------------------------------------- start
 
     async def setup(self) -> None:
-        """Check the stream, create or reuse the durable consumer, learn the publish limit."""
+        """Check the stream, create or reuse the durable consumer, learn the publish limits."""
         self._log.info(describe(self.fast_path))
         self._outcomes.set_publish_limit(await prepare(self._nc, self._s, self._log))
         self._credits.message_bytes = self._nc.max_payload
-        self._max_inflated = self._outcomes.max_inflated = self._s.inflated_limit(self._nc.max_payload)
+        inflated = self._outcomes.max_inflated = self._s.inflated_limit(self._nc.max_payload)
+        self._pipeline.max_inflated = inflated
         self._log.info("consuming %s from stream %s with durable pull consumer %s (max in flight %d)",
                        self._s.input_subject, self._s.stream, self._s.consumer_name, self._s.max_inflight)
         if self._batcher is not None:
@@ -187,11 +179,9 @@ class Consumer:
                            "per-message handler would be", where)
 
     async def run_init(self) -> None:
-        """The user's ``init(ctx)``, once, before the first pull; a sync one on the thread the handlers use.
-
-        That is the event loop's by default (so the loop waits for it: the probes are served from a
-        thread of their own), the one handler thread with ``KRT_HANDLER_THREADS=1``, or one of the N.
-        """
+        """The user's ``init(ctx)``, once, before the first pull; a sync one on the thread the handlers use:
+        the event loop's by default (the probes have a thread of their own), the handler thread with
+        ``KRT_HANDLER_THREADS=1``, the batch thread for batch handlers, or one of N."""
         init = self._code.init
         if init is None:
             return
@@ -204,212 +194,59 @@ class Consumer:
         else:
             init(self._ctx)
 
+    async def attach(self) -> str:
+        """Receive on the inbox without pulling; returns its subject (a test seam: feed it MSG bytes)."""
+        self.current.bind_loop()
+        await self._publisher.start()
+        await self.link.receive(self._on_delivery)
+        return self.link.inbox
+
+    @property
+    def puback_prefix(self) -> str:
+        """Where PubAcks of this node's publishes are addressed (``prefix + number``; a test seam)."""
+        return self._publisher.prefix
+
+    @property
+    def published(self) -> int:
+        """Publishes sent so far (a test seam: a handler thread's outputs reach the loop later)."""
+        return self._publisher.sent
+
+    @property
+    def inflight(self) -> int:
+        """Inputs held: being handled or published, or waiting for a slot."""
+        return self._inflight()
+
+    def stop_threads(self) -> None:
+        """Wait for the handler threads to finish and end them (a test seam; ``run`` does it on shutdown)."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+
     async def run(self, stop: asyncio.Event) -> None:
         """Process messages until ``stop`` is set, then shut down without losing any."""
-        self._loop = asyncio.get_running_loop()
-        self._loop_thread = threading.get_ident()
-        await self._publisher.start()
-        self._inbox_sub = await self._dispatcher.subscribe(self._inbox, self._on_delivery)
-        await self._watch_leader()
-        self._pulling = True
-        self.bound = True
-        await self._pull()
-        await self._check_consumer()  # the lag gauges and the ack floor from the start
-        ticker = asyncio.create_task(self._tick())
+        await self.attach()
+        await self.link.start()
+        self._maintenance.start()
         try:
             await stop.wait()
         finally:
             await self._shutdown()
-            ticker.cancel()
-            await asyncio.gather(ticker, return_exceptions=True)
 
     async def on_reconnect(self) -> None:
-        """After a reconnect: PubAcks of publishes in flight are lost, and pull requests may be: again, at once."""
+        """After a reconnect: PubAcks of publishes in flight are lost, and pull requests may be: again."""
         resent = await self._publisher.resend()
         if resent:
             self._log.info("reconnected: published again the %d outputs waiting for their PubAck", resent)
-        if self._rebinding is None or self._rebinding.done():
-            self._rebinding = asyncio.create_task(self._renew_pulls_when_led())
-
-    async def _watch_leader(self) -> None:
-        """In a cluster, pull requests die with the consumer's leader: re-pull when a new one is elected.
-
-        JetStream announces each election on an advisory subject; without permission to subscribe
-        to it the node still recovers, after three missed heartbeats.
-        """
-        subject = f"$JS.EVENT.ADVISORY.CONSUMER.LEADER_ELECTED.{self._s.stream}.{self._s.consumer_name}"
-        try:
-            await self._dispatcher.subscribe(subject, self._on_leader_elected)
-        except Exception as exc:
-            self._log.info("not watching consumer leader elections (%s): after a leader change, pulls resume "
-                           "after three missed heartbeats", exc)
-
-    async def _on_leader_elected(self, subject: str, reply: str, data: bytes, headers: dict[str, str] | None) -> None:
-        self._log.info("consumer %s has a new leader: renewing pull requests", self._s.consumer_name)
-        await self._renew_pulls()
-
-    async def _renew_pulls_when_led(self) -> None:
-        """After a reconnect: pull once the consumer answers, i.e. it has a leader.
-
-        A pull request sent while the consumer is leaderless (its leader's server was the one that
-        died) is dropped without a word; the request would then be renewed only after three missed
-        heartbeats.
-        """
-        deadline = time.monotonic() + _LEADERLESS_WAIT
-        js = self._nc.jetstream(timeout=1.0)
-        while self._pulling and time.monotonic() < deadline:
-            try:
-                info = await js.consumer_info(self._s.stream, self._s.consumer_name)
-                if info.cluster is None or info.cluster.leader:
-                    break
-            except NotFoundError:
-                break  # the consumer check recreates it
-            except Exception as exc:
-                self._log.debug("consumer not answering yet after the reconnect: %s", exc)
-            await asyncio.sleep(_LEADERLESS_POLL)
-        await self._renew_pulls()
-
-    async def _renew_pulls(self) -> None:
-        """Pull requests may not have survived (a restarted server forgets them): ask again."""
-        self._credits.request_ended(None)
-        await self._pull()
-
-    # ---------------------------------------------------------------- pulling
-
-    async def _pull(self) -> None:
-        """Ask for as many messages as the credits allow (see credits.py)."""
-        if not self._pulling:
-            return
-        want = self._credits.want(len(self._jobs), len(self._waiting))
-        if not want:
-            return
-        credits = self._credits
-        max_bytes = credits.opened(want)
-        if max_bytes:
-            request = b'{"batch":%d,"max_bytes":%d,"expires":%d,"idle_heartbeat":%d}' % (
-                want, max_bytes, _PULL_EXPIRES * 1e9, _HEARTBEAT * 1e9)
-        else:  # small messages: the count alone keeps the bytes far within the budget (credits.py)
-            request = b'{"batch":%d,"expires":%d,"idle_heartbeat":%d}' % (want, _PULL_EXPIRES * 1e9, _HEARTBEAT * 1e9)
-        try:
-            await self._wire.publish(self._pull_subject, request, self._inbox)
-        except Exception as exc:
-            credits.not_sent()
-            self._log.warning("pull request failed: %s", exc)
-
-    async def _tick(self) -> None:
-        """Once a second (often enough that a keep-alive is never late): PubAck timeouts, keep-alives, lost
-        pull requests, a sync handler's pace; every few seconds, the consumer."""
-        interval = min(1.0, self._s.ack_wait / 8)
-        next_look = time.monotonic() + _CONSUMER_CHECK_S
-        while True:
-            await asyncio.sleep(interval)
-            try:
-                await self._publisher.expire()
-                now = time.monotonic()
-                await self._keep_alive()
-                self.metrics.fold()
-                if self._inline:
-                    self._credits.relax(self.metrics.handler_seconds.take_slowest())
-                self._settlement.age_memory()
-                if now >= next_look:
-                    next_look = now + _CONSUMER_CHECK_S
-                    self._failures.flush()  # the count of tracebacks left out, once their minute is over
-                    if self._pulling:
-                        await self._check_consumer()
-                if self._pulling and self._credits.requested and now - self._last_seen > 3 * _HEARTBEAT:
-                    self._log.warning("no heartbeat from the server for %.0fs: renewing pull requests",
-                                      now - self._last_seen)
-                    self._last_seen = now
-                    await self._check_consumer()
-                    await self._renew_pulls()
-                else:
-                    await self._pull()
-            except Exception:  # the ticker must survive anything, or timeouts stop being enforced
-                self._log.exception("periodic maintenance failed")
-
-    async def _keep_alive(self, after: float | None = None) -> None:
-        """``+WPI`` for inputs held (handled, or waiting for a slot) longer than ``after`` (default: half the ack
-        wait) since their last sign of life."""
-        if await self._settlement.keep_alive(time.monotonic(), [job for job, _ in self._waiting], after):
-            self._settled()
-
-    async def _check_consumer(self) -> None:
-        """Consumer info: its ack floor (where a recreated consumer starts), and whether it still exists."""
-        if self._recovering is not None or not self._nc.is_connected:
-            return
-        try:
-            info = await self._nc.jetstream().consumer_info(self._s.stream, self._s.consumer_name)
-        except NotFoundError:
-            self._consumer_lost("it no longer exists")
-            return
-        except Exception as exc:
-            self._log.debug("consumer info failed: %s", exc)
-            return
-        self.consumer_info = info
-        self.metrics.consumer_pending = info.num_pending
-        self.metrics.consumer_ack_pending = info.num_ack_pending
-        if info.ack_floor is not None:
-            self._ack_floor = info.ack_floor.stream_seq
-
-    def _consumer_lost(self, why: str) -> None:
-        if self._recovering is None and self._pulling:
-            self.bound = False
-            self._log.error("durable consumer %s on stream %s is gone (%s): recreating it", self._s.consumer_name,
-                            self._s.stream, why)
-            self._recovering = asyncio.create_task(self._recover())
-
-    async def _recover(self) -> None:
-        """Recreate the deleted consumer (or wait for its stream), then pull again."""
-        js = self._nc.jetstream()
-        start = None if self._ack_floor is None else self._ack_floor + 1
-        waited = 0.0
-        try:
-            while self._pulling:
-                try:
-                    if await recreate(js, self._s, self._log, start):
-                        break
-                    if waited % _MISSING_LOG_EVERY == 0:
-                        self._log.error("stream %s (KRT_NATS_STREAM) does not exist: waiting for it; the node is "
-                                        "not ready", self._s.stream)
-                    start = None  # a stream created again holds only new messages: take them all
-                except Exception as exc:
-                    if waited % _MISSING_LOG_EVERY == 0:
-                        self._log.error("cannot recreate consumer %s yet: %s", self._s.consumer_name, exc)
-                await asyncio.sleep(1.0)
-                waited += 1.0
-            else:
-                return
-            self.bound = True
-            await self._renew_pulls()
-        finally:
-            self._recovering = None
-
-    def _on_status(self, headers: dict[str, str] | None) -> None:
-        headers = headers or {}
-        status = headers.get("Status", "")
-        if status == "100":
-            return  # idle heartbeat
-        pending = headers.get("Nats-Pending-Messages")
-        description = headers.get("Description", "")
-        if pending is not None:
-            # A request ended (expired, or the server could not fill it); return its unused credit.
-            pending_bytes = headers.get("Nats-Pending-Bytes")
-            self._credits.request_ended(int(pending), None if pending_bytes is None else int(pending_bytes))
-        elif status in ("408", "409", "404"):
-            self._credits.request_ended(None)
-        if status == "409" and "Consumer Deleted" in description:
-            self._consumer_lost("409 Consumer Deleted")
-        elif status == "409" and not any(usual in description for usual in _USUAL_409):
-            self._log.warning("pull request ended: %s %s", status, description)
+        self.link.reconnected()
 
     # ---------------------------------------------------------------- per message
 
     async def _on_delivery(self, subject: str, reply: str, data: bytes, headers: dict[str, str] | None) -> None:
-        """Inbox route: status messages, or one input (for inline sync handlers, all of its work)."""
-        self._last_seen = time.monotonic()
+        """Inbox route: status messages, or one input (for a sync handler on the loop, all of its work)."""
+        link = self.link
+        link.last_seen = now = time.monotonic()
         if not reply:  # only JetStream status messages (heartbeats, request ends) have no reply
-            self._on_status(headers)
-            await self._pull()
+            link.on_status(headers)
+            await link.pull()
             return
         credits = self._credits
         credits.delivered(len(data))
@@ -417,11 +254,11 @@ class Consumer:
         # $JS.ACK.<stream>.<consumer>.<delivered>.<stream seq>.<consumer seq>.<time>.<pending>.
         if reply.startswith(self._ack_prefix):
             delivered, seq, _ = reply[self._ack_prefix_len:].split(".", 2)
-            job = Job(reply, self._msg_id_prefix + seq, self._last_seen, data)
+            job = Job(reply, self._msg_id_prefix + seq, now, data)
         else:  # the longer form with a JetStream domain and account
             stream, sequence, count = parse_ack_subject(reply)
             delivered = str(count)
-            job = Job(reply, f"{self._node_id}:{stream}:{sequence}", self._last_seen, data)
+            job = Job(reply, f"{self._node_id}:{stream}:{sequence}", now, data)
         if delivered != "1":
             credits.careful = True
             if await self._redelivered(job, int(delivered)):
@@ -432,67 +269,19 @@ class Consumer:
             pass
         elif self._batcher is not None:
             await self._batcher.add(job, data)
-        elif self._inline and not credits.paced:
-            # Sync handler: the whole pipeline runs here, in order, with no task and no context variable
-            # per message (the route runs one message at a time, so ``_inline_job`` is unambiguous). The
-            # same steps as ``_process``, which awaits the handler: two short copies, because sharing
-            # them would cost this path the coroutine frames it exists to avoid.
-            self._jobs.add(job)
-            error: str | None = _INTERRUPTED
-            try:
-                outcome = self._handle_inline(job, data)
-                if outcome is not None:
-                    job.refs += 1
-                    await self._publisher.publish(outcome[0], outcome[1], job.msg_id, job)
-                error = None
-            except Exception as exc:
-                error = self._internal_error(job, exc)
-            finally:
-                job.done = time.monotonic()
-                await self._release(job, error)
+        elif self._on_loop and not credits.paced:
+            await self._pipeline.run(job, data)  # in order, one at a time: no task, no slot
         else:
-            if self._inline:
-                # Paced (a slow sync handler on the loop, see credits.py): this input may have waited in
-                # the socket buffer behind the last call, so it counts as due for a keep-alive, which
-                # the worker sends before its next call.
+            if self._on_loop:
+                # Paced (credits.py): it may have waited in the socket buffer behind the last call, so it
+                # counts as due for a keep-alive, which the worker sends before its next call.
                 job.touched = 0.0
             if credits.may_start():
                 self._start(job, data)
             else:
                 self._waiting.append((job, data))
         if credits.want(len(self._jobs), len(self._waiting)):
-            await self._pull()
-
-    def _handle_inline(self, job: Job, data: bytes) -> Outcome:
-        try:
-            envelope = job.envelope = decode(data, self._max_inflated)
-        except EnvelopeError as exc:
-            return self._outcomes.invalid(job, exc)
-        if data[:2] == GZIP_MAGIC:
-            hold_inflated(job, envelope, self._credits)
-        if envelope.error:
-            return self._outcomes.passthrough(job, envelope)
-        now = self._clock.now
-        start = now()
-        self._inline_job = job
-        try:
-            result = self._code.handler(self._ctx, envelope.payload)
-        except Exception as exc:
-            return self._failed(job, envelope, exc, start)
-        finally:
-            self._inline_job = None
-        end = now()
-        took = end[0] - start[0]
-        self._observe_handler(took)
-        if took > self._credits.pace:
-            self._credits.paced_by(took)  # fewer inputs asked for ahead of a slower handler (credits.py)
-            if took > _SLOW_INLINE_S and not self._warned_slow:
-                self._warn_slow(took)
-        if self._record_elapsed is not None:
-            self._record_elapsed(envelope, start[0], end[0])
-        if self._workflow_clock is not None:
-            self._workflow_clock.observe(envelope, end[0], self.metrics)
-        return self._outcomes.output(job, envelope, result, start, end)
+            await link.pull()
 
     async def _redelivered(self, job: Job, delivered: int) -> bool:
         """A redelivery: settle it here when running the handler again would be wrong; True if so."""
@@ -505,12 +294,14 @@ class Consumer:
                           f"process died or hung on it, its acks were lost, or its dead letter was refused")
             self._jobs.add(job)
             job.done = time.monotonic()
-            await self._release(job)  # settlement dead-letters it
+            await self._pipeline.release(job)  # settlement dead-letters it
             return True
         return False
 
+    # ---------------------------------------------------------------- slots
+
     def _start(self, job: Job, data: bytes) -> None:
-        """Take a slot and start a worker on this input (async handlers, sync ones in threads or paced)."""
+        """Take a slot and start a worker on this input."""
         self._credits.running += 1
         self._jobs.add(job)  # kept alive from now on, though the task may start later
         job.task = asyncio.create_task(self._work(job, data))
@@ -524,30 +315,29 @@ class Consumer:
         """
         task = job.task
         credits = self._credits
-        paced = self._inline  # a sync handler on the loop: nothing else runs during its call
         try:
             while True:
                 job.task = task
                 self._jobs.add(job)
-                if paced:
+                if self._on_loop:
                     await self._before_blocking()
-                await self._process(job, data)
+                await self._pipeline.run(job, data)
                 if credits.want(len(self._jobs), len(self._waiting)):
-                    await self._pull()
+                    await self.link.pull()
                 if not self._waiting:
                     break
                 job, data = self._waiting.popleft()
         finally:
             credits.running -= 1
         if credits.want(len(self._jobs), len(self._waiting)):
-            await self._pull()
+            await self.link.pull()
 
     async def _before_blocking(self) -> None:
-        """Paced: the next call blocks the loop, so first take in what arrived during the last one (each
+        """Paced: the next call holds the loop, so first take in what arrived during the last one (each
         delivery becomes a job), keep alive every input it could hold up past its ack wait, and put
         what is queued (acks, outputs, keep-alives) on the wire rather than behind the call."""
         await asyncio.sleep(0)
-        await self._keep_alive(self._s.ack_wait / 10)
+        await self._maintenance.keep_alive(self._s.ack_wait / 10)
         if self._credits.pace < self._s.ack_wait / 10:
             return  # held up by one call, a keep-alive still arrives well within the ack wait
         try:
@@ -555,203 +345,49 @@ class Consumer:
         except Exception as exc:  # disconnected: what is queued goes out after the reconnect
             self._log.debug("flush before a paced handler call failed: %s", exc)
 
-    async def _process(self, job: Job, data: bytes) -> None:
-        """One input on a worker: the inline path's steps, awaiting the handler (see ``_on_delivery``)."""
-        error: str | None = _INTERRUPTED
-        try:
-            outcome = await self._handle(job, data)
-            if outcome is not None:
-                job.refs += 1
-                await self._publisher.publish(outcome[0], outcome[1], job.msg_id, job)
-            error = None
-        except Exception as exc:
-            error = self._internal_error(job, exc)
-        finally:
-            job.done = time.monotonic()
-            await self._release(job, error)
+    async def _release_publish(self, job: Job, error: str | None) -> None:
+        """A publish of ``job`` was stored (``error`` None) or failed: its reference goes."""
+        await self._pipeline.release(job, error)
 
-    async def _handle(self, job: Job, data: bytes) -> Outcome:
-        try:
-            envelope = job.envelope = decode(data, self._max_inflated)
-        except EnvelopeError as exc:
-            return self._outcomes.invalid(job, exc)
-        if data[:2] == GZIP_MAGIC:
-            hold_inflated(job, envelope, self._credits)
-        if envelope.error:
-            return self._outcomes.passthrough(job, envelope)
-        now = self._clock.now
-        start = now()
-        token = _current_job.set(job)
-        job.handling = True  # ctx.early_reply/early_exit act only while the handler runs
-        try:
-            result = await self._call_handler(envelope.payload)
-        except Exception as exc:
-            return self._failed(job, envelope, exc, start)
-        finally:
-            job.handling = False
-            _current_job.reset(token)
-        end = now()
-        took = end[0] - start[0]
-        self._observe_handler(took)
-        if self._inline:
-            if took > self._credits.pace:
-                self._credits.paced_by(took)
-        else:
-            self._credits.handlers_wait(took > _WAITING_HANDLER_S)
-        if self._record_elapsed is not None:
-            self._record_elapsed(envelope, start[0], end[0])
-        if self._workflow_clock is not None:
-            self._workflow_clock.observe(envelope, end[0], self.metrics)
-        return self._outcomes.output(job, envelope, result, start, end)
+    async def _settled(self) -> None:
+        """An input was settled: its slot may start a waiting input, and the credit may allow a pull.
 
-    async def _call_handler(self, payload: AnyProto) -> Any:
-        code = self._code
-        if code.handler_is_async:
-            return await code.handler(self._ctx, payload)
-        if self._pool is None:  # paced: a slow sync handler, still on the loop thread (see credits.py)
-            return code.handler(self._ctx, payload)
-        call = contextvars.copy_context().run
-        return await asyncio.get_running_loop().run_in_executor(self._pool, call, code.handler, self._ctx, payload)
-
-    def _failed(self, job: Job, envelope: KreNatsMessage, exc: Exception, start: tuple[float, str]) -> Outcome:
-        """The handler raised: an error envelope, or for ``Retry`` nothing now and a retry later."""
-        self._observe_handler(time.time() - start[0])
-        if isinstance(exc, Retry):
-            retry_later(job, str(exc), exc.delay)
-            return None
-        return self._outcomes.failed(job, envelope, exc, start)
-
-    def _internal_error(self, job: Job, exc: Exception) -> str:
-        """Building or publishing an outcome failed in a way the outcome builders could not absorb."""
-        self._log.error("input seq %d: internal error, it will be retried: %s: %s", job.seq, type(exc).__name__, exc,
-                        exc_info=exc)
-        return f"{INTERNAL_ERROR}{type(exc).__name__}: {exc}"
-
-    def _observe_workflow(self, envelope: KreNatsMessage, ended: float) -> None:
-        """The last node's workflow duration for one output of a batch (the per-message paths do it inline)."""
-        if self._workflow_clock is not None:
-            self._workflow_clock.observe(envelope, ended, self.metrics)
-
-    def _warn_slow(self, seconds: float) -> None:
-        self._warned_slow = True
-        self._log.warning("the sync handler blocked the event loop for %.0f ms (acks, PubAcks and heartbeats "
-                          "wait meanwhile): set KRT_HANDLER_THREADS to run it in threads", seconds * 1000)
-
-    # ---------------------------------------------------------------- settling
-
-    async def _release(self, job: Job, error: str | None = None) -> None:
-        """Drop a reference of ``job`` (its handler's, or a publish's: ``error`` None when stored)."""
-        if await self._settlement.release(job, error):
-            self._settled()
-            # Credit is asked for in chunks, so a look every ``chunk`` settlements finds each chunk as
-            # soon as it is free; a look at every settlement cost ~2.5 % of a message.
-            jobs, credits = self._jobs, self._credits
-            self._settled_since_look += 1
-            if self._settled_since_look >= credits.chunk or not jobs:
-                self._settled_since_look = 0
-                if credits.want(len(jobs), len(self._waiting)):
-                    await self._pull()
-
-    def _settled(self) -> None:
-        """An input was settled: its slot may start a waiting input."""
-        if self._waiting and self._credits.may_start():
-            self._start(*self._waiting.popleft())
-        if not self._jobs:
+        Credit is asked for in chunks, so a look every ``chunk`` settlements finds each one as soon
+        as it is free (a look at every settlement costs more than the rest of this).
+        """
+        waiting, jobs, credits = self._waiting, self._jobs, self._credits
+        if waiting and credits.may_start():
+            self._start(*waiting.popleft())
+        if not jobs:
             self._idle.set()
+        self._settled_since_look += 1
+        if self._settled_since_look >= credits.chunk or not jobs:
+            self._settled_since_look = 0
+            if credits.want(len(jobs), len(waiting)):
+                await self.link.pull()
 
-    # ---------------------------------------------------------------- ctx.early_reply / early_exit
+    def _held(self) -> tuple[int, int]:
+        return len(self._jobs), len(self._waiting)
 
-    def cannot_dead_letter(self) -> str | None:
-        """Why inputs wait for the dead-letter stream (for /readyz), None when none does."""
-        problem = self._settlement.cannot_dead_letter()
-        if problem is None:
-            return None
-        return f"stream {self._s.dead_letter_stream} (KRT_DEAD_LETTER_STREAM) refuses dead letters: {problem}"
+    def _waiting_jobs(self) -> list[Job]:
+        return [job for job, _ in self._waiting]
 
     def _inflight(self) -> int:
         return len(self._jobs) + len(self._waiting)
-
-    def _running_job(self) -> Job | None:
-        """The input whose handler runs in this task or thread (None outside a per-message handler).
-
-        ``_inline_job`` belongs to the loop thread: another thread (one the handler started) reading
-        it would act on whichever input runs now.
-        """
-        job = _current_job.get(None)
-        if job is None and threading.get_ident() == self._loop_thread:
-            job = self._inline_job
-        return job
-
-    def current_tracking_id(self) -> str | None:
-        """The tracking id of the input whose handler runs in this task or thread (ctx.logger lines carry it)."""
-        job = self._running_job()
-        if job is None or job.envelope is None:
-            return None
-        return job.envelope.tracking_id
-
-    def batch_tracking_ids(self) -> list[str]:
-        """``ctx.batch_tracking_ids()``: the running batch's, or with ``KRT_BATCH_SIZE=1`` the input's."""
-        if not self._one_at_a_time:
-            return current_tracking_ids()
-        if self._running_job() is None:
-            raise RuntimeError("ctx.batch_tracking_ids() must be called from within a batch handler")
-        return [self.current_tracking_id() or ""]
-
-    def _current(self, what: str) -> Job:
-        if self._one_at_a_time or in_batch_handler():  # the batch contract, whatever the batch size
-            raise RuntimeError(f"ctx.{what} acts on one message: it is not available in a batch handler")
-        job = self._running_job()
-        if job is None:
-            raise RuntimeError(f"ctx.{what} must be called from within the handler itself, while it runs (not "
-                               f"from a thread it started, nor outside a handler)")
-        if not job.handling and job is not self._inline_job:
-            raise RuntimeError(f"ctx.{what} was called after the handler returned (from a task or thread it "
-                               f"started): its input is settled by then; call it before the handler returns, "
-                               f"e.g. await the task")
-        if self._s.entrypoint_subject is None:
-            raise RuntimeError(f"ctx.{what} needs KRT_NATS_ENTRYPOINT_SUBJECT")
-        return job
-
-    def early_reply(self, response: Message) -> Awaitable[None]:
-        """``ctx.early_reply``: answer the entrypoint for the input whose handler is running.
-
-        The reply is one more publish of the job, so the input waits for its PubAck too.
-        """
-        job = self._current("early_reply")
-        data = self._outcomes.early_reply(job, response)  # raises (to the handler) when it cannot be sent
-        job.replied = True
-        job.refs += 1  # taken now, so the input cannot be settled before the reply is published
-        send = self._publisher.publish(self._s.entrypoint_subject or "", data, f"{job.msg_id}:reply", job)
-        if threading.get_ident() == self._loop_thread:
-            return asyncio.ensure_future(send)
-        # Called from a handler thread (KRT_HANDLER_THREADS): hop onto the event loop. The loop runs
-        # this before it sees the handler's return, so the reference is in place in time.
-        assert self._loop is not None
-        return asyncio.run_coroutine_threadsafe(send, self._loop)  # type: ignore[return-value]
-
-    def early_exit(self) -> None:
-        """``ctx.early_exit``: this input's output goes to the entrypoint; later nodes never see the request."""
-        self._current("early_exit").early_exit = True
 
     # ---------------------------------------------------------------- stopping
 
     async def _shutdown(self) -> None:
         grace = self._s.shutdown_grace
         deadline = time.monotonic() + grace
-        self._pulling = False
+        self.link.pulling = False
         if self._batcher is not None:
             await self._batcher.stop()  # inputs collected for batches not started: handed back at once
-        if self._inbox_sub is not None:
-            # UNSUB ends our pull requests on the server; drain still runs what was already delivered.
-            try:
-                await asyncio.wait_for(self._inbox_sub.drain(), grace)
-            except Exception as exc:
-                self._log.warning("draining the input subscription failed: %s", exc)
+        await self.link.stop(grace)
         if self._jobs or self._waiting:
-            # Inputs waiting for a slot start as slots free up (see _settled): they are in flight too,
-            # and finishing them beats handing them back.
-            self._log.info("stopping: waiting up to %.1fs for %d in-flight messages", grace,
-                           len(self._jobs) + len(self._waiting))
+            # Inputs waiting for a slot start as slots free up: they are in flight too, and finishing
+            # them beats handing them back.
+            self._log.info("stopping: waiting up to %.1fs for %d in-flight messages", grace, self._inflight())
             self._idle.clear()  # set again by _settled when the last job is done
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._idle.wait(), max(0.0, deadline - time.monotonic()))
@@ -764,9 +400,7 @@ class Consumer:
             await self._settlement.hand_back(job, "shutdown grace over")
             if job.task is not None:
                 job.task.cancel()
-        for task in (self._recovering, self._rebinding):
-            if task is not None:
-                task.cancel()
+        await self._maintenance.stop()
         await self._publisher.close()
         if self._pool is not None:
             self._pool.shutdown(wait=False, cancel_futures=True)

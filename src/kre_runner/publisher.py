@@ -40,13 +40,18 @@ class PubAckPublisher:
         self._wire = wire
         self._timeout = timeout
         self._on_stored = on_stored
-        self._prefix = nc.new_inbox() + "."
+        self._prefix = self.prefix = nc.new_inbox() + "."  # PubAcks come to prefix + a number
         self._prefix_len = len(self._prefix)
         self._counter = 0
         # token -> (deadline, owner, what was published); insertion order is deadline order (one fixed
         # timeout). What was published is kept to send it again at once after a reconnect.
         self._waiting: dict[str, _Waiting] = {}
         self._sub: Subscription | None = None
+
+    @property
+    def sent(self) -> int:
+        """Publishes made so far."""
+        return self._counter
 
     async def start(self) -> None:
         self._sub = await self._dispatcher.subscribe(self._prefix + "*", self._on_puback)
