@@ -95,13 +95,13 @@ class Consumer:
         # Inputs delivered while every slot is busy: they start as slots free up, kept alive meanwhile.
         self._waiting: deque[tuple[Job, bytes]] = deque()
         self._pool = ThreadPoolExecutor(settings.handler_threads, "kre-handler") if settings.handler_threads else None
+        self.link = PullLink(settings, nc, wire, dispatcher, credits, metrics, logger, held=self._held)
         self.current = Current(settings, self._outcomes, self._publisher, one_at_a_time=self._one_at_a_time)
         self._pipeline = Pipeline(settings, code, ctx, logger, clock=clock, outcomes=self._outcomes,
                                   publisher=self._publisher, settlement=self._settlement, credits=credits,
                                   current=self.current, metrics=metrics, pool=self._pool,
-                                  record_elapsed=record_elapsed, on_settled=self._settled)
+                                  record_elapsed=record_elapsed, on_settled=self._settled, pull=self.link.pull)
         self._on_loop = self._pipeline.on_loop
-        self.link = PullLink(settings, nc, wire, dispatcher, credits, metrics, logger, held=self._held)
         self._maintenance = Maintenance(ack_wait=settings.ack_wait, publisher=self._publisher,
                                         settlement=self._settlement, link=self.link, credits=credits,
                                         metrics=metrics, failures=failures, paced=self._on_loop,
@@ -349,8 +349,8 @@ class Consumer:
         """A publish of ``job`` was stored (``error`` None) or failed: its reference goes."""
         await self._pipeline.release(job, error)
 
-    async def _settled(self) -> None:
-        """An input was settled: its slot may start a waiting input, and the credit may allow a pull.
+    def _settled(self) -> bool:
+        """An input was settled: its slot may start a waiting input; True if the freed credit is worth a pull.
 
         Credit is asked for in chunks, so a look every ``chunk`` settlements finds each one as soon
         as it is free (a look at every settlement costs more than the rest of this).
@@ -363,8 +363,8 @@ class Consumer:
         self._settled_since_look += 1
         if self._settled_since_look >= credits.chunk or not jobs:
             self._settled_since_look = 0
-            if credits.want(len(jobs), len(waiting)):
-                await self.link.pull()
+            return credits.want(len(jobs), len(waiting)) > 0
+        return False
 
     def _held(self) -> tuple[int, int]:
         return len(self._jobs), len(self._waiting)

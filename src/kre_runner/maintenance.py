@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Callable, Iterable
 
 from .credits import Credits
 from .logs import RateLimitedLog
@@ -32,7 +32,7 @@ class Maintenance:
 
     def __init__(self, *, ack_wait: float, publisher: PubAckPublisher, settlement: Settlement, link: PullLink,
                  credits: Credits, metrics: NodeMetrics, failures: RateLimitedLog, paced: bool,
-                 waiting: Callable[[], Iterable[Job]], on_settled: Callable[[], Awaitable[None]],
+                 waiting: Callable[[], Iterable[Job]], on_settled: Callable[[], object],
                  logger: logging.Logger) -> None:
         self._interval = min(1.0, ack_wait / 8)
         self._publisher = publisher
@@ -60,7 +60,7 @@ class Maintenance:
         """``+WPI`` for inputs held (handled, waiting for a slot) longer than ``after`` (default half the ack
         wait) since their last sign of life; held dead letters whose retry is due are sent again."""
         if await self._settlement.keep_alive(time.monotonic(), self._waiting(), after):
-            await self._on_settled()
+            self._on_settled()  # a slot freed: what waits for one starts (the ticker pulls next)
 
     async def _tick(self) -> None:
         next_flush = time.monotonic() + _LOOK_EVERY

@@ -15,9 +15,8 @@ import asyncio
 import contextvars
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
 
 from .config import Settings
 from .context import Context, Retry
@@ -44,7 +43,7 @@ class Pipeline:
                  clock: TrackingClock, outcomes: Outcomes, publisher: PubAckPublisher, settlement: Settlement,
                  credits: Credits, current: Current, metrics: NodeMetrics, pool: ThreadPoolExecutor | None,
                  record_elapsed: Callable[[KreNatsMessage, float, float], None] | None,
-                 on_settled: Callable[[], Any]) -> None:
+                 on_settled: Callable[[], bool], pull: Callable[[], Awaitable[None]]) -> None:
         self._code = code
         self._handler = code.handler
         self._ctx = ctx
@@ -61,7 +60,8 @@ class Pipeline:
         self._pool = pool
         self._record_elapsed = record_elapsed
         self._workflow_clock = WorkflowClock() if settings.is_last_node else None
-        self._on_settled = on_settled
+        self._on_settled = on_settled  # the consumer's: True when the freed credit is worth a pull
+        self._pull = pull
         # A sync handler without threads runs on the loop's thread, in place: paced by its calls (credits.py).
         self.on_loop = not code.handler_is_async and pool is None
         self.max_inflated = outcomes.max_inflated  # decode's bound (KRT_MAX_INFLATED_BYTES), set at setup
@@ -115,12 +115,18 @@ class Pipeline:
             current.inline = None
         end = now()
         took = end[0] - start[0]
+        self._observe_handler(took)
         credits = self._credits
         if took > credits.pace:
             credits.paced_by(took)  # fewer inputs asked for ahead of a slower handler (credits.py)
             if took > _SLOW_INLINE_S and not self._warned_slow:
                 self._warn_slow(took)
-        return self._output(job, envelope, result, start, end)
+        # record(), in place: this runs once a message.
+        if self._record_elapsed is not None:
+            self._record_elapsed(envelope, start[0], end[0])
+        if self._workflow_clock is not None:
+            self._workflow_clock.observe(envelope, end[0], self._metrics)
+        return self._outcomes.output(job, envelope, result, start, end)
 
     async def _call(self, job: Job, envelope: KreNatsMessage) -> Outcome:
         """An async handler, or a sync one in a thread, awaited."""
@@ -140,12 +146,9 @@ class Pipeline:
         finally:
             self._current.leave(job, token)
         end = now()
-        self._credits.handlers_wait(end[0] - start[0] > _WAITING_HANDLER_S)
-        return self._output(job, envelope, result, start, end)
-
-    def _output(self, job: Job, envelope: KreNatsMessage, result: Any, start: tuple[float, str],
-                end: tuple[float, str]) -> Outcome:
-        self._observe_handler(end[0] - start[0])
+        took = end[0] - start[0]
+        self._observe_handler(took)
+        self._credits.handlers_wait(took > _WAITING_HANDLER_S)
         self.record(envelope, start[0], end[0])
         return self._outcomes.output(job, envelope, result, start, end)
 
@@ -178,8 +181,8 @@ class Pipeline:
 
     async def release(self, job: Job, error: str | None = None) -> None:
         """Drop a reference of ``job`` (its handler's, or a publish's: ``error`` None when stored)."""
-        if await self._settlement.release(job, error):
-            await self._on_settled()
+        if await self._settlement.release(job, error) and self._on_settled():
+            await self._pull()
 
     def _warn_slow(self, seconds: float) -> None:
         self._warned_slow = True
