@@ -415,7 +415,8 @@ async def _run_up(workflow: Any, nats_url: str | None, reload: bool, services: b
     started = time.monotonic()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    # SIGHUP: its terminal was closed; everything it started stops as on Ctrl-C.
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         loop.add_signal_handler(sig, stop.set)
 
     def ready(endpoint: Any) -> None:

