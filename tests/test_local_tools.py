@@ -473,3 +473,40 @@ def test_the_examples_own_tests_pass():
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(EXAMPLES)],
                           cwd=EXAMPLES.parent, env=_env(), capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and "4 passed" in proc.stdout, proc.stdout[-4000:]
+
+
+@pytest.fixture
+def not_nats_port():
+    """A port that accepts connections and never says anything: not a NATS server."""
+    import socket
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(16)
+    try:
+        yield listener.getsockname()[1]
+    finally:
+        listener.close()
+
+
+@pytest.mark.parametrize("command", ["up", "call", "dead-letter", "stream create"])
+def test_connection_errors_are_one_line_naming_the_address_and_the_fix(tmp_path, not_nats_port, command):
+    workflow = _workflow(tmp_path, "workflow: wf\nnodes: [{name: echo, handler: echo.py}]\n", echo=ECHO)
+    for url, says in (("nats://127.0.0.1:1,nats://kre:s3cr3t@127.0.0.1:2", "is a nats-server running there?"),
+                      (f"nats://127.0.0.1:{not_nats_port}", "did not answer as a NATS server")):
+        args = {
+            "up": ["up", str(workflow), "--nats", url],
+            "call": ["call", "--nats", url, "--stream", STREAM, "--subject", f"{STREAM}.greeter", "--proto-path",
+                     str(PROTOS), "--type", "Request", "--json", "{}"],
+            "dead-letter": ["dead-letter", "list", "--nats", url, "--stream", "wf-dead-letter"],
+            "stream create": ["stream", "create", "--nats", url, "--stream", STREAM],
+        }[command]
+        started = time.monotonic()
+        proc = kre(*args, timeout=30)
+        took = time.monotonic() - started
+        output = (proc.stdout + proc.stderr).strip()
+        assert proc.returncode == 1, output
+        assert len(output.splitlines()) == 1, output
+        assert says in output and "kre-runner up starts one" in output, output
+        assert url.split(",")[0].replace("kre:s3cr3t@", "") in output and "s3cr3t" not in output, output
+        assert took < 5, f"{took:.1f}s: {output}"

@@ -17,7 +17,7 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
 from . import __version__
-from .config import VARIABLES, ConfigError, Settings, redact_url
+from .config import VARIABLES, ConfigError, Settings
 from .connection import StartupError
 from .consumer import SetupError
 from .handler import HandlerLoadError
@@ -334,13 +334,12 @@ async def _stream_create(args: argparse.Namespace) -> int:
 
 async def _connect(url: str) -> Any:
     """A short-lived connection for a command: one try, and one line when it fails."""
-    import nats as nats_client
+    from .connection import connect_once
 
     try:
-        return await nats_client.connect(url.split(",")[0], connect_timeout=2, max_reconnect_attempts=1,
-                                         allow_reconnect=False)
-    except Exception as exc:
-        raise _Failure(f"cannot connect to NATS at {redact_url(url)}: {type(exc).__name__}: {exc}") from None
+        return await connect_once(url)
+    except StartupError as exc:
+        raise _Failure(str(exc)) from None
 
 
 async def _dead_letter(args: argparse.Namespace) -> int:

@@ -20,10 +20,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
-import nats
 from nats.js.errors import NotFoundError
 
 from .config import consumer_name, redact_url
+from .connection import StartupError, connect_once
 from .embedded import EmbeddedMongo, EmbeddedNats, EmbeddedVictoriaMetrics, free_port, stop_with_parent
 from .streams import ensure_stream
 from .workflow import NodeSpec, Workflow
@@ -178,10 +178,9 @@ class LocalWorkflow:
                               f"or pass --nats URL") from None
             self.url = self._server.url
         try:
-            self._nc = await nats.connect(self.url, connect_timeout=2, max_reconnect_attempts=2,
-                                          allow_reconnect=True)
-        except Exception as exc:
-            raise UpError(f"cannot connect to NATS at {redact_url(self.url)}: {type(exc).__name__}: {exc}") from None
+            self._nc = await connect_once(self.url, name="kre-runner up")
+        except StartupError as exc:
+            raise UpError(str(exc)) from None
         js = self._nc.jetstream()
         created = await ensure_stream(js, self.workflow.stream)
         self._say(f"stream {self.workflow.stream} ({'created' if created else 'exists'}, subjects "
