@@ -510,3 +510,32 @@ def test_connection_errors_are_one_line_naming_the_address_and_the_fix(tmp_path,
         assert says in output and "kre-runner up starts one" in output, output
         assert url.split(",")[0].replace("kre:s3cr3t@", "") in output and "s3cr3t" not in output, output
         assert took < 5, f"{took:.1f}s: {output}"
+
+
+def test_up_reload_restarts_only_the_node_whose_code_changed(tmp_path):
+    workflow = _workflow(tmp_path, """
+        workflow: wf
+        nodes: [{name: echo, handler: echo.py}, {name: shout, handler: shout.py:shout}]
+    """, echo=ECHO, shout=SHOUT, helper="WORD = 'hi'\n")
+    up = Up(str(workflow), "--reload")
+    try:
+        up.wait_for("is ready")
+        (tmp_path / "test_echo.py").write_text("def test_nothing():\n    pass\n")  # a test file: no node's code
+        (tmp_path / "helper.py").write_text("WORD = 'hello'\n")  # imported by no node
+        time.sleep(1.5)  # three polls
+        assert "restarting" not in up.output
+        mark = len(up.lines)
+        (tmp_path / "shout.py").write_text(textwrap.dedent(SHOUT) + "\nimport helper  # now it is shout's code\n")
+        up.wait_for("shout.py changed: restarting shout", after=mark)
+        up.wait_for("shout | ", after=mark)
+        time.sleep(1.0)
+        assert "restarting echo" not in up.output
+        mark = len(up.lines)
+        (tmp_path / "helper.py").write_text("WORD = 'hey'\n")
+        up.wait_for("helper.py changed: restarting shout", after=mark)
+        mark = len(up.lines)
+        (tmp_path / "greeter_pb2.py").write_text((tmp_path / "greeter_pb2.py").read_text() + "\n")  # both import it
+        up.wait_for("restarting echo", after=mark)
+        up.wait_for("restarting shout", after=mark)
+    finally:
+        assert up.stop(signal.SIGTERM) == 0, up.output

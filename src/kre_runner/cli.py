@@ -52,7 +52,7 @@ def _parser() -> argparse.ArgumentParser:
                     "manager gives a pod, on an embedded JetStream server (or --nats). Ctrl-C stops everything.")
     up.add_argument("workflow", metavar="WORKFLOW.yaml")
     up.add_argument("--nats", metavar="URL", help="use this NATS server instead of starting one")
-    up.add_argument("--reload", action="store_true", help="restart a node when a .py file under its directory changes")
+    up.add_argument("--reload", action="store_true", help="restart a node when its handler file, or a local module it imports, changes")
     up.add_argument("--services", action="store_true",
                     help="also start a local MongoDB stand-in and VictoriaMetrics for ctx.db/prediction/measurement "
                          "(unless KRT_MONGO_URI / KRT_INFLUX_URI are set)")

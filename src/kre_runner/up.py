@@ -83,34 +83,77 @@ def _write_endpoint(path: Path, endpoint: Endpoint) -> None:
 
 
 class _Watcher:
-    """Polls the modification times of a node's Python files (no dependency, works on every OS and filesystem).
+    """Polls the modification times of a node's own Python code: its handler file and the local modules it imports.
 
-    Only ``*.py``: a log, a database or any file the node itself writes next to its code must not
-    restart it (a loop, with ``up > up.log`` in the same directory).
+    The code is found by reading the ``import`` statements (``ast``) from the handler file on, and
+    following those that resolve to a ``.py`` file under the node's directories (where the node
+    imports from), again at every poll, so an edit that adds an import watches the new module too.
+    A test file, another node's handler, a log or a database next to the code restarts nothing; a
+    module both nodes import (``*_pb2.py``) restarts both. Imports built at run time
+    (``importlib.import_module(name)``) are not seen.
     """
 
-    _SKIP = ("__pycache__", ".git", ".venv", "node_modules")
-
-    def __init__(self, directories: list[Path], limit: int = 5000) -> None:
+    def __init__(self, handler_file: Path, directories: list[Path], limit: int = 2000) -> None:
+        self._root = handler_file
         self._dirs = directories
         self._limit = limit
+        self._parsed: dict[str, tuple[tuple[int, int], list[str]]] = {}  # path -> (stat, files it imports)
         self._last = self._snapshot()
 
     def _snapshot(self) -> dict[str, tuple[int, int]]:
         seen: dict[str, tuple[int, int]] = {}
-        for directory in self._dirs:
-            for root, dirs, files in os.walk(directory):
-                dirs[:] = [d for d in dirs if not d.startswith(".") and d not in self._SKIP]
-                for name in files:
-                    if name.startswith(".") or not name.endswith(".py"):
-                        continue
-                    path = os.path.join(root, name)
-                    with contextlib.suppress(OSError):
-                        stat = os.stat(path)
-                        seen[path] = (stat.st_mtime_ns, stat.st_size)
-                    if len(seen) >= self._limit:
-                        return seen
+        todo = [str(self._root)]
+        while todo and len(seen) < self._limit:
+            path = todo.pop()
+            if path in seen:
+                continue
+            try:
+                stat = os.stat(path)
+            except OSError:
+                continue
+            key = (stat.st_mtime_ns, stat.st_size)
+            seen[path] = key
+            cached = self._parsed.get(path)
+            if cached is None or cached[0] != key:
+                cached = (key, self._imports(Path(path)))
+                self._parsed[path] = cached
+            todo.extend(cached[1])
         return seen
+
+    def _imports(self, path: Path) -> list[str]:
+        """The local files ``path`` imports (modules, packages' ``__init__.py``, ``from pkg import module``)."""
+        import ast
+
+        try:
+            tree = ast.parse(path.read_bytes(), str(path))
+        except (OSError, SyntaxError, ValueError):
+            return []  # a broken edit: the node's own start says what is wrong
+        names: list[tuple[list[Path], str]] = []
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                names += [(self._dirs, alias.name) for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                if node.level:
+                    base = path.parent
+                    for _ in range(node.level - 1):
+                        base = base.parent
+                    roots = [base]
+                else:
+                    roots = self._dirs
+                module = node.module or ""
+                if module:
+                    names.append((roots, module))
+                names += [(roots, f"{module}.{alias.name}".lstrip(".")) for alias in node.names]
+        files: list[str] = []
+        for roots, name in names:
+            parts = name.split(".")
+            for root in roots:
+                for i in range(1, len(parts) + 1):
+                    stem = root.joinpath(*parts[:i])
+                    for candidate in (stem.with_suffix(".py"), stem / "__init__.py"):
+                        if candidate.is_file():
+                            files.append(str(candidate))
+        return files
 
     def changed(self) -> list[str]:
         now = self._snapshot()
@@ -187,7 +230,7 @@ class LocalWorkflow:
                   f"{self.workflow.stream}.*) on {redact_url(self.url)}")
         for node in self.workflow.nodes:
             if self._reload:
-                self._watchers[node.name] = _Watcher(node.directories)
+                self._watchers[node.name] = _Watcher(node.handler_file, node.directories)
             for i in range(node.replicas):
                 self._replicas.append(await self._spawn(node, i))
         self._supervisor = asyncio.create_task(self._supervise())
