@@ -142,6 +142,14 @@ def test_up_runs_the_workflow_call_answers_and_ctrl_c_stops_everything(tmp_path)
     try:
         up.wait_for("is ready")
         assert "kre-runner call" in up.output and "--type Request --json '{\"name\": \"Ann\"}'" in up.output
+        # Quiet start: one line per node process (what it reads and writes, its metrics), the rest in its log file.
+        for label in ("echo#1", "echo#2", "echo#3", "shout "):
+            lines = [line for line in up.lines if line.startswith(label)]
+            reads = "local-v1-wf.shout" if label == "shout " else "local-v1-wf.echo"
+            assert len(lines) == 1 and f"ready: reads {reads}" in lines[0] and "/metrics" in lines[0], up.output
+        assert "duplicate window" not in up.output and up.output.count("/readyz") == 4, up.output
+        log = (state_file(workflow).with_suffix("") / "echo-1.log").read_text()
+        assert "consuming local-v1-wf.echo" in log and "node echo ready" in log, log
         one = kre("call", str(workflow), "--json", '{"name": "Ann"}')
         assert one.returncode == 0, one.stderr
         assert json.loads(one.stdout)["greeting"].startswith("ANN PID=")

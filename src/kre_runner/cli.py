@@ -52,7 +52,8 @@ def _parser() -> argparse.ArgumentParser:
                     "manager gives a pod, on an embedded JetStream server (or --nats). Ctrl-C stops everything.")
     up.add_argument("workflow", metavar="WORKFLOW.yaml")
     up.add_argument("--nats", metavar="URL", help="use this NATS server instead of starting one")
-    up.add_argument("--reload", action="store_true", help="restart a node when its handler file, or a local module it imports, changes")
+    up.add_argument("--reload", action="store_true",
+                    help="restart a node when its handler file, or a local module it imports, changes")
     up.add_argument("--services", action="store_true",
                     help="also start a local MongoDB stand-in and VictoriaMetrics for ctx.db/prediction/measurement "
                          "(unless KRT_MONGO_URI / KRT_INFLUX_URI are set)")
@@ -418,13 +419,17 @@ async def _run_up(workflow: Any, nats_url: str | None, reload: bool, services: b
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         loop.add_signal_handler(sig, stop.set)
 
+    extra: dict[str, str] | None = None
+
     def ready(endpoint: Any) -> None:
-        print(f"kre-runner up: {how_to_call(workflow, endpoint)}\n  (ready {time.monotonic() - started:.1f}s after "
-              f"start{'; --reload: nodes restart when their files change' if reload else ''})", flush=True)
+        reloading = "; --reload: a node restarts when its code changes" if reload else ""
+        print(f"kre-runner up: {how_to_call(workflow, endpoint, extra)}\n"
+              f"  (ready {time.monotonic() - started:.1f}s after start{reloading})", flush=True)
 
     with stack:
         extra = start_local_services(stack, lambda text: print(f"kre-runner up: {text}")) if services else None
-        async with LocalWorkflow(workflow, nats_url=nats_url, reload=reload, extra_env=extra, on_ready=ready) as local:
+        async with LocalWorkflow(workflow, nats_url=nats_url, reload=reload, extra_env=extra, on_ready=ready,
+                                 record=True) as local:
             code = await local.wait(stop)
         print("kre-runner up: stopped", flush=True)
     return code

@@ -13,8 +13,10 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import sys
 import tempfile
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,10 +30,15 @@ from .embedded import EmbeddedMongo, EmbeddedNats, EmbeddedVictoriaMetrics, free
 from .streams import ensure_stream
 from .workflow import NodeSpec, Workflow
 
-__all__ = ["Endpoint", "LocalWorkflow", "UpError", "how_to_call", "read_endpoint", "start_local_services", "state_file"]
+__all__ = ["Endpoint", "LocalWorkflow", "UpError", "how_to_call", "read_endpoint", "run_dir", "services_summary",
+           "start_local_services", "state_file"]
 
 _COLORS = ("36", "33", "35", "32", "34", "31")
 _POLL = 0.5  # seconds between checks of processes, readiness and files
+# A node's log line: the text format's "TIME LEVEL message", or JSON with "level".
+_TEXT_LEVEL = re.compile(r"^\d{4}-\d\d-\d\dT\S+ ([A-Z]+) ")
+_JSON_LEVEL = re.compile(r'"level": ?"([A-Z]+)"')
+_QUIET = frozenset({"DEBUG", "INFO"})
 
 
 class UpError(RuntimeError):
@@ -47,6 +54,7 @@ class Endpoint:
     input_subject: str
     entrypoint_subject: str
     pid: int = 0
+    run_dir: str = ""  # the nodes' logs and the answers (``trace`` reads them); empty when not recorded
 
 
 def state_file(workflow_path: Path) -> Path:
@@ -54,6 +62,11 @@ def state_file(workflow_path: Path) -> Path:
     digest = hashlib.sha1(str(workflow_path.resolve()).encode()).hexdigest()[:16]
     uid = os.getuid() if hasattr(os, "getuid") else 0
     return Path(tempfile.gettempdir()) / f"kre-runner-{uid}" / f"up-{digest}.json"
+
+
+def run_dir(workflow_path: Path) -> Path:
+    """Where ``up`` keeps this YAML's run: each node's log (``NODE.log``) and ``answers.jsonl``."""
+    return state_file(workflow_path).with_suffix("")
 
 
 def read_endpoint(workflow_path: Path) -> Endpoint | None:
@@ -168,6 +181,7 @@ class _Replica:
     label: str
     proc: asyncio.subprocess.Process
     reader: asyncio.Task[None]
+    port: int = 0  # its HTTP endpoint (/metrics, /readyz)
     reported: bool = False
 
 
@@ -176,13 +190,18 @@ class LocalWorkflow:
 
     def __init__(self, workflow: Workflow, *, nats_url: str | None = None, reload: bool = False,
                  extra_env: dict[str, str] | None = None, out: TextIO | None = None,
-                 on_ready: Callable[[Endpoint], None] | None = None) -> None:
+                 on_ready: Callable[[Endpoint], None] | None = None, record: bool = False) -> None:
         self.workflow = workflow
         self._given_url = nats_url
         self._reload = reload
         self._extra_env = extra_env or {}
         self._out = out or sys.stdout
         self._on_ready = on_ready
+        # record: each node's log lines to a file and every answer's path to answers.jsonl (for `trace`).
+        self._run_dir = run_dir(workflow.path) if record else None
+        self._answers = Path(os.devnull)
+        self._said_ready: set[str] = set()  # replicas whose "node ... ready" line came
+        self._consuming_since = 0.0
         self._server: EmbeddedNats | None = None
         self._nc: Any = None
         self._replicas: list[_Replica] = []
@@ -225,6 +244,13 @@ class LocalWorkflow:
         except StartupError as exc:
             raise UpError(str(exc)) from None
         js = self._nc.jetstream()
+        if self._run_dir is not None:
+            self._run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+            for old in self._run_dir.glob("*.log"):
+                old.unlink()  # a new run: trace looks at this one
+            self._answers = self._run_dir / "answers.jsonl"
+            self._answers.write_text("")
+            await self._nc.subscribe(self.workflow.layout.entrypoint, cb=self._record_answer)
         created = await ensure_stream(js, self.workflow.stream)
         self._say(f"stream {self.workflow.stream} ({'created' if created else 'exists'}, subjects "
                   f"{self.workflow.stream}.*) on {redact_url(self.url)}")
@@ -290,7 +316,28 @@ class LocalWorkflow:
     def endpoint(self) -> Endpoint:
         layout = self.workflow.layout
         return Endpoint(nats_url=self.url, stream=self.workflow.stream, input_subject=self.workflow.input_subject,
-                        entrypoint_subject=layout.entrypoint, pid=os.getpid())
+                        entrypoint_subject=layout.entrypoint, pid=os.getpid(),
+                        run_dir=str(self._run_dir) if self._run_dir is not None else "")
+
+    def nodes_summary(self) -> list[str]:
+        """One line per node process: its HTTP endpoint's metrics and readiness URLs."""
+        return [f"  {r.label:<{self._width}}  http://127.0.0.1:{r.port}/metrics  http://127.0.0.1:{r.port}/readyz"
+                for r in self._replicas]
+
+    async def _record_answer(self, msg: Any) -> None:
+        """An answer on the entrypoint subject: its tracking id and the nodes it passed, for ``trace``."""
+        from .envelope import EnvelopeError, decode
+
+        try:
+            envelope = decode(msg.data)
+        except EnvelopeError:
+            return
+        line = json.dumps({"tracking_id": envelope.tracking_id, "time": time.time(),
+                           "nodes": [[t.node_name, t.start, t.end] for t in envelope.tracking],
+                           "error": envelope.error or None})
+        # A local file, one short line per answer: not worth a thread.
+        with contextlib.suppress(OSError), open(self._answers, "a", encoding="utf-8") as out:  # noqa: ASYNC230
+            out.write(line + "\n")
 
     # ------------------------------------------------------------------ nodes
 
@@ -303,7 +350,9 @@ class LocalWorkflow:
         env.update(self.workflow.node_env(node, self.url))
         env.update(self._extra_env)
         # Every process its own port once nodes serve HTTP (KRT_HTTP_PORT); unbuffered, so lines come at once.
-        env["KRT_HTTP_PORT"] = str(free_port())
+        port = free_port()
+        env["KRT_HTTP_PORT"] = str(port)
+        self._said_ready.discard(self._label(node, index + 1))
         env["PYTHONUNBUFFERED"] = "1"
         proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "kre_runner", "run", env=env, stdin=asyncio.subprocess.DEVNULL,
@@ -311,24 +360,60 @@ class LocalWorkflow:
             preexec_fn=stop_with_parent())  # a node never outlives up, even when up is killed
         label = self._label(node, index + 1)
         color = _COLORS[self.workflow.nodes.index(node) % len(_COLORS)]
-        reader = asyncio.create_task(self._relay(proc, label, color))
-        return _Replica(node, label, proc, reader)
+        reader = asyncio.create_task(self._relay(proc, node, label, color, port))
+        return _Replica(node, label, proc, reader, port)
 
-    async def _relay(self, proc: asyncio.subprocess.Process, label: str, color: str) -> None:
-        """Copy a node's output line by line, prefixed with its name."""
+    def log_file(self, label: str) -> Path | None:
+        return self._run_dir / f"{label.replace('#', '-')}.log" if self._run_dir is not None else None
+
+    async def _relay(self, proc: asyncio.subprocess.Process, node: NodeSpec, label: str, color: str,
+                     port: int) -> None:
+        """Copy a node's output line by line, prefixed with its name; until it is ready, only warnings and errors.
+
+        Its start-up lines (configuration, consumer, streams) say nothing a developer acts on when up
+        made the stream and the environment: they go to the node's log file, and the terminal gets one
+        line when the node consumes. A line that is not a log line (a traceback's, a print) follows the
+        line before it.
+        """
         assert proc.stdout is not None
         prefix = f"{label:<{self._width}} | "
         if self._color:
             prefix = f"\x1b[{color}m{prefix}\x1b[0m"
-        while True:
-            try:
-                line = await proc.stdout.readline()
-            except ValueError:  # a line over the stream limit: the rest of it follows as the next "line"
-                continue
-            if not line:
-                return
-            self._out.write(prefix + line.decode(errors="replace").rstrip("\n") + "\n")
-            self._out.flush()
+        path = self.log_file(label)
+        log = open(path, "a", encoding="utf-8") if path is not None else None  # noqa: SIM115, ASYNC230
+        ready_line = f" node {node.name} ready"
+        ready = False
+        shown = True
+        try:
+            while True:
+                try:
+                    raw = await proc.stdout.readline()
+                except ValueError:  # a line over the stream limit: the rest of it follows as the next "line"
+                    continue
+                if not raw:
+                    return
+                line = raw.decode(errors="replace").rstrip("\n")
+                if log is not None:
+                    log.write(line + "\n")
+                    log.flush()
+                if not ready:
+                    if ready_line in line:
+                        ready = shown = True
+                        self._said_ready.add(label)
+                        env = self.workflow.node_env(node, self.url)
+                        line = (f"ready: reads {env['KRT_NATS_INPUT']}, writes {env['KRT_NATS_OUTPUT']}; "
+                                f"http://127.0.0.1:{port}/metrics")
+                    else:
+                        level = _TEXT_LEVEL.match(line) or _JSON_LEVEL.search(line)
+                        if level is not None:
+                            shown = level.group(1) not in _QUIET
+                        if not shown:
+                            continue
+                self._out.write(prefix + line + "\n")
+                self._out.flush()
+        finally:
+            if log is not None:
+                log.close()
 
     async def _terminate(self, replica: _Replica, timeout: float = 15.0) -> None:
         if replica.proc.returncode is None:
@@ -358,9 +443,10 @@ class LocalWorkflow:
                     continue
                 replica.reported = True
                 if not self._reload:
-                    raise UpError(f"node {replica.label} exited with code {code} (its log is above); "
+                    raise UpError(f"node {replica.label} exited with code {code} ({self._where_log(replica)}); "
                                   f"stopping the workflow")
-                self._say(f"node {replica.label} exited with code {code}: waiting for a change to its files")
+                self._say(f"node {replica.label} exited with code {code} ({self._where_log(replica)}): waiting for "
+                          f"a change to its files")
             if self._reload:
                 for node in self.workflow.nodes:
                     changed = self._watchers[node.name].changed()
@@ -369,14 +455,25 @@ class LocalWorkflow:
                         self._watchers[node.name].changed()
                         self._say(f"{_short(changed)} changed: restarting {node.name}")
                         await self._restart(node)
-            if not self._ready.is_set() and await self._all_consuming():
+            if not self._ready.is_set() and await self._all_said_ready():
                 _write_endpoint(self._state, self.endpoint)
                 self._ready.set()
+                self._say("nodes:\n" + "\n".join(self.nodes_summary()))
                 if self._on_ready is not None:
                     self._on_ready(self.endpoint)
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._stop.wait(), _POLL if self._ready.is_set() else 0.05)
         return 0
+
+    async def _all_said_ready(self) -> bool:
+        """Every node consumes, and has said so (its one line comes before the summary; a node logging only
+        warnings never says it: then 2 s after they all consume)."""
+        if not await self._all_consuming():
+            self._consuming_since = 0.0
+            return False
+        self._consuming_since = self._consuming_since or time.monotonic()
+        return (all(r.label in self._said_ready for r in self._replicas)
+                or time.monotonic() - self._consuming_since > 2.0)
 
     async def _all_consuming(self) -> bool:
         """Every node's durable consumer has pull requests waiting: a request is now processed end to end."""
@@ -391,6 +488,10 @@ class LocalWorkflow:
             if not info.num_waiting:
                 return False
         return True
+
+    def _where_log(self, replica: _Replica) -> str:
+        path = self.log_file(replica.label)
+        return f"its log: {path}" if path is not None else "its errors are above"
 
     def _say(self, text: str) -> None:
         self._out.write(f"kre-runner up: {text}\n")
@@ -425,16 +526,36 @@ def start_local_services(stack: contextlib.ExitStack, say: Callable[[str], None]
     return env
 
 
-def how_to_call(workflow: Workflow, endpoint: Endpoint) -> str:
-    """What ``up`` prints once the workflow answers."""
+def how_to_call(workflow: Workflow, endpoint: Endpoint, services: dict[str, str] | None = None) -> str:
+    """What ``up`` prints once the workflow answers: how to call it, trace a request, see what was stored."""
     yaml_arg = os.path.relpath(workflow.path) if not os.path.relpath(workflow.path).startswith("..") \
         else str(workflow.path)
     type_arg = workflow.request_type or "<MessageType>"
     path = " -> ".join(n.name for n in workflow.nodes)
-    return "\n".join([
+    lines = [
         f"workflow {workflow.name} is ready: {endpoint.input_subject} -> {path} -> {endpoint.entrypoint_subject}",
         f"  call it:   kre-runner call {yaml_arg} --type {type_arg} --json '{workflow.example_json()}'",
+        f"  trace:     kre-runner trace {yaml_arg} TRACKING_ID   (call prints each request's tracking id)",
         f"  deployed:  kre-runner call --nats {redact_url(endpoint.nats_url)} --stream {endpoint.stream} "
         f"--subject {endpoint.input_subject} --type {type_arg} --json '...'",
-        "  stop:      Ctrl-C",
-    ])
+    ]
+    if endpoint.run_dir:
+        lines.append(f"  logs:      {endpoint.run_dir}/NODE.log (every line, start-up included)")
+    for line in services_summary(services or {}, workflow.runtime):
+        lines.append(f"  {line}")
+    lines.append("  stop:      Ctrl-C")
+    return "\n".join(lines)
+
+
+def services_summary(services: dict[str, str], runtime: str) -> list[str]:
+    """Where the local data services are and how to see what the nodes stored there."""
+    lines = []
+    if "KRT_MONGO_URI" in services:
+        uri = redact_url(services["KRT_MONGO_URI"])
+        lines.append(f"MongoDB:   {uri} (database {services.get('KRT_MONGO_DB') or f'{runtime}-data'}); stored: "
+                     f"kre-runner stored {uri} --db {services.get('KRT_MONGO_DB') or f'{runtime}-data'}")
+    if "KRT_INFLUX_URI" in services:
+        url = services["KRT_INFLUX_URI"]
+        lines.append(f"time series: {url} (VictoriaMetrics); stored: curl -s '{url}/api/v1/export' "
+                     f"-d 'match[]={{__name__!=\"\"}}'")
+    return lines
