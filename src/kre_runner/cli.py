@@ -87,6 +87,8 @@ def _parser() -> argparse.ArgumentParser:
     stream_commands = stream.add_subparsers(dest="stream_command", metavar="ACTION", required=True)
     create = stream_commands.add_parser(
         "create", help="create KRT_NATS_STREAM with subjects {stream}.* and interest retention, as the manager does")
+    create.add_argument("workflow", metavar="WORKFLOW.yaml", nargs="?",
+                        help="the workflow's stream, on the server of its `up` (or --nats)")
     create.add_argument("--nats", metavar="URL", help="NATS server (default KRT_NATS_SERVER)")
     create.add_argument("--stream", help="stream name (default KRT_NATS_STREAM)")
     dead = commands.add_parser(
@@ -95,13 +97,24 @@ def _parser() -> argparse.ArgumentParser:
                     "(KRT_DEAD_LETTER_STREAM, default {KRT_NATS_STREAM}-dead-letter). `replay` publishes them again "
                     "to their input subject and removes them; `purge` removes them.")
     dead.add_argument("action", choices=["list", "show", "replay", "purge"])
-    dead.add_argument("seq", nargs="*", type=int, help="dead-letter sequence numbers (show/replay/purge; "
-                                                      "replay and purge need them, or --all)")
+    dead.add_argument("seq", nargs="*", metavar="[WORKFLOW.yaml] SEQ",
+                      help="the workflow (its `up`'s server and dead-letter stream), then dead-letter "
+                           "sequence numbers (show/replay/purge; replay and purge need them, or --all)")
     dead.add_argument("--all", action="store_true", help="replay or purge every dead letter (of --node)")
     dead.add_argument("--node", help="only this node's dead letters")
     dead.add_argument("--nats", metavar="URL", help="NATS server (default KRT_NATS_SERVER)")
     dead.add_argument("--stream", help="dead-letter stream (default KRT_DEAD_LETTER_STREAM, "
                                        "else {KRT_NATS_STREAM}-dead-letter)")
+    trace = commands.add_parser(
+        "trace", help="where a request is, by the tracking id call prints: in flight, dead-lettered or answered",
+        description="Find the request with TRACKING_ID (printed by `kre-runner call`, and in the nodes' log lines "
+                    "about it): in flight (the node holding it unacked, its consumer's counts and, under up, its "
+                    "redeliveries from the node's log), dead-lettered (which node, after how many deliveries, why) "
+                    "or, under `kre-runner up`, answered (the nodes it passed, from the answer's tracking entries) and "
+                    "the log lines naming it. Exit 1 when it is found nowhere.")
+    trace.add_argument("workflow", metavar="WORKFLOW.yaml")
+    trace.add_argument("tracking_id", metavar="TRACKING_ID")
+    trace.add_argument("--nats", metavar="URL", help="a deployed workflow's NATS server (default: its running `up`)")
     demo = commands.add_parser("demo", help="run the example workflow (examples/workflow.yaml) and send requests")
     demo.add_argument("--requests", type=int, default=500, help="requests to send (default 500)")
     demo.add_argument("--examples", default=None,
@@ -136,6 +149,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _tool("stream create", _stream_create(args))
     if args.command == "dead-letter":
         return _tool("dead-letter", _dead_letter(args))
+    if args.command == "trace":
+        return _tool("trace", _trace(args))
     if args.command == "mongo-writer":
         from .mongo_writer import WriterSettings, run_writer
 
@@ -230,6 +245,7 @@ def _messages(type_name: str | None, values: list[Any], directories: list[Any]) 
 
 
 async def _call(args: argparse.Namespace) -> int:
+    import uuid
     from pathlib import Path
 
     from .calling import call_workflow
@@ -260,8 +276,13 @@ async def _call(args: argparse.Namespace) -> int:
     directories += [Path(p) for p in args.proto_path]
     requests = _messages(args.type_name or default_type, _read_inputs(args), directories)
     nc = await _connect(url)
+    tracking_ids = [str(uuid.uuid4()) for _ in requests]
+    # On stderr before the answers: stdout stays JSON, and a request that gets none can still be traced.
+    for i, tracking_id in enumerate(tracking_ids, 1):
+        print(f"kre-runner call: {f'request {i}: ' if len(requests) > 1 else ''}tracking id {tracking_id}",
+              file=sys.stderr, flush=True)
     try:
-        answers = await call_workflow(nc, input_subject, entrypoint, requests, args.timeout)
+        answers = await call_workflow(nc, input_subject, entrypoint, requests, args.timeout, tracking_ids)
     finally:
         await nc.close()
     failed = 0
@@ -317,9 +338,12 @@ async def _stream_create(args: argparse.Namespace) -> int:
 
     url = args.nats or os.environ.get("KRT_NATS_SERVER", "").strip()
     stream = args.stream or os.environ.get("KRT_NATS_STREAM", "").strip()
+    if args.workflow:
+        workflow, url = _workflow_server(args.workflow, args.nats)
+        stream = args.stream or workflow.stream
     if not url or not stream:
-        raise _UsageError("set KRT_NATS_SERVER and KRT_NATS_STREAM (or pass --nats URL --stream NAME), "
-                          "e.g. KRT_NATS_STREAM=demo-v1-greeter")
+        raise _UsageError("set KRT_NATS_SERVER and KRT_NATS_STREAM (or pass --nats URL --stream NAME, or "
+                          "WORKFLOW.yaml), e.g. KRT_NATS_STREAM=demo-v1-greeter")
     if any(c in stream for c in ".*> \t/\\"):
         raise _UsageError(f"stream name {stream!r} is invalid: no . * > / \\ or spaces, e.g. demo-v1-greeter")
     nc = await _connect(url)
@@ -352,10 +376,21 @@ async def _dead_letter(args: argparse.Namespace) -> int:
 
     url = args.nats or os.environ.get("KRT_NATS_SERVER", "").strip()
     workflow_stream = os.environ.get("KRT_NATS_STREAM", "").strip()
-    stream = args.stream or os.environ.get("KRT_DEAD_LETTER_STREAM", "").strip() or (
-        f"{workflow_stream}-dead-letter" if workflow_stream else "")
+    dead_letter_stream = os.environ.get("KRT_DEAD_LETTER_STREAM", "").strip()
+    words = list(args.seq)
+    if words and words[0].endswith((".yaml", ".yml")):
+        workflow, url = _workflow_server(words.pop(0), args.nats)
+        workflow_stream = workflow.stream
+        dead_letter_stream = workflow.node_env(workflow.nodes[0], url).get("KRT_DEAD_LETTER_STREAM", "")
+    try:
+        args.seq = [int(word) for word in words]
+    except ValueError:
+        raise _UsageError(f"dead-letter {args.action}: expected [WORKFLOW.yaml] then sequence numbers, got "
+                          f"{' '.join(words)}") from None
+    stream = args.stream or dead_letter_stream or (f"{workflow_stream}-dead-letter" if workflow_stream else "")
     if not url or not stream:
-        raise _UsageError("set KRT_NATS_SERVER and KRT_NATS_STREAM (or pass --nats URL --stream DEAD_LETTER_STREAM)")
+        raise _UsageError("give WORKFLOW.yaml (`dead-letter list workflow.yaml`), or set KRT_NATS_SERVER and "
+                          "KRT_NATS_STREAM (or pass --nats URL --stream DEAD_LETTER_STREAM)")
     if args.action in ("replay", "purge") and not args.seq and not args.all:
         raise _UsageError(f"{args.action} needs dead-letter sequence numbers or --all")
     nc = await _connect(url)
@@ -392,6 +427,40 @@ async def _dead_letter(args: argparse.Namespace) -> int:
     finally:
         await nc.close()
     return 0
+
+
+def _workflow_server(path: str, nats_url: str | None) -> tuple[Any, str]:
+    """A workflow YAML and its NATS server: --nats (deployed), else the one its running ``up`` uses."""
+    from .up import read_endpoint
+    from .workflow import load_workflow
+
+    workflow = load_workflow(path)
+    if nats_url:
+        return workflow, nats_url
+    endpoint = read_endpoint(workflow.path)
+    if endpoint is None:
+        raise _Failure(f"{path} is not running: start it with `kre-runner up {path}` (in another terminal), or "
+                       f"give a deployed workflow's server with --nats URL")
+    return workflow, endpoint.nats_url
+
+
+async def _trace(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .trace import trace
+    from .up import read_endpoint
+
+    workflow, url = _workflow_server(args.workflow, args.nats)
+    endpoint = None if args.nats else read_endpoint(workflow.path)
+    run_dir = Path(endpoint.run_dir) if endpoint is not None and endpoint.run_dir else None
+    nc = await _connect(url)
+    try:
+        found, lines = await trace(nc.jetstream(), workflow, args.tracking_id, url, run_dir)
+    finally:
+        await nc.close()
+    for line in lines:
+        print(line)
+    return 0 if found else 1
 
 
 def _up(args: argparse.Namespace) -> int:
