@@ -26,6 +26,8 @@ EXAMPLES = Path(__file__).parents[1] / "examples"
 
 def _env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("KRT_")}
+    if "PYTHONPATH" in extra and env.get("PYTHONPATH"):  # keep the code under test (a checkout's src/) first
+        extra["PYTHONPATH"] = os.pathsep.join([env["PYTHONPATH"], extra["PYTHONPATH"]])
     env.update(extra)
     return env
 
@@ -614,3 +616,24 @@ def test_trace_finds_a_request_in_flight_dead_lettered_or_answered(tmp_path):
         assert up.stop() == 0, up.output
     stopped = kre("dead-letter", "list", wf)
     assert stopped.returncode == 1 and "is not running: start it with `kre-runner up" in stopped.stderr
+
+
+def test_run_once_is_quiet_and_uses_local_data_services(tmp_path, mongo_uri, mongo_db_name):
+    services = str(EXAMPLES / "services" / "services.py")
+    plain = kre("run-once", str(HANDLERS / "greet.py"), "--type", "Request", "--json", '{"name": "Ann"}',
+                env=_env(PYTHONPATH=str(PROTOS)))
+    assert plain.returncode == 0 and plain.stderr == "", plain.stderr  # the runner's INFO lines only when asked
+    asked = kre("run-once", str(HANDLERS / "greet.py"), "--type", "Request", "--json", '{"name": "Ann"}',
+                env=_env(PYTHONPATH=str(PROTOS), KRT_LOG_LEVEL="INFO"))
+    assert "ctx.db: disabled" in asked.stderr
+
+    local = kre("run-once", services, "--type", "Request", "--json", '{"name": "Ann"}', "--services", timeout=90)
+    assert local.returncode == 0 and local.stdout == '{"name": "Ann"}\n', local.stderr
+    assert "visits: 1 document(s)" in local.stderr and "classificationMetrics: 1 document(s)" in local.stderr
+    assert "visits_count: 1 point(s)" in local.stderr, local.stderr
+
+    given = kre("run-once", services, "--type", "Request", "--json", '{"name": "Bo"}', "--mongo", mongo_uri,
+                env=_env(KRT_MONGO_DB=mongo_db_name))
+    assert given.returncode == 0, given.stderr
+    shown = kre("stored", "--mongo", mongo_uri, "--db", mongo_db_name)
+    assert shown.returncode == 0 and "visits: 1 document(s)" in shown.stdout and '"name": "Bo"' in shown.stdout

@@ -78,6 +78,12 @@ def _parser() -> argparse.ArgumentParser:
                     "set. Exit 1 (with the traceback) when the handler raises.")
     once.add_argument("handler", metavar="HANDLER")
     _add_input_options(once)
+    once.add_argument("--services", action="store_true",
+                      help="start a throwaway MongoDB stand-in and VictoriaMetrics for ctx.db/prediction/measurement "
+                           "and show what the handler stored (unless KRT_MONGO_URI / KRT_INFLUX_URI are set)")
+    once.add_argument("--mongo", metavar="URI", help="ctx.db and ctx.prediction use this MongoDB (KRT_MONGO_URI), "
+                                                     "e.g. the one `kre-runner up --services` prints")
+    once.add_argument("--influx", metavar="URL", help="ctx.measurement writes here (KRT_INFLUX_URI)")
     commands.add_parser(
         "check", help="lint a node's environment: configuration, handler, NATS, stream, subjects, consumer",
         description="Check what `kre-runner run` would find with this environment; one line per check (✔/✘) "
@@ -115,6 +121,14 @@ def _parser() -> argparse.ArgumentParser:
     trace.add_argument("workflow", metavar="WORKFLOW.yaml")
     trace.add_argument("tracking_id", metavar="TRACKING_ID")
     trace.add_argument("--nats", metavar="URL", help="a deployed workflow's NATS server (default: its running `up`)")
+    stored = commands.add_parser(
+        "stored", help="what the handlers saved: MongoDB collections, time series (of `up --services`, or given)",
+        description="For each MongoDB collection its document count and newest document; for VictoriaMetrics each "
+                    "series with its point count. WORKFLOW.yaml: the services its running `up --services` started.")
+    stored.add_argument("workflow", metavar="WORKFLOW.yaml", nargs="?")
+    stored.add_argument("--mongo", metavar="URI", help="a MongoDB (default KRT_MONGO_URI)")
+    stored.add_argument("--db", help="its database (default KRT_MONGO_DB, else {KRT_RUNTIME_ID}-data)")
+    stored.add_argument("--influx", metavar="URL", help="a VictoriaMetrics (default KRT_INFLUX_URI)")
     demo = commands.add_parser("demo", help="run the example workflow (examples/workflow.yaml) and send requests")
     demo.add_argument("--requests", type=int, default=500, help="requests to send (default 500)")
     demo.add_argument("--examples", default=None,
@@ -151,6 +165,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _tool("dead-letter", _dead_letter(args))
     if args.command == "trace":
         return _tool("trace", _trace(args))
+    if args.command == "stored":
+        return _tool("stored", _stored(args))
     if args.command == "mongo-writer":
         from .mongo_writer import WriterSettings, run_writer
 
@@ -309,18 +325,43 @@ def _run_once(args: argparse.Namespace) -> int:
 
 
 async def _run_handler_once(args: argparse.Namespace) -> int:
+    import contextlib
     from pathlib import Path
 
     from .handler import load_user_code
     from .run_once import run_once
 
     values = _read_inputs(args)  # bad input is reported before the handler is imported
-    settings_level = os.environ.get("KRT_LOG_LEVEL", "INFO").upper()
-    configure_logging(settings_level if settings_level in ("DEBUG", "INFO", "WARNING", "ERROR") else "INFO",
-                      stream=sys.stderr)
+    asked = os.environ.get("KRT_LOG_LEVEL", "").strip().upper()
+    level = asked if asked in ("DEBUG", "INFO", "WARNING", "ERROR") else "INFO"
+    configure_logging(level, stream=sys.stderr)
+    if not asked:
+        # The runner's own INFO lines (which services are disabled) only when asked with KRT_LOG_LEVEL;
+        # the handler's ctx.logger lines always.
+        logging.getLogger("kre_runner").setLevel(logging.WARNING)
+        logging.getLogger("kre_runner.handler").setLevel(logging.INFO)
+    env = dict(os.environ)
+    if args.mongo:
+        env["KRT_MONGO_URI"] = args.mongo
+    if args.influx:
+        env["KRT_INFLUX_URI"] = args.influx
     code = load_user_code(Path.cwd(), args.handler)
     messages = _messages(args.type_name, values, [code.path.parent])
-    return await run_once(code, messages, sys.stdout, sys.stderr)
+    with contextlib.ExitStack() as stack:
+        if args.services:
+            from .up import start_local_services
+
+            local = {k: v for k, v in start_local_services(stack, lambda text: None).items()
+                     if k not in env or not env[k].strip()}
+            env.update(local)
+        status = await run_once(code, messages, sys.stdout, sys.stderr, env=env)
+        if args.services:
+            from .stored import stored
+
+            db = env.get("KRT_MONGO_DB") or f"{env.get('KRT_RUNTIME_ID') or 'local'}-data"
+            for line in await stored(env.get("KRT_MONGO_URI"), db, env.get("KRT_INFLUX_URI")):
+                print(f"kre-runner run-once: {line}", file=sys.stderr)
+    return status
 
 
 async def _check() -> int:
@@ -461,6 +502,32 @@ async def _trace(args: argparse.Namespace) -> int:
     for line in lines:
         print(line)
     return 0 if found else 1
+
+
+async def _stored(args: argparse.Namespace) -> int:
+    from .stored import stored
+    from .up import read_endpoint
+
+    mongo = args.mongo or os.environ.get("KRT_MONGO_URI", "").strip()
+    influx = args.influx or os.environ.get("KRT_INFLUX_URI", "").strip()
+    runtime = os.environ.get("KRT_RUNTIME_ID", "").strip()
+    db = args.db or os.environ.get("KRT_MONGO_DB", "").strip() or (f"{runtime}-data" if runtime else "")
+    if args.workflow:
+        from .workflow import load_workflow
+
+        workflow = load_workflow(args.workflow)
+        endpoint = read_endpoint(workflow.path)
+        if endpoint is None:
+            raise _Failure(f"{args.workflow} is not running: start it with `kre-runner up {args.workflow} --services`, "
+                           f"or give --mongo URI --db DB / --influx URL")
+        mongo, influx = mongo or endpoint.mongo_uri, influx or endpoint.influx_url
+        db = args.db or endpoint.mongo_db or f"{workflow.runtime}-data"
+    if not (mongo and db) and not influx:
+        raise _UsageError("give WORKFLOW.yaml (run by `kre-runner up --services`), or --mongo URI --db DATABASE "
+                          "and/or --influx URL")
+    for line in await stored(mongo or None, db or None, influx or None):
+        print(line)
+    return 0
 
 
 def _up(args: argparse.Namespace) -> int:

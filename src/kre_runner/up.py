@@ -55,6 +55,9 @@ class Endpoint:
     entrypoint_subject: str
     pid: int = 0
     run_dir: str = ""  # the nodes' logs and the answers (``trace`` reads them); empty when not recorded
+    mongo_uri: str = ""  # the data services the nodes were given (``stored`` reads them)
+    mongo_db: str = ""
+    influx_url: str = ""
 
 
 def state_file(workflow_path: Path) -> Path:
@@ -317,7 +320,10 @@ class LocalWorkflow:
         layout = self.workflow.layout
         return Endpoint(nats_url=self.url, stream=self.workflow.stream, input_subject=self.workflow.input_subject,
                         entrypoint_subject=layout.entrypoint, pid=os.getpid(),
-                        run_dir=str(self._run_dir) if self._run_dir is not None else "")
+                        run_dir=str(self._run_dir) if self._run_dir is not None else "",
+                        mongo_uri=self._extra_env.get("KRT_MONGO_URI", ""),
+                        mongo_db=self._extra_env.get("KRT_MONGO_DB", "") or f"{self.workflow.runtime}-data",
+                        influx_url=self._extra_env.get("KRT_INFLUX_URI", ""))
 
     def nodes_summary(self) -> list[str]:
         """One line per node process: its HTTP endpoint's metrics and readiness URLs."""
@@ -541,21 +547,21 @@ def how_to_call(workflow: Workflow, endpoint: Endpoint, services: dict[str, str]
     ]
     if endpoint.run_dir:
         lines.append(f"  logs:      {endpoint.run_dir}/NODE.log (every line, start-up included)")
-    for line in services_summary(services or {}, workflow.runtime):
+    for line in services_summary(services or {}, workflow.runtime, yaml_arg):
         lines.append(f"  {line}")
     lines.append("  stop:      Ctrl-C")
     return "\n".join(lines)
 
 
-def services_summary(services: dict[str, str], runtime: str) -> list[str]:
+def services_summary(services: dict[str, str], runtime: str, yaml_arg: str = "WORKFLOW.yaml") -> list[str]:
     """Where the local data services are and how to see what the nodes stored there."""
     lines = []
     if "KRT_MONGO_URI" in services:
-        uri = redact_url(services["KRT_MONGO_URI"])
-        lines.append(f"MongoDB:   {uri} (database {services.get('KRT_MONGO_DB') or f'{runtime}-data'}); stored: "
-                     f"kre-runner stored {uri} --db {services.get('KRT_MONGO_DB') or f'{runtime}-data'}")
+        lines.append(f"MongoDB:   {redact_url(services['KRT_MONGO_URI'])} "
+                     f"(database {services.get('KRT_MONGO_DB') or f'{runtime}-data'})")
     if "KRT_INFLUX_URI" in services:
-        url = services["KRT_INFLUX_URI"]
-        lines.append(f"time series: {url} (VictoriaMetrics); stored: curl -s '{url}/api/v1/export' "
-                     f"-d 'match[]={{__name__!=\"\"}}'")
+        lines.append(f"time series: {services['KRT_INFLUX_URI']} (VictoriaMetrics: InfluxDB line protocol in, "
+                     f"PromQL out)")
+    if lines:
+        lines.append(f"stored:    kre-runner stored {yaml_arg}   (what the handlers saved there)")
     return lines
