@@ -35,11 +35,23 @@ def _variables_help() -> str:
     return "\n".join(lines)
 
 
+_EXAMPLES = """\
+examples:
+  kre-runner run-once handler.py --type Request --json '{"name": "Ann"}'   # one input, no NATS
+  kre-runner up workflow.yaml --reload                  # the whole workflow locally (Ctrl-C stops it)
+  kre-runner call workflow.yaml --json '{"name": "Ann"}'  # prints the answer; the tracking id on stderr
+  kre-runner trace workflow.yaml TRACKING_ID            # where that request is
+  kre-runner dead-letter list workflow.yaml             # inputs a node gave up on
+  kre-runner check                                      # in a pod's environment: what would stop the node
+
+`kre-runner COMMAND --help` says more; `kre-runner run --help` lists the KRT_* variables a node reads."""
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="kre-runner",
         description="Run a Python handler(ctx, data) as a KRE workflow node on NATS JetStream.",
-        epilog=_variables_help(),
+        epilog=_EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"kre-runner {__version__}")
