@@ -255,6 +255,11 @@ def test_up_leaves_no_process_behind_when_its_terminal_closes_or_it_is_killed(tm
         assert line and time.monotonic() < deadline, output.decode(errors="replace")
         output += line
     children = _descendants(up.pid)
+    if sig == signal.SIGHUP:  # what the services hold, read through up's state file
+        stored = subprocess.run([sys.executable, "-m", "kre_runner", "stored", str(tmp_path / "workflow.yaml")],
+                                env=env, capture_output=True, text=True, timeout=60)
+        assert stored.returncode == 0, stored.stderr
+        assert "MongoDB mongodb://127.0.0.1:" in stored.stdout and "time series at http://127.0.0.1:" in stored.stdout
     # nats-server, nx-27017, VictoriaMetrics and three nodes (some may have children of their own).
     assert len(children) >= 6, (children, output.decode(errors="replace"))
     up.send_signal(sig)
