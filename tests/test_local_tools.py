@@ -606,7 +606,8 @@ def test_trace_finds_a_request_in_flight_dead_lettered_or_answered(tmp_path):
         assert slow.returncode == 1 and "got no answer" in slow.stderr and _tracking_id(slow) in slow.stderr
         out = kre("trace", wf, _tracking_id(slow))
         assert out.returncode == 0, out.stdout + out.stderr
-        assert "in flight: input of node traced" in out.stdout and "delivered to node and not acked" in out.stdout
+        assert "in flight: input of node traced" in out.stdout
+        assert "delivered to node traced and not acked" in out.stdout, out.stdout
 
         nowhere = kre("trace", wf, "no-such-id")
         assert nowhere.returncode == 1 and "not in flight in local-v1-wf, not dead-lettered" in nowhere.stdout

@@ -363,7 +363,11 @@ async def _run_handler_once(args: argparse.Namespace) -> int:
         if args.services:
             from .up import start_local_services
 
-            local = {k: v for k, v in start_local_services(stack, lambda text: None).items()
+            def skipped(text: str) -> None:  # only what could not start: the stored data is printed at the end
+                if "SKIPPED" in text:
+                    print(f"kre-runner run-once: {text}", file=sys.stderr)
+
+            local = {k: v for k, v in start_local_services(stack, skipped).items()
                      if k not in env or not env[k].strip()}
             env.update(local)
         status = await run_once(code, messages, sys.stdout, sys.stderr, env=env)

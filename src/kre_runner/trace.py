@@ -23,6 +23,7 @@ from typing import Any
 
 from nats.js.errors import NotFoundError
 
+from . import deadletter
 from .config import consumer_name
 from .envelope import EnvelopeError, decode
 from .workflow import Workflow
@@ -53,8 +54,6 @@ async def trace(js: Any, workflow: Workflow, tracking_id: str, nats_url: str,
 
     for stream in sorted(_dead_letter_streams(workflow, nats_url)):
         try:
-            from . import deadletter
-
             letters = await deadletter.read(js, stream)
         except NotFoundError:
             continue
@@ -132,8 +131,8 @@ async def _consumer_state(js: Any, workflow: Workflow, node: str, seq: int) -> s
     counts = (f"consumer {durable}: {info.num_ack_pending} delivered and not acked, {info.num_redelivered} "
               f"redelivered, {info.num_pending} not delivered yet, {info.num_waiting} pull requests waiting")
     if seq <= delivered:  # still stored, so above the ack floor: held by the node
-        state = ("delivered to node and not acked: being handled, or waiting to be redelivered after a failure "
-                 "or an ack wait (the node's log says which)")
+        state = (f"delivered to node {node} and not acked: being handled, or waiting to be redelivered after a "
+                 f"failure or an ack wait (the node's log says which)")
     else:
         state = "not delivered yet: waiting its turn" + (" (no node pulls: is it running?)" if not info.num_waiting
                                                          else "")
