@@ -72,8 +72,8 @@ async def trace(js: Any, workflow: Workflow, tracking_id: str, nats_url: str,
         for answer in _answers(run_dir, tracking_id):
             found = True
             path = " -> ".join(name for name, *_ in answer.get("nodes", []))
-            outcome = f"an error: {answer['error']}" if answer.get("error") else "an answer"
-            lines.append(f"answered with {outcome}, via {path}")
+            outcome = f" with an error ({answer['error']})" if answer.get("error") else ""
+            lines.append(f"answered{outcome}, via {path}")
             for name, start, end in answer.get("nodes", []):
                 lines.append(f"  {name:<12} {start} .. {end}")
         logged = _log_lines(run_dir, None, tracking_id)
