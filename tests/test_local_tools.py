@@ -26,6 +26,8 @@ EXAMPLES = Path(__file__).parents[1] / "examples"
 
 def _env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("KRT_")}
+    if "PYTHONPATH" in extra and env.get("PYTHONPATH"):  # keep the code under test (a checkout's src/) first
+        extra["PYTHONPATH"] = os.pathsep.join([env["PYTHONPATH"], extra["PYTHONPATH"]])
     env.update(extra)
     return env
 
@@ -143,6 +145,14 @@ def test_up_runs_the_workflow_call_answers_and_ctrl_c_stops_everything(tmp_path)
     try:
         up.wait_for("is ready")
         assert "kre-runner call" in up.output and "--type Request --json '{\"name\": \"Ann\"}'" in up.output
+        # Quiet start: one line per node process (what it reads and writes, its metrics), the rest in its log file.
+        for label in ("echo#1", "echo#2", "echo#3", "shout "):
+            lines = [line for line in up.lines if line.startswith(label)]
+            reads = "local-v1-wf.shout" if label == "shout " else "local-v1-wf.echo"
+            assert len(lines) == 1 and f"ready: reads {reads}" in lines[0] and "/metrics" in lines[0], up.output
+        assert "duplicate window" not in up.output and up.output.count("/readyz") == 4, up.output
+        log = (state_file(workflow).with_suffix("") / "echo-1.log").read_text()
+        assert "consuming local-v1-wf.echo" in log and "node echo ready" in log, log
         one = kre("call", str(workflow), "--json", '{"name": "Ann"}')
         assert one.returncode == 0, one.stderr
         assert json.loads(one.stdout)["greeting"].startswith("ANN PID=")
@@ -156,7 +166,7 @@ def test_up_runs_the_workflow_call_answers_and_ctrl_c_stops_everything(tmp_path)
         assert all("HOST=127.0.0.1" in a for a in answers)  # up keeps the nodes' endpoints off the network
         error = kre("call", str(workflow), "--json", '{"name": "boom"}')
         assert error.returncode == 1
-        assert error.stderr.strip() == "error in 'echo': no boom here"
+        assert error.stderr.strip().splitlines()[-1] == "error in 'echo': no boom here"
         assert "echo#1 | " in up.output and "shout  | " in up.output  # each line says which node
     finally:
         code = up.stop(signal.SIGINT)
@@ -273,7 +283,8 @@ async def test_call_a_deployed_workflow_by_nats_stream_and_subject(nats_server, 
         assert code == 0, err
         assert json.loads(out) == {"greeting": "Hello, Ann!"}
         code, out, err = await akre(*base, "--json", '{"name": "boom"}')
-        assert code == 1 and err.strip() == "error in 'greeter': cannot greet boom"
+        assert code == 1 and err.strip().splitlines() == [f"kre-runner call: tracking id {err.split()[4]}",
+                                                          "error in 'greeter': cannot greet boom"]
         code, out, err = await akre(*base, "--json", '{"name": "skip"}', "--timeout", "1")
         assert code == 1 and "got no answer on demo-v1-wf.entrypoint within 1s" in err
         code, out, err = await akre(*base[:-1], "greeter_pb2.Response", "--json", '{"name": "x"}')
@@ -475,3 +486,157 @@ def test_the_examples_own_tests_pass():
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(EXAMPLES)],
                           cwd=EXAMPLES.parent, env=_env(), capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and "4 passed" in proc.stdout, proc.stdout[-4000:]
+
+
+@pytest.fixture
+def not_nats_port():
+    """A port that accepts connections and never says anything: not a NATS server."""
+    import socket
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(16)
+    try:
+        yield listener.getsockname()[1]
+    finally:
+        listener.close()
+
+
+@pytest.mark.parametrize("command", ["up", "call", "dead-letter", "stream create"])
+def test_connection_errors_are_one_line_naming_the_address_and_the_fix(tmp_path, not_nats_port, command):
+    workflow = _workflow(tmp_path, "workflow: wf\nnodes: [{name: echo, handler: echo.py}]\n", echo=ECHO)
+    for url, says in (("nats://127.0.0.1:1,nats://kre:s3cr3t@127.0.0.1:2", "is a nats-server running there?"),
+                      (f"nats://127.0.0.1:{not_nats_port}", "did not answer as a NATS server")):
+        args = {
+            "up": ["up", str(workflow), "--nats", url],
+            "call": ["call", "--nats", url, "--stream", STREAM, "--subject", f"{STREAM}.greeter", "--proto-path",
+                     str(PROTOS), "--type", "Request", "--json", "{}"],
+            "dead-letter": ["dead-letter", "list", "--nats", url, "--stream", "wf-dead-letter"],
+            "stream create": ["stream", "create", "--nats", url, "--stream", STREAM],
+        }[command]
+        started = time.monotonic()
+        proc = kre(*args, timeout=30)
+        took = time.monotonic() - started
+        output = (proc.stdout + proc.stderr).strip()
+        assert proc.returncode == 1, output
+        assert len(output.splitlines()) == 1, output
+        assert says in output and "kre-runner up starts one" in output, output
+        assert url.split(",")[0].replace("kre:s3cr3t@", "") in output and "s3cr3t" not in output, output
+        assert took < 5, f"{took:.1f}s: {output}"
+
+
+def test_up_reload_restarts_only_the_node_whose_code_changed(tmp_path):
+    workflow = _workflow(tmp_path, """
+        workflow: wf
+        nodes: [{name: echo, handler: echo.py}, {name: shout, handler: shout.py:shout}]
+    """, echo=ECHO, shout=SHOUT, helper="WORD = 'hi'\n")
+    up = Up(str(workflow), "--reload")
+    try:
+        up.wait_for("is ready")
+        (tmp_path / "test_echo.py").write_text("def test_nothing():\n    pass\n")  # a test file: no node's code
+        (tmp_path / "helper.py").write_text("WORD = 'hello'\n")  # imported by no node
+        time.sleep(1.5)  # three polls
+        assert "restarting" not in up.output
+        mark = len(up.lines)
+        (tmp_path / "shout.py").write_text(textwrap.dedent(SHOUT) + "\nimport helper  # now it is shout's code\n")
+        up.wait_for("shout.py changed: restarting shout", after=mark)
+        up.wait_for("shout | ", after=mark)
+        time.sleep(1.0)
+        assert "restarting echo" not in up.output
+        mark = len(up.lines)
+        (tmp_path / "helper.py").write_text("WORD = 'hey'\n")
+        up.wait_for("helper.py changed: restarting shout", after=mark)
+        mark = len(up.lines)
+        (tmp_path / "greeter_pb2.py").write_text((tmp_path / "greeter_pb2.py").read_text() + "\n")  # both import it
+        up.wait_for("restarting echo", after=mark)
+        up.wait_for("restarting shout", after=mark)
+    finally:
+        assert up.stop(signal.SIGTERM) == 0, up.output
+
+
+TRACED = """
+    import asyncio
+    from greeter_pb2 import Request, Response
+    from kre_runner import Retry
+
+    async def handler(ctx, data):
+        request = Request()
+        data.Unpack(request)
+        ctx.logger.info("handling %s", request.name)
+        if request.name == "slow":
+            await asyncio.sleep(120)
+        if request.name == "retry":
+            raise Retry("the model is busy", delay=0.1)
+        return Response(greeting=request.name)
+"""
+
+
+def _tracking_id(proc: subprocess.CompletedProcess[str]) -> str:
+    import re
+
+    found = re.search(r"^kre-runner call: tracking id (\S+)$", proc.stderr, re.MULTILINE)
+    assert found, proc.stderr
+    return found.group(1)
+
+
+def test_trace_finds_a_request_in_flight_dead_lettered_or_answered(tmp_path):
+    workflow = _workflow(tmp_path, """
+        workflow: wf
+        request: Request
+        nodes: [{name: traced, handler: traced.py, env: {KRT_MAX_DELIVER: "2"}}]
+    """, traced=TRACED)
+    wf = str(workflow)
+    up = Up(wf)
+    try:
+        up.wait_for("is ready")
+        answered = kre("call", wf, "--json", '{"name": "Ann"}')
+        assert answered.returncode == 0, answered.stderr
+        out = kre("trace", wf, _tracking_id(answered))
+        assert out.returncode == 0, out.stdout + out.stderr
+        assert "answered, via entrypoint -> traced" in out.stdout and "handling Ann" in out.stdout
+
+        dead = kre("call", wf, "--json", '{"name": "retry"}')
+        assert dead.returncode == 1 and "dead-lettered after 2 deliveries" in dead.stderr, dead.stderr
+        out = kre("trace", wf, _tracking_id(dead))
+        assert out.returncode == 0, out.stdout + out.stderr
+        assert "in local-v1-wf-dead-letter: node traced gave up after 2 deliveries" in out.stdout, out.stdout
+        assert "the model is busy" in out.stdout and f"kre-runner dead-letter replay {wf} 1" in out.stdout
+        listed = kre("dead-letter", "list", wf)
+        assert listed.returncode == 0 and "1 dead letter(s) in local-v1-wf-dead-letter" in listed.stdout, listed
+
+        slow = kre("call", wf, "--json", '{"name": "slow"}', "--timeout", "1")
+        assert slow.returncode == 1 and "got no answer" in slow.stderr and _tracking_id(slow) in slow.stderr
+        out = kre("trace", wf, _tracking_id(slow))
+        assert out.returncode == 0, out.stdout + out.stderr
+        assert "in flight: input of node traced" in out.stdout
+        assert "delivered to node traced and not acked" in out.stdout, out.stdout
+
+        nowhere = kre("trace", wf, "no-such-id")
+        assert nowhere.returncode == 1 and "not in flight in local-v1-wf, not dead-lettered" in nowhere.stdout
+        created = kre("stream", "create", wf)
+        assert created.returncode == 0 and "stream local-v1-wf already exists" in created.stdout, created
+    finally:
+        assert up.stop() == 0, up.output
+    stopped = kre("dead-letter", "list", wf)
+    assert stopped.returncode == 1 and "is not running: start it with `kre-runner up" in stopped.stderr
+
+
+def test_run_once_is_quiet_and_uses_local_data_services(tmp_path, mongo_uri, mongo_db_name):
+    services = str(EXAMPLES / "services" / "services.py")
+    plain = kre("run-once", str(HANDLERS / "greet.py"), "--type", "Request", "--json", '{"name": "Ann"}',
+                env=_env(PYTHONPATH=str(PROTOS)))
+    assert plain.returncode == 0 and plain.stderr == "", plain.stderr  # the runner's INFO lines only when asked
+    asked = kre("run-once", str(HANDLERS / "greet.py"), "--type", "Request", "--json", '{"name": "Ann"}',
+                env=_env(PYTHONPATH=str(PROTOS), KRT_LOG_LEVEL="INFO"))
+    assert "ctx.db: disabled" in asked.stderr
+
+    local = kre("run-once", services, "--type", "Request", "--json", '{"name": "Ann"}', "--services", timeout=90)
+    assert local.returncode == 0 and local.stdout == '{"name": "Ann"}\n', local.stderr
+    assert "visits: 1 document(s)" in local.stderr and "classificationMetrics: 1 document(s)" in local.stderr
+    assert "visits_count: 1 point(s)" in local.stderr, local.stderr
+
+    given = kre("run-once", services, "--type", "Request", "--json", '{"name": "Bo"}', "--mongo", mongo_uri,
+                env=_env(KRT_MONGO_DB=mongo_db_name))
+    assert given.returncode == 0, given.stderr
+    shown = kre("stored", "--mongo", mongo_uri, "--db", mongo_db_name)
+    assert shown.returncode == 0 and "visits: 1 document(s)" in shown.stdout and '"name": "Bo"' in shown.stdout

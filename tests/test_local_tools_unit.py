@@ -183,3 +183,32 @@ async def test_run_once_runs_a_batch_handler_with_one_input_as_run_does():
     assert code == 1 and "ValueError: bad exc1" in err
     code, out, err = await _run_once("batch.py:classify_async", "b")
     assert code == 0 and out == ['{"greeting": "ok b"}'], err
+
+
+def test_the_readme_first_screen_is_what_scripts_first_screen_test_walks():
+    """The extraction itself (the walk on a fresh venv is scripts/first-screen-test, run by .ci/run)."""
+    import importlib.machinery
+    import importlib.util
+    import sys
+
+    root = Path(__file__).parents[1]
+    loader = importlib.machinery.SourceFileLoader("first_screen", str(root / "scripts" / "first-screen-test"))
+    spec = importlib.util.spec_from_loader("first_screen", loader)
+    assert spec is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["first_screen"] = module
+    try:
+        loader.exec_module(module)
+        steps = module.steps((root / "README.md").read_text(encoding="utf-8"))
+    finally:
+        del sys.modules["first_screen"]
+    commands = [step.command.split()[0:2] for step in steps]
+    assert ["pip", "install"] in commands and ["pytest", "-q"] in commands
+    install = next(step.command for step in steps if step.command.startswith("pip install"))
+    assert "[testing]" in install and "[test]" not in install  # the user's extra, not CI's tools
+    assert [step.command.split()[1] for step in steps if step.command.startswith("kre-runner")] == [
+        "run-once", "up", "call"]
+    assert sum(step.background for step in steps) == 1
+    call = next(step for step in steps if step.command.startswith("kre-runner call"))
+    assert module.matches(call.expected[0], "kre-runner call: tracking id 7dab9f5e-c0ce-43c7-8be4-b3ac1eac7e54")
+    assert not module.matches("1 passed in …s", "1 passed, 1 warning in 0.63s")

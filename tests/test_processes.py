@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import subprocess
@@ -194,3 +195,82 @@ def test_the_demo_workflow_answers_every_request():
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "40/40 replies (40 matched by tracking id, 0 errors)" in proc.stdout, proc.stdout[-3000:]
     assert "via entrypoint -> services -> greeter -> decorator" in proc.stdout
+
+
+def _descendants(root: int) -> dict[int, str]:
+    """Every process below ``root`` (pid -> start time, so a reused pid is not mistaken for it), from /proc."""
+    children: dict[int, list[int]] = {}
+    starts: dict[int, str] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as stat:
+                fields = stat.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(entry))
+        starts[int(entry)] = fields[19]
+    found: dict[int, str] = {}
+    todo = [root]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found[child] = starts[child]
+            todo.append(child)
+    return found
+
+
+def _still_running(processes: dict[int, str]) -> dict[int, str]:
+    alive = {}
+    for pid, start in processes.items():
+        try:
+            with open(f"/proc/{pid}/stat") as stat:
+                fields = stat.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if fields[19] == start and fields[0] != "Z":
+            with open(f"/proc/{pid}/cmdline", "rb") as cmdline:
+                alive[pid] = cmdline.read().replace(b"\0", b" ").decode(errors="replace")[:200]
+    return alive
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+@pytest.mark.parametrize("sig", [signal.SIGHUP, signal.SIGKILL])
+def test_up_leaves_no_process_behind_when_its_terminal_closes_or_it_is_killed(tmp_path, sig):
+    """Closing the terminal (SIGHUP) stops everything as Ctrl-C does; after SIGKILL the children follow `up`."""
+    from kre_helpers import HANDLERS, PROTOS
+
+    (tmp_path / "workflow.yaml").write_text(
+        f"workflow: wf\nnodes:\n  - {{name: a, handler: {HANDLERS / 'greet.py'}}}\n"
+        f"  - {{name: b, handler: {HANDLERS / 'greet.py'}, replicas: 2}}\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KRT_")}
+    env["PYTHONPATH"] = os.pathsep.join([str(PROTOS), env.get("PYTHONPATH", "")])
+    up = subprocess.Popen([sys.executable, "-m", "kre_runner", "up", str(tmp_path / "workflow.yaml"), "--services"],
+                          env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    assert up.stdout is not None
+    output = b""
+    deadline = time.monotonic() + 60
+    while b"is ready" not in output:
+        line = up.stdout.readline()
+        assert line and time.monotonic() < deadline, output.decode(errors="replace")
+        output += line
+    children = _descendants(up.pid)
+    if sig == signal.SIGHUP:  # what the services hold, read through up's state file
+        stored = subprocess.run([sys.executable, "-m", "kre_runner", "stored", str(tmp_path / "workflow.yaml")],
+                                env=env, capture_output=True, text=True, timeout=60)
+        assert stored.returncode == 0, stored.stderr
+        assert "MongoDB mongodb://127.0.0.1:" in stored.stdout and "time series at http://127.0.0.1:" in stored.stdout
+    # nats-server, nx-27017, VictoriaMetrics and three nodes (some may have children of their own).
+    assert len(children) >= 6, (children, output.decode(errors="replace"))
+    up.send_signal(sig)
+    deadline = time.monotonic() + 30
+    while _still_running(children) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    left = _still_running(children)
+    for pid in left:  # do not leak them into the other tests
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    up.stdout.close()
+    code = up.wait(30)
+    assert not left, f"{len(left)} of {len(children)} processes outlived up after {sig.name}: {left}"
+    assert code == (0 if sig == signal.SIGHUP else -signal.SIGKILL)

@@ -117,13 +117,17 @@ def test_consumer_name_is_sanitised_like_the_original_durable():
     assert consumer_name("v1.0.0", "my node/x") == "v1_0_0-my_node_x"
 
 
-def test_help_lists_every_command_and_variable(capsys):
+def test_help_lists_every_command_and_run_help_every_variable(capsys):
     with pytest.raises(SystemExit) as caught:
         cli_main(["--help"])
     assert caught.value.code == 0
     text = capsys.readouterr().out
-    for command in ("run", "demo", "mongo-writer"):
+    for command in ("run", "up", "call", "trace", "dead-letter", "stored", "demo", "mongo-writer"):
         assert command in text
+    assert "examples:" in text and "KRT_NATS_SERVER" not in text  # the variable table is run's
+    with pytest.raises(SystemExit) as caught:
+        cli_main(["run", "--help"])
+    text = capsys.readouterr().out
     for name, *_ in VARIABLES:
         assert name in text
 

@@ -40,10 +40,11 @@ def request_envelope(payload: Message, tracking_id: str | None = None, reply: st
 
 
 async def call_workflow(nc: Client, input_subject: str, entrypoint_subject: str, requests: Sequence[Message],
-                        timeout: float = 10.0) -> list[KreNatsMessage]:
+                        timeout: float = 10.0, tracking_ids: Sequence[str] | None = None) -> list[KreNatsMessage]:
     """Send ``requests`` to ``input_subject`` and return their answers (in order), each matched by tracking id.
 
     An answer may be an error envelope (``error`` set); the caller decides what that means.
+    ``tracking_ids`` (one per request, else new UUIDs) lets the caller show them before the answers come.
     """
     waiting: dict[str, asyncio.Future[KreNatsMessage]] = {}
     loop = asyncio.get_running_loop()
@@ -61,8 +62,8 @@ async def call_workflow(nc: Client, input_subject: str, entrypoint_subject: str,
     try:
         js = nc.jetstream()
         envelopes = []
-        for request in requests:
-            envelope = request_envelope(request)
+        for i, request in enumerate(requests):
+            envelope = request_envelope(request, tracking_ids[i] if tracking_ids else None)
             waiting[envelope.tracking_id] = loop.create_future()
             envelopes.append(envelope)
         await nc.flush()  # the subscription is in place before the first request can be answered
@@ -80,9 +81,10 @@ async def call_workflow(nc: Client, input_subject: str, entrypoint_subject: str,
         try:
             return list(await asyncio.wait_for(asyncio.gather(*waiting.values()), timeout))
         except asyncio.TimeoutError:
-            missing = sum(1 for f in waiting.values() if not f.done())
-            raise CallError(f"{missing} of {len(waiting)} request(s) got no answer on {entrypoint_subject} within "
-                            f"{timeout:g}s (are the nodes running? a node whose handler returns None answers "
-                            f"nothing)") from None
+            missing = [t for t, f in waiting.items() if not f.done()]
+            shown = ", ".join(missing[:3]) + (" …" if len(missing) > 3 else "")
+            raise CallError(f"{len(missing)} of {len(waiting)} request(s) got no answer on {entrypoint_subject} "
+                            f"within {timeout:g}s (are the nodes running? a node whose handler returns None answers "
+                            f"nothing; kre-runner trace shows where a request is): tracking id {shown}") from None
     finally:
         await sub.unsubscribe()

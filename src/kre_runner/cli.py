@@ -17,7 +17,7 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
 from . import __version__
-from .config import VARIABLES, ConfigError, Settings, redact_url
+from .config import VARIABLES, ConfigError, Settings
 from .connection import StartupError
 from .consumer import SetupError
 from .handler import HandlerLoadError
@@ -35,11 +35,23 @@ def _variables_help() -> str:
     return "\n".join(lines)
 
 
+_EXAMPLES = """\
+examples:
+  kre-runner run-once handler.py --type Request --json '{"name": "Ann"}'   # one input, no NATS
+  kre-runner up workflow.yaml --reload                  # the whole workflow locally (Ctrl-C stops it)
+  kre-runner call workflow.yaml --json '{"name": "Ann"}'  # prints the answer; the tracking id on stderr
+  kre-runner trace workflow.yaml TRACKING_ID            # where that request is
+  kre-runner dead-letter list workflow.yaml             # inputs a node gave up on
+  kre-runner check                                      # in a pod's environment: what would stop the node
+
+`kre-runner COMMAND --help` says more; `kre-runner run --help` lists the KRT_* variables a node reads."""
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="kre-runner",
         description="Run a Python handler(ctx, data) as a KRE workflow node on NATS JetStream.",
-        epilog=_variables_help(),
+        epilog=_EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"kre-runner {__version__}")
@@ -52,7 +64,8 @@ def _parser() -> argparse.ArgumentParser:
                     "manager gives a pod, on an embedded JetStream server (or --nats). Ctrl-C stops everything.")
     up.add_argument("workflow", metavar="WORKFLOW.yaml")
     up.add_argument("--nats", metavar="URL", help="use this NATS server instead of starting one")
-    up.add_argument("--reload", action="store_true", help="restart a node when a .py file under its directory changes")
+    up.add_argument("--reload", action="store_true",
+                    help="restart a node when its handler file, or a local module it imports, changes")
     up.add_argument("--services", action="store_true",
                     help="also start a local MongoDB stand-in and VictoriaMetrics for ctx.db/prediction/measurement "
                          "(unless KRT_MONGO_URI / KRT_INFLUX_URI are set)")
@@ -77,6 +90,12 @@ def _parser() -> argparse.ArgumentParser:
                     "set. Exit 1 (with the traceback) when the handler raises.")
     once.add_argument("handler", metavar="HANDLER")
     _add_input_options(once)
+    once.add_argument("--services", action="store_true",
+                      help="start a throwaway MongoDB stand-in and VictoriaMetrics for ctx.db/prediction/measurement "
+                           "and show what the handler stored (unless KRT_MONGO_URI / KRT_INFLUX_URI are set)")
+    once.add_argument("--mongo", metavar="URI", help="ctx.db and ctx.prediction use this MongoDB (KRT_MONGO_URI), "
+                                                     "e.g. the one `kre-runner up --services` prints")
+    once.add_argument("--influx", metavar="URL", help="ctx.measurement writes here (KRT_INFLUX_URI)")
     commands.add_parser(
         "check", help="lint a node's environment: configuration, handler, NATS, stream, subjects, consumer",
         description="Check what `kre-runner run` would find with this environment; one line per check (✔/✘) "
@@ -86,6 +105,8 @@ def _parser() -> argparse.ArgumentParser:
     stream_commands = stream.add_subparsers(dest="stream_command", metavar="ACTION", required=True)
     create = stream_commands.add_parser(
         "create", help="create KRT_NATS_STREAM with subjects {stream}.* and interest retention, as the manager does")
+    create.add_argument("workflow", metavar="WORKFLOW.yaml", nargs="?",
+                        help="the workflow's stream, on the server of its `up` (or --nats)")
     create.add_argument("--nats", metavar="URL", help="NATS server (default KRT_NATS_SERVER)")
     create.add_argument("--stream", help="stream name (default KRT_NATS_STREAM)")
     dead = commands.add_parser(
@@ -94,13 +115,32 @@ def _parser() -> argparse.ArgumentParser:
                     "(KRT_DEAD_LETTER_STREAM, default {KRT_NATS_STREAM}-dead-letter). `replay` publishes them again "
                     "to their input subject and removes them; `purge` removes them.")
     dead.add_argument("action", choices=["list", "show", "replay", "purge"])
-    dead.add_argument("seq", nargs="*", type=int, help="dead-letter sequence numbers (show/replay/purge; "
-                                                      "replay and purge need them, or --all)")
+    dead.add_argument("seq", nargs="*", metavar="[WORKFLOW.yaml] SEQ",
+                      help="the workflow (its `up`'s server and dead-letter stream), then dead-letter "
+                           "sequence numbers (show/replay/purge; replay and purge need them, or --all)")
     dead.add_argument("--all", action="store_true", help="replay or purge every dead letter (of --node)")
     dead.add_argument("--node", help="only this node's dead letters")
     dead.add_argument("--nats", metavar="URL", help="NATS server (default KRT_NATS_SERVER)")
     dead.add_argument("--stream", help="dead-letter stream (default KRT_DEAD_LETTER_STREAM, "
                                        "else {KRT_NATS_STREAM}-dead-letter)")
+    trace = commands.add_parser(
+        "trace", help="where a request is, by the tracking id call prints: in flight, dead-lettered or answered",
+        description="Find the request with TRACKING_ID (printed by `kre-runner call`, and in the nodes' log lines "
+                    "about it): in flight (the node holding it unacked, its consumer's counts and, under up, its "
+                    "redeliveries from the node's log), dead-lettered (which node, after how many deliveries, why) "
+                    "or, under `kre-runner up`, answered (the nodes it passed, from the answer's tracking entries) and "
+                    "the log lines naming it. Exit 1 when it is found nowhere.")
+    trace.add_argument("workflow", metavar="WORKFLOW.yaml")
+    trace.add_argument("tracking_id", metavar="TRACKING_ID")
+    trace.add_argument("--nats", metavar="URL", help="a deployed workflow's NATS server (default: its running `up`)")
+    stored = commands.add_parser(
+        "stored", help="what the handlers saved: MongoDB collections, time series (of `up --services`, or given)",
+        description="For each MongoDB collection its document count and newest document; for VictoriaMetrics each "
+                    "series with its point count. WORKFLOW.yaml: the services its running `up --services` started.")
+    stored.add_argument("workflow", metavar="WORKFLOW.yaml", nargs="?")
+    stored.add_argument("--mongo", metavar="URI", help="a MongoDB (default KRT_MONGO_URI)")
+    stored.add_argument("--db", help="its database (default KRT_MONGO_DB, else {KRT_RUNTIME_ID}-data)")
+    stored.add_argument("--influx", metavar="URL", help="a VictoriaMetrics (default KRT_INFLUX_URI)")
     demo = commands.add_parser("demo", help="run the example workflow (examples/workflow.yaml) and send requests")
     demo.add_argument("--requests", type=int, default=500, help="requests to send (default 500)")
     demo.add_argument("--examples", default=None,
@@ -135,6 +175,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _tool("stream create", _stream_create(args))
     if args.command == "dead-letter":
         return _tool("dead-letter", _dead_letter(args))
+    if args.command == "trace":
+        return _tool("trace", _trace(args))
+    if args.command == "stored":
+        return _tool("stored", _stored(args))
     if args.command == "mongo-writer":
         from .mongo_writer import WriterSettings, run_writer
 
@@ -229,6 +273,7 @@ def _messages(type_name: str | None, values: list[Any], directories: list[Any]) 
 
 
 async def _call(args: argparse.Namespace) -> int:
+    import uuid
     from pathlib import Path
 
     from .calling import call_workflow
@@ -259,8 +304,13 @@ async def _call(args: argparse.Namespace) -> int:
     directories += [Path(p) for p in args.proto_path]
     requests = _messages(args.type_name or default_type, _read_inputs(args), directories)
     nc = await _connect(url)
+    tracking_ids = [str(uuid.uuid4()) for _ in requests]
+    # On stderr before the answers: stdout stays JSON, and a request that gets none can still be traced.
+    for i, tracking_id in enumerate(tracking_ids, 1):
+        print(f"kre-runner call: {f'request {i}: ' if len(requests) > 1 else ''}tracking id {tracking_id}",
+              file=sys.stderr, flush=True)
     try:
-        answers = await call_workflow(nc, input_subject, entrypoint, requests, args.timeout)
+        answers = await call_workflow(nc, input_subject, entrypoint, requests, args.timeout, tracking_ids)
     finally:
         await nc.close()
     failed = 0
@@ -287,18 +337,47 @@ def _run_once(args: argparse.Namespace) -> int:
 
 
 async def _run_handler_once(args: argparse.Namespace) -> int:
+    import contextlib
     from pathlib import Path
 
     from .handler import load_user_code
     from .run_once import run_once
 
     values = _read_inputs(args)  # bad input is reported before the handler is imported
-    settings_level = os.environ.get("KRT_LOG_LEVEL", "INFO").upper()
-    configure_logging(settings_level if settings_level in ("DEBUG", "INFO", "WARNING", "ERROR") else "INFO",
-                      stream=sys.stderr)
+    asked = os.environ.get("KRT_LOG_LEVEL", "").strip().upper()
+    level = asked if asked in ("DEBUG", "INFO", "WARNING", "ERROR") else "INFO"
+    configure_logging(level, stream=sys.stderr)
+    if not asked:
+        # The runner's own INFO lines (which services are disabled) only when asked with KRT_LOG_LEVEL;
+        # the handler's ctx.logger lines always.
+        logging.getLogger("kre_runner").setLevel(logging.WARNING)
+        logging.getLogger("kre_runner.handler").setLevel(logging.INFO)
+    env = dict(os.environ)
+    if args.mongo:
+        env["KRT_MONGO_URI"] = args.mongo
+    if args.influx:
+        env["KRT_INFLUX_URI"] = args.influx
     code = load_user_code(Path.cwd(), args.handler)
     messages = _messages(args.type_name, values, [code.path.parent])
-    return await run_once(code, messages, sys.stdout, sys.stderr)
+    with contextlib.ExitStack() as stack:
+        if args.services:
+            from .up import start_local_services
+
+            def skipped(text: str) -> None:  # only what could not start: the stored data is printed at the end
+                if "SKIPPED" in text:
+                    print(f"kre-runner run-once: {text}", file=sys.stderr)
+
+            local = {k: v for k, v in start_local_services(stack, skipped).items()
+                     if k not in env or not env[k].strip()}
+            env.update(local)
+        status = await run_once(code, messages, sys.stdout, sys.stderr, env=env)
+        if args.services:
+            from .stored import stored
+
+            db = env.get("KRT_MONGO_DB") or f"{env.get('KRT_RUNTIME_ID') or 'local'}-data"
+            for line in await stored(env.get("KRT_MONGO_URI"), db, env.get("KRT_INFLUX_URI")):
+                print(f"kre-runner run-once: {line}", file=sys.stderr)
+    return status
 
 
 async def _check() -> int:
@@ -316,9 +395,12 @@ async def _stream_create(args: argparse.Namespace) -> int:
 
     url = args.nats or os.environ.get("KRT_NATS_SERVER", "").strip()
     stream = args.stream or os.environ.get("KRT_NATS_STREAM", "").strip()
+    if args.workflow:
+        workflow, url = _workflow_server(args.workflow, args.nats)
+        stream = args.stream or workflow.stream
     if not url or not stream:
-        raise _UsageError("set KRT_NATS_SERVER and KRT_NATS_STREAM (or pass --nats URL --stream NAME), "
-                          "e.g. KRT_NATS_STREAM=demo-v1-greeter")
+        raise _UsageError("set KRT_NATS_SERVER and KRT_NATS_STREAM (or pass --nats URL --stream NAME, or "
+                          "WORKFLOW.yaml), e.g. KRT_NATS_STREAM=demo-v1-greeter")
     if any(c in stream for c in ".*> \t/\\"):
         raise _UsageError(f"stream name {stream!r} is invalid: no . * > / \\ or spaces, e.g. demo-v1-greeter")
     nc = await _connect(url)
@@ -334,13 +416,12 @@ async def _stream_create(args: argparse.Namespace) -> int:
 
 async def _connect(url: str) -> Any:
     """A short-lived connection for a command: one try, and one line when it fails."""
-    import nats as nats_client
+    from .connection import connect_once
 
     try:
-        return await nats_client.connect(url.split(",")[0], connect_timeout=2, max_reconnect_attempts=1,
-                                         allow_reconnect=False)
-    except Exception as exc:
-        raise _Failure(f"cannot connect to NATS at {redact_url(url)}: {type(exc).__name__}: {exc}") from None
+        return await connect_once(url)
+    except StartupError as exc:
+        raise _Failure(str(exc)) from None
 
 
 async def _dead_letter(args: argparse.Namespace) -> int:
@@ -352,10 +433,21 @@ async def _dead_letter(args: argparse.Namespace) -> int:
 
     url = args.nats or os.environ.get("KRT_NATS_SERVER", "").strip()
     workflow_stream = os.environ.get("KRT_NATS_STREAM", "").strip()
-    stream = args.stream or os.environ.get("KRT_DEAD_LETTER_STREAM", "").strip() or (
-        f"{workflow_stream}-dead-letter" if workflow_stream else "")
+    dead_letter_stream = os.environ.get("KRT_DEAD_LETTER_STREAM", "").strip()
+    words = list(args.seq)
+    if words and words[0].endswith((".yaml", ".yml")):
+        workflow, url = _workflow_server(words.pop(0), args.nats)
+        workflow_stream = workflow.stream
+        dead_letter_stream = workflow.node_env(workflow.nodes[0], url).get("KRT_DEAD_LETTER_STREAM", "")
+    try:
+        args.seq = [int(word) for word in words]
+    except ValueError:
+        raise _UsageError(f"dead-letter {args.action}: expected [WORKFLOW.yaml] then sequence numbers, got "
+                          f"{' '.join(words)}") from None
+    stream = args.stream or dead_letter_stream or (f"{workflow_stream}-dead-letter" if workflow_stream else "")
     if not url or not stream:
-        raise _UsageError("set KRT_NATS_SERVER and KRT_NATS_STREAM (or pass --nats URL --stream DEAD_LETTER_STREAM)")
+        raise _UsageError("give WORKFLOW.yaml (`dead-letter list workflow.yaml`), or set KRT_NATS_SERVER and "
+                          "KRT_NATS_STREAM (or pass --nats URL --stream DEAD_LETTER_STREAM)")
     if args.action in ("replay", "purge") and not args.seq and not args.all:
         raise _UsageError(f"{args.action} needs dead-letter sequence numbers or --all")
     nc = await _connect(url)
@@ -394,6 +486,66 @@ async def _dead_letter(args: argparse.Namespace) -> int:
     return 0
 
 
+def _workflow_server(path: str, nats_url: str | None) -> tuple[Any, str]:
+    """A workflow YAML and its NATS server: --nats (deployed), else the one its running ``up`` uses."""
+    from .up import read_endpoint
+    from .workflow import load_workflow
+
+    workflow = load_workflow(path)
+    if nats_url:
+        return workflow, nats_url
+    endpoint = read_endpoint(workflow.path)
+    if endpoint is None:
+        raise _Failure(f"{path} is not running: start it with `kre-runner up {path}` (in another terminal), or "
+                       f"give a deployed workflow's server with --nats URL")
+    return workflow, endpoint.nats_url
+
+
+async def _trace(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .trace import trace
+    from .up import read_endpoint
+
+    workflow, url = _workflow_server(args.workflow, args.nats)
+    endpoint = None if args.nats else read_endpoint(workflow.path)
+    run_dir = Path(endpoint.run_dir) if endpoint is not None and endpoint.run_dir else None
+    nc = await _connect(url)
+    try:
+        found, lines = await trace(nc.jetstream(), workflow, args.tracking_id, url, run_dir)
+    finally:
+        await nc.close()
+    for line in lines:
+        print(line)
+    return 0 if found else 1
+
+
+async def _stored(args: argparse.Namespace) -> int:
+    from .stored import stored
+    from .up import read_endpoint
+
+    mongo = args.mongo or os.environ.get("KRT_MONGO_URI", "").strip()
+    influx = args.influx or os.environ.get("KRT_INFLUX_URI", "").strip()
+    runtime = os.environ.get("KRT_RUNTIME_ID", "").strip()
+    db = args.db or os.environ.get("KRT_MONGO_DB", "").strip() or (f"{runtime}-data" if runtime else "")
+    if args.workflow:
+        from .workflow import load_workflow
+
+        workflow = load_workflow(args.workflow)
+        endpoint = read_endpoint(workflow.path)
+        if endpoint is None:
+            raise _Failure(f"{args.workflow} is not running: start it with `kre-runner up {args.workflow} --services`, "
+                           f"or give --mongo URI --db DB / --influx URL")
+        mongo, influx = mongo or endpoint.mongo_uri, influx or endpoint.influx_url
+        db = args.db or endpoint.mongo_db or f"{workflow.runtime}-data"
+    if not (mongo and db) and not influx:
+        raise _UsageError("give WORKFLOW.yaml (run by `kre-runner up --services`), or --mongo URI --db DATABASE "
+                          "and/or --influx URL")
+    for line in await stored(mongo or None, db or None, influx or None):
+        print(line)
+    return 0
+
+
 def _up(args: argparse.Namespace) -> int:
     import contextlib
 
@@ -415,16 +567,21 @@ async def _run_up(workflow: Any, nats_url: str | None, reload: bool, services: b
     started = time.monotonic()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    # SIGHUP: its terminal was closed; everything it started stops as on Ctrl-C.
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         loop.add_signal_handler(sig, stop.set)
 
+    extra: dict[str, str] | None = None
+
     def ready(endpoint: Any) -> None:
-        print(f"kre-runner up: {how_to_call(workflow, endpoint)}\n  (ready {time.monotonic() - started:.1f}s after "
-              f"start{'; --reload: nodes restart when their files change' if reload else ''})", flush=True)
+        reloading = "; --reload: a node restarts when its code changes" if reload else ""
+        print(f"kre-runner up: {how_to_call(workflow, endpoint, extra)}\n"
+              f"  (ready {time.monotonic() - started:.1f}s after start{reloading})", flush=True)
 
     with stack:
         extra = start_local_services(stack, lambda text: print(f"kre-runner up: {text}")) if services else None
-        async with LocalWorkflow(workflow, nats_url=nats_url, reload=reload, extra_env=extra, on_ready=ready) as local:
+        async with LocalWorkflow(workflow, nats_url=nats_url, reload=reload, extra_env=extra, on_ready=ready,
+                                 record=True) as local:
             code = await local.wait(stop)
         print("kre-runner up: stopped", flush=True)
     return code

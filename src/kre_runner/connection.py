@@ -20,7 +20,7 @@ from nats.aio.client import Client
 
 from .config import NatsAuth, redact_url
 
-__all__ = ["StartupError", "check_jetstream", "connect", "nats_options"]
+__all__ = ["StartupError", "check_jetstream", "connect", "connect_once", "nats_options"]
 
 
 class StartupError(RuntimeError):
@@ -150,6 +150,40 @@ async def connect(servers: tuple[str, ...], logger: logging.Logger, *, name: str
     if on_connection_change is not None:
         on_connection_change(True)
     return client
+
+
+async def connect_once(url: str, *, name: str = "kre-runner", timeout: float = 2.0) -> Client:
+    """The short-lived connection of a command (``up --nats``, ``call``, ``trace``, ``dead-letter``, ``stream create``).
+
+    One try per server, nats-py's own error logging silenced, and on failure a :class:`StartupError`
+    of one line naming the address and the fix: a person at a terminal reads it, not a traceback.
+    """
+    servers = [s.strip() for s in url.split(",") if s.strip()]
+    shown = ", ".join(redact_url(s) for s in servers)
+    errors: list[BaseException] = []
+
+    async def error(exc: Exception) -> None:
+        errors.append(exc)
+
+    try:
+        return await asyncio.wait_for(
+            # max_reconnect_attempts=1: each server at most twice (0 would mean "forever" to nats-py).
+            nats.connect(servers=servers, name=name, connect_timeout=timeout, allow_reconnect=True,
+                         max_reconnect_attempts=1, reconnect_time_wait=0.1, error_cb=error),
+            timeout * len(servers) + 1)
+    except Exception as exc:  # nats-py raises several types for an unreachable server
+        errors.append(exc)
+    text = " ".join(f"{type(e).__name__} {e}" for e in errors).lower()
+    if "authorization" in text or "authentication" in text:
+        raise StartupError(f"NATS at {shown} refused the connection (authorization violation): give the user and "
+                           f"password in the URL (nats://user:password@host:4222)")
+    if any(isinstance(e, (asyncio.TimeoutError, nats.errors.TimeoutError)) for e in errors):
+        raise StartupError(f"{shown} did not answer as a NATS server within {timeout:g}s: is that a nats-server's "
+                           f"client port (4222 by default)? kre-runner up starts one")
+    cause = next((e for e in errors if not isinstance(e, nats.errors.NoServersError)), errors[-1])
+    reason = "connection refused" if isinstance(cause, ConnectionRefusedError) else _reason(cause)
+    raise StartupError(f"cannot connect to NATS at {shown} ({reason}): is a nats-server running there? "
+                       f"kre-runner up starts one")
 
 
 def _connect_failure(shown: str, auth: NatsAuth, errors: list[BaseException]) -> str:

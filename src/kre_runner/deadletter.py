@@ -113,7 +113,9 @@ class DeadLetter:
 async def read(js: JetStreamContext, stream: str, node: str | None = None) -> list[DeadLetter]:
     """Every dead letter in ``stream`` (of ``node`` when given), oldest first."""
     info = await js.stream_info(stream)
-    letters = []
+    letters: list[DeadLetter] = []
+    if not info.state.messages:
+        return letters  # an empty stream's first_seq can be 0, which the server refuses to get
     for seq in range(info.state.first_seq, info.state.last_seq + 1):
         try:
             msg = await js.get_msg(stream, seq)

