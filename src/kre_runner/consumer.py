@@ -58,7 +58,7 @@ from .handler import UserCode
 from .jetstream import SetupError, prepare, recreate
 from .logs import RateLimitedLog
 from .metrics import NodeMetrics
-from .natsfast import Dispatcher, Wire, describe, probe
+from .natsfast import Dispatcher, FastPath, Wire, check, describe
 from .outcome import Outcome, Outcomes
 from .publisher import PubAckPublisher
 from .settlement import Job, Settlement, parse_ack_subject, retry_later
@@ -95,6 +95,7 @@ class Consumer:
         record_elapsed: Callable[[KreNatsMessage, float, float], None] | None = None,
         metrics: NodeMetrics | None = None,
         failures: RateLimitedLog | None = None,
+        fast_path: FastPath | None = None,
     ) -> None:
         self._s = settings
         self._one_at_a_time = code.batch and min(settings.batch_size, settings.max_inflight) == 1
@@ -106,7 +107,7 @@ class Consumer:
         self._log = logger
         self._record_elapsed = record_elapsed
         self._clock = TrackingClock()
-        self.fast_path = probe(nc)
+        self.fast_path = fast_path or check(nc)  # node.py passes natsfast.probe's result
         self._wire = Wire(nc, self.fast_path)
         self._dispatcher = Dispatcher(nc, self.fast_path)
         self._publisher = PubAckPublisher(nc, self._dispatcher, self._wire, settings.publish_timeout, self._release)
