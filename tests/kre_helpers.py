@@ -148,7 +148,10 @@ async def wait_settled(js: JetStreamContext, consumer: str, timeout: float = 10.
 
 @contextlib.asynccontextmanager
 async def running_node(env: dict[str, str], js: JetStreamContext) -> AsyncIterator[asyncio.Task[Consumer]]:
-    """Run ``run_node`` in this process until the block ends (then stop it as SIGTERM would)."""
+    """Run ``run_node`` in this process until the block ends (then stop it as SIGTERM would).
+
+    The node's own exception, if it raised one, is raised at the end of the block.
+    """
     settings = Settings.from_env(env)
     stop = asyncio.Event()
     logger = logging.getLogger("kre_runner.test")
@@ -163,8 +166,8 @@ async def running_node(env: dict[str, str], js: JetStreamContext) -> AsyncIterat
         yield task
     finally:
         stop.set()
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(task, 30)
+        # What the node raised (a crash during the test, a shutdown that fails or hangs) fails the test.
+        await asyncio.wait_for(task, 30)
 
 
 def start_process(env: dict[str, str]) -> subprocess.Popen[bytes]:

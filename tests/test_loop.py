@@ -20,6 +20,7 @@ from kre_helpers import (
 )
 
 from kre_runner.connection import StartupError
+from kre_runner.consumer import Consumer
 from kre_runner.envelope import KreNatsMessage
 from kre_runner.handler import HandlerLoadError
 from kre_runner.jetstream import SetupError
@@ -48,6 +49,25 @@ async def test_round_trip_like_the_original(nats_server, js, workflow_stream):
     start, end = datetime.fromisoformat(entry.start), datetime.fromisoformat(entry.end)
     assert start.tzinfo is None and start <= end
     assert result.tracking[0] == sent.tracking[0]
+
+
+async def test_a_node_that_crashes_during_a_test_fails_the_test(nats_server, js, workflow_stream, monkeypatch):
+    # running_node stands for a node in a pod: a crash there must not pass unnoticed in a test.
+    crash = asyncio.Event()
+    run = Consumer.run
+
+    async def run_until_crash(self, stop):
+        running = asyncio.ensure_future(run(self, stop))
+        await crash.wait()
+        stop.set()
+        await running
+        raise RuntimeError("the node crashed")
+
+    monkeypatch.setattr(Consumer, "run", run_until_crash)
+    with pytest.raises(RuntimeError, match="the node crashed"):
+        async with running_node(node_env(nats_server.url, "greet.py"), js) as node:
+            crash.set()
+            await asyncio.wait_for(asyncio.wait({node}), 30)  # the node is gone before the test ends
 
 
 async def test_init_runs_once_before_the_first_message(nats_server, js, workflow_stream, caplog):
