@@ -10,13 +10,13 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import nats.errors
 from google.protobuf.any_pb2 import Any as AnyProto
 from nats.js import JetStreamContext
-from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+from nats.js.api import AckPolicy, ConsumerConfig, ConsumerInfo, DeliverPolicy
 from nats.js.errors import NotFoundError
 
 from kre_runner.config import Settings
@@ -132,6 +132,18 @@ async def wait_ready(js: JetStreamContext, consumer: str, timeout: float = 15.0,
                 return
         await asyncio.sleep(0.05)
     raise TimeoutError(f"consumer {consumer} not ready")
+
+
+async def wait_consumer(js: JetStreamContext, consumer: str, condition: Callable[[ConsumerInfo], bool],
+                        timeout: float = 10.0) -> ConsumerInfo:
+    """Poll the consumer until ``condition(info)`` holds; the info that met it (fails after ``timeout``)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        info = await js.consumer_info(STREAM, consumer)
+        if condition(info):
+            return info
+        assert time.monotonic() < deadline, f"consumer {consumer} did not reach the expected state: {info}"
+        await asyncio.sleep(0.05)
 
 
 async def wait_settled(js: JetStreamContext, consumer: str, timeout: float = 10.0) -> None:

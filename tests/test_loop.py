@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import gzip
 import logging
+import time
 from datetime import datetime
 
 import pytest
@@ -16,6 +17,7 @@ from kre_helpers import (
     node_env,
     request_envelope,
     running_node,
+    wait_consumer,
     wait_settled,
 )
 
@@ -274,9 +276,9 @@ async def test_failed_output_publish_is_retried_not_acked(nats_server, js, workf
     env = node_env(nats_server.url, "outcomes.py", KRT_NATS_OUTPUT="later.out")
     async with running_node(env, js):
         await js.publish(IN, request_envelope("patient").SerializeToString())
-        await asyncio.sleep(2.0)
-        info = await js.consumer_info(STREAM, "v1-greeter")
-        assert info.num_ack_pending == 1 and info.num_redelivered >= 1
+        # Retried long before the default 30 s ack wait (10 s: a third of it, so the redelivery is the nak's).
+        info = await wait_consumer(js, "v1-greeter", lambda info: info.num_redelivered >= 1, timeout=10)
+        assert info.num_ack_pending == 1
         await js.add_stream(name="later", subjects=["later.out"])
         await wait_settled(js, "v1-greeter", timeout=15)
     stored = await js.get_last_msg("later", "later.out")
@@ -309,10 +311,15 @@ async def test_server_restart_loses_nothing(nats_server, js, workflow_stream, nc
         for i in range(100):
             await js.publish(IN, request_envelope(f"before-{i}", tracking_id=f"b{i}").SerializeToString())
         first = await out.take(100)
+        reconnects = nc.stats["reconnects"]
         nats_server.stop()
-        await asyncio.sleep(0.5)
+        await asyncio.sleep(0.5)  # down for a while
         nats_server.start()
-        await asyncio.sleep(1.5)  # clients reconnect
+        deadline = time.monotonic() + 20
+        # This test's client reconnects (the node's, meanwhile).
+        while not (nc.stats["reconnects"] > reconnects and nc.is_connected):
+            assert time.monotonic() < deadline, "the test's client did not reconnect"
+            await asyncio.sleep(0.05)
         for i in range(100):
             await js.publish(IN, request_envelope(f"after-{i}", tracking_id=f"a{i}").SerializeToString())
         second = await out.take(100, timeout=20)
