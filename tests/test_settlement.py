@@ -251,8 +251,8 @@ async def test_shutdown_grace_running_out_hands_inputs_back_at_once(nats_server,
     async with running_node(env, js):
         for i in range(4):
             await js.publish(IN, request_envelope(f"held-{i}").SerializeToString())
-        # Two are running (for 5 s), two are delivered and wait for a slot.
-        await wait_consumer(js, CONSUMER, lambda info: (info.num_ack_pending, info.num_pending) == (4, 0))
+        # Two are delivered and running (for 5 s: KRT_MAX_INFLIGHT=2); the others wait for a slot.
+        await wait_consumer(js, CONSUMER, lambda info: info.num_ack_pending >= 2)
     # The two running inputs were nakked when the grace ran out: the next node gets them at once, not
     # after the 30 s ack wait (JetStream counts them ack-pending until they are redelivered).
     async with running_node(node_env(nats_server.url, "greet.py"), js):
