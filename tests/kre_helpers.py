@@ -10,13 +10,13 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import nats.errors
 from google.protobuf.any_pb2 import Any as AnyProto
 from nats.js import JetStreamContext
-from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+from nats.js.api import AckPolicy, ConsumerConfig, ConsumerInfo, DeliverPolicy
 from nats.js.errors import NotFoundError
 
 from kre_runner.config import Settings
@@ -134,6 +134,18 @@ async def wait_ready(js: JetStreamContext, consumer: str, timeout: float = 15.0,
     raise TimeoutError(f"consumer {consumer} not ready")
 
 
+async def wait_consumer(js: JetStreamContext, consumer: str, condition: Callable[[ConsumerInfo], bool],
+                        timeout: float = 10.0) -> ConsumerInfo:
+    """Poll the consumer until ``condition(info)`` holds; the info that met it (fails after ``timeout``)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        info = await js.consumer_info(STREAM, consumer)
+        if condition(info):
+            return info
+        assert time.monotonic() < deadline, f"consumer {consumer} did not reach the expected state: {info}"
+        await asyncio.sleep(0.05)
+
+
 async def wait_settled(js: JetStreamContext, consumer: str, timeout: float = 10.0) -> None:
     """Until the consumer has nothing pending and nothing unacked."""
     deadline = time.monotonic() + timeout
@@ -148,7 +160,10 @@ async def wait_settled(js: JetStreamContext, consumer: str, timeout: float = 10.
 
 @contextlib.asynccontextmanager
 async def running_node(env: dict[str, str], js: JetStreamContext) -> AsyncIterator[asyncio.Task[Consumer]]:
-    """Run ``run_node`` in this process until the block ends (then stop it as SIGTERM would)."""
+    """Run ``run_node`` in this process until the block ends (then stop it as SIGTERM would).
+
+    The node's own exception, if it raised one, is raised at the end of the block.
+    """
     settings = Settings.from_env(env)
     stop = asyncio.Event()
     logger = logging.getLogger("kre_runner.test")
@@ -163,8 +178,8 @@ async def running_node(env: dict[str, str], js: JetStreamContext) -> AsyncIterat
         yield task
     finally:
         stop.set()
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(task, 30)
+        # What the node raised (a crash during the test, a shutdown that fails or hangs) fails the test.
+        await asyncio.wait_for(task, 30)
 
 
 def start_process(env: dict[str, str]) -> subprocess.Popen[bytes]:

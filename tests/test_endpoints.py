@@ -358,5 +358,7 @@ async def test_probes_answer_quickly_while_the_node_drains_a_backlog(nats_server
           f"max {latencies[-1] * 1000:.1f} ms")
     assert proc.returncode == 0, log
     assert len(latencies) >= 10
-    # The median is the target; the tail also carries this shared machine's scheduling noise.
+    # The median is the issue's target (50 ms). The slowest answer also carries this shared machine's
+    # scheduling noise; its bound is what matters to Kubernetes: under the probes' default 1 s timeout,
+    # no probe fails while the node drains.
     assert p50 < 0.05 and latencies[-1] < 1.0, (p50, p99, latencies[-1])

@@ -12,6 +12,7 @@ import re
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 
 import aiohttp
 import nats
@@ -32,6 +33,7 @@ from nats.js.errors import NotFoundError
 
 from kre_runner.embedded import free_port
 from kre_runner.jetstream import SetupError
+from kre_runner.pulling import PullLink
 
 pytestmark = pytest.mark.integration
 
@@ -40,6 +42,14 @@ OUT = f"{STREAM}.out"
 ENTRY = f"{STREAM}.entrypoint"
 CONSUMER = "v1-greeter"
 DEAD = f"{STREAM}-dead-letter"
+
+
+async def _until(condition: Callable[[], bool], timeout: float = 15.0) -> None:
+    """Poll ``condition`` until it holds; fail after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        await asyncio.sleep(0.05)
 
 
 def _calls() -> dict[str, int]:
@@ -185,14 +195,25 @@ async def test_a_dead_letter_the_stream_refuses_is_held_then_stored_never_strand
         await js.get_msg(STREAM, 1)  # terminated: gone from the workflow stream
 
 
-async def test_a_deleted_consumer_is_recreated_and_consumption_resumes(nats_server, js, workflow_stream, caplog):
+async def test_a_deleted_consumer_is_recreated_and_consumption_resumes(nats_server, js, workflow_stream, caplog,
+                                                                       monkeypatch):
+    floors: list[int | None] = []  # the ack floor the node knows, after each look at its consumer
+    look = PullLink.look
+
+    async def looked(self: PullLink) -> None:
+        await look(self)
+        floors.append(self.ack_floor)
+
+    monkeypatch.setattr(PullLink, "look", looked)
     out = await Collector(js, OUT).start()
     with caplog.at_level(logging.INFO, logger="kre_runner"):
         async with running_node(node_env(nats_server.url, "poison.py"), js):
             for i in range(5):
-                await js.publish(IN, request_envelope(f"before-{i}").SerializeToString())
+                last = await js.publish(IN, request_envelope(f"before-{i}").SerializeToString())
             assert len(await out.take(5)) == 5
-            await asyncio.sleep(5.5)  # the node has looked at its consumer (ack floor) at least once
+            # The node has looked at its consumer since all five were acked (it does every 5 s): the
+            # recreated consumer starts after them.
+            await _until(lambda: bool(floors) and (floors[-1] or 0) >= last.seq, timeout=10)
             await js.delete_consumer(STREAM, CONSUMER)
             started = time.monotonic()
             await wait_ready(js, CONSUMER, timeout=10)
@@ -205,6 +226,7 @@ async def test_a_deleted_consumer_is_recreated_and_consumption_resumes(nats_serv
     assert "is gone (409 Consumer Deleted): recreating it" in caplog.text
     assert re.search(r"recreated durable pull consumer v1-greeter on stream demo-v1-wf, starting at stream seq \d+",
                      caplog.text)
+    # "409 Consumer Deleted" on the open pull request: recreated at once (5 s: the margin for a loaded machine).
     assert recovered < 5
 
 
@@ -212,7 +234,7 @@ async def test_a_deleted_and_recreated_stream_is_picked_up(nats_server, js, work
     with caplog.at_level(logging.INFO, logger="kre_runner"):
         async with running_node(node_env(nats_server.url, "poison.py"), js):
             await js.delete_stream(STREAM)
-            await asyncio.sleep(1.5)  # the node notices, and says so
+            await _until(lambda: "stream demo-v1-wf (KRT_NATS_STREAM) does not exist" in caplog.text)  # it notices
             await js.add_stream(StreamConfig(name=STREAM, subjects=[f"{STREAM}.*"],
                                              retention=RetentionPolicy.INTEREST))
             await wait_ready(js, CONSUMER, timeout=10)
@@ -325,9 +347,11 @@ async def test_publishes_waiting_for_a_pub_ack_are_resent_at_once_after_a_reconn
             await asyncio.wait_for(all_sent.wait(), 10)
             await sub.unsubscribe()
             await js.add_stream(StreamConfig(name="later", subjects=["later.out"]))
+            reconnects = nc.stats["reconnects"]
             nats_server.stop()
             nats_server.start()
-            await asyncio.sleep(1.5)  # clients reconnect
+            # This test's client reconnects (the node's, meanwhile).
+            await _until(lambda: nc.stats["reconnects"] > reconnects and nc.is_connected)
             # Far sooner than the 60 s publish timeout and the 30 s ack wait:
             await wait_settled(js, CONSUMER, timeout=15)
     assert len(swallowed) == 50

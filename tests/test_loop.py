@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import gzip
 import logging
+import re
+import time
 from datetime import datetime
 
 import pytest
@@ -16,10 +18,12 @@ from kre_helpers import (
     node_env,
     request_envelope,
     running_node,
+    wait_consumer,
     wait_settled,
 )
 
 from kre_runner.connection import StartupError
+from kre_runner.consumer import Consumer
 from kre_runner.envelope import KreNatsMessage
 from kre_runner.handler import HandlerLoadError
 from kre_runner.jetstream import SetupError
@@ -48,6 +52,25 @@ async def test_round_trip_like_the_original(nats_server, js, workflow_stream):
     start, end = datetime.fromisoformat(entry.start), datetime.fromisoformat(entry.end)
     assert start.tzinfo is None and start <= end
     assert result.tracking[0] == sent.tracking[0]
+
+
+async def test_a_node_that_crashes_during_a_test_fails_the_test(nats_server, js, workflow_stream, monkeypatch):
+    # running_node stands for a node in a pod: a crash there must not pass unnoticed in a test.
+    crash = asyncio.Event()
+    run = Consumer.run
+
+    async def run_until_crash(self, stop):
+        running = asyncio.ensure_future(run(self, stop))
+        await crash.wait()
+        stop.set()
+        await running
+        raise RuntimeError("the node crashed")
+
+    monkeypatch.setattr(Consumer, "run", run_until_crash)
+    with pytest.raises(RuntimeError, match="the node crashed"):
+        async with running_node(node_env(nats_server.url, "greet.py"), js) as node:
+            crash.set()
+            await asyncio.wait_for(asyncio.wait({node}), 30)  # the node is gone before the test ends
 
 
 async def test_init_runs_once_before_the_first_message(nats_server, js, workflow_stream, caplog):
@@ -105,7 +128,7 @@ async def test_messages_waiting_for_a_slot_are_kept_alive_past_the_ack_wait(nats
     assert sorted(greeting(r).split(" pid=")[0] for r in results) == ["slow w0", "slow w1", "slow w2"]
     import sys
 
-    calls = next(m.CALLS for name, m in sys.modules.items() if name.startswith("_kre_user_slow"))
+    calls = next(m.CALLS for name, m in sys.modules.items() if re.fullmatch(r"_kre_user_slow_[0-9a-f]{12}", name))
     assert calls == ["w0", "w1", "w2"]  # a redelivery would have run w2 twice
     assert info.num_ack_pending == 0
     assert await out.nothing_more()
@@ -254,9 +277,9 @@ async def test_failed_output_publish_is_retried_not_acked(nats_server, js, workf
     env = node_env(nats_server.url, "outcomes.py", KRT_NATS_OUTPUT="later.out")
     async with running_node(env, js):
         await js.publish(IN, request_envelope("patient").SerializeToString())
-        await asyncio.sleep(2.0)
-        info = await js.consumer_info(STREAM, "v1-greeter")
-        assert info.num_ack_pending == 1 and info.num_redelivered >= 1
+        # Retried long before the default 30 s ack wait (10 s: a third of it, so the redelivery is the nak's).
+        info = await wait_consumer(js, "v1-greeter", lambda info: info.num_redelivered >= 1, timeout=10)
+        assert info.num_ack_pending == 1
         await js.add_stream(name="later", subjects=["later.out"])
         await wait_settled(js, "v1-greeter", timeout=15)
     stored = await js.get_last_msg("later", "later.out")
@@ -289,10 +312,15 @@ async def test_server_restart_loses_nothing(nats_server, js, workflow_stream, nc
         for i in range(100):
             await js.publish(IN, request_envelope(f"before-{i}", tracking_id=f"b{i}").SerializeToString())
         first = await out.take(100)
+        reconnects = nc.stats["reconnects"]
         nats_server.stop()
-        await asyncio.sleep(0.5)
+        await asyncio.sleep(0.5)  # down for a while
         nats_server.start()
-        await asyncio.sleep(1.5)  # clients reconnect
+        deadline = time.monotonic() + 20
+        # This test's client reconnects (the node's, meanwhile).
+        while not (nc.stats["reconnects"] > reconnects and nc.is_connected):
+            assert time.monotonic() < deadline, "the test's client did not reconnect"
+            await asyncio.sleep(0.05)
         for i in range(100):
             await js.publish(IN, request_envelope(f"after-{i}", tracking_id=f"a{i}").SerializeToString())
         second = await out.take(100, timeout=20)

@@ -8,7 +8,6 @@ and what reached which subject.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import sys
 import time
 
@@ -21,6 +20,7 @@ from kre_helpers import (
     node_env,
     request_envelope,
     running_node,
+    wait_consumer,
     wait_settled,
 )
 
@@ -163,9 +163,9 @@ async def test_failed_publish_is_nakked_and_retried_until_stored(nats_server, js
     env = _env(nats_server.url, mode, KRT_NATS_OUTPUT="later.out", KRT_ACK_WAIT="30")
     async with running_node(env, js):
         await js.publish(IN, request_envelope("patient").SerializeToString())
-        await asyncio.sleep(2.0)
-        info = await js.consumer_info(STREAM, CONSUMER)
-        assert info.num_ack_pending == 1 and info.num_redelivered >= 1  # nakked: retried long before the ack wait
+        # Nakked: retried long before the 30 s ack wait (10 s: a third of it, so the redelivery is the nak's).
+        info = await wait_consumer(js, CONSUMER, lambda info: info.num_redelivered >= 1, timeout=10)
+        assert info.num_ack_pending == 1
         await js.add_stream(name="later", subjects=["later.out"])
         await wait_settled(js, CONSUMER, timeout=15)
     stored = await js.get_last_msg("later", "later.out")
@@ -191,11 +191,12 @@ async def test_pub_ack_timeout_is_nakked_not_kept_alive(nats_server, js, nc, wor
     env = _env(nats_server.url, mode, KRT_NATS_OUTPUT="nowhere.out", KRT_PUBLISH_TIMEOUT="1", KRT_ACK_WAIT="30")
     async with running_node(env, js):
         await js.publish(IN, request_envelope("unanswered").SerializeToString())
-        with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(retried.wait(), 10)
+        # Retried after the 1 s publish timeout; 10 s is a third of the ack wait, so the retry is the nak's.
+        await asyncio.wait_for(retried.wait(), 10)
         info = await js.consumer_info(STREAM, CONSUMER)
     assert len(seen) >= 2 and set(seen) == {"greeter:demo-v1-wf:1"}  # retried, same Nats-Msg-Id
-    assert info.num_redelivered == 1 and info.ack_floor.stream_seq == 0  # never acked
+    # Redelivered, never acked (a later retry, one publish timeout after the second, may be counted too).
+    assert info.num_redelivered >= 1 and info.ack_floor.stream_seq == 0
 
 
 class _NatsDenyingAcks(EmbeddedNats):
@@ -250,7 +251,8 @@ async def test_shutdown_grace_running_out_hands_inputs_back_at_once(nats_server,
     async with running_node(env, js):
         for i in range(4):
             await js.publish(IN, request_envelope(f"held-{i}").SerializeToString())
-        await asyncio.sleep(1.0)  # two are running, two are delivered and wait for a slot
+        # Two are delivered and running (for 5 s: KRT_MAX_INFLIGHT=2); the others wait for a slot.
+        await wait_consumer(js, CONSUMER, lambda info: info.num_ack_pending >= 2)
     # The two running inputs were nakked when the grace ran out: the next node gets them at once, not
     # after the 30 s ack wait (JetStream counts them ack-pending until they are redelivered).
     async with running_node(node_env(nats_server.url, "greet.py"), js):

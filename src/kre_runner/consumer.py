@@ -51,7 +51,7 @@ from .jetstream import SetupError, prepare
 from .logs import RateLimitedLog
 from .maintenance import Maintenance
 from .metrics import NodeMetrics
-from .natsfast import Dispatcher, Wire, describe, probe
+from .natsfast import Dispatcher, FastPath, Wire, check, describe
 from .outcome import Outcomes
 from .pipeline import Pipeline
 from .publisher import PubAckPublisher
@@ -66,7 +66,8 @@ class Consumer:
 
     def __init__(self, settings: Settings, code: UserCode, nc: Client, ctx: Context, logger: logging.Logger, *,
                  record_elapsed: Callable[[KreNatsMessage, float, float], None] | None = None,
-                 metrics: NodeMetrics | None = None, failures: RateLimitedLog | None = None) -> None:
+                 metrics: NodeMetrics | None = None, failures: RateLimitedLog | None = None,
+                 fast_path: FastPath | None = None) -> None:
         self._s = settings
         self._one_at_a_time = code.batch and min(settings.batch_size, settings.max_inflight) == 1
         if self._one_at_a_time:
@@ -75,7 +76,7 @@ class Consumer:
         self._nc = nc
         self._ctx = ctx
         self._log = logger
-        self.fast_path = probe(nc)
+        self.fast_path = fast_path or check(nc)  # node.py passes natsfast.probe's result
         wire = Wire(nc, self.fast_path)
         dispatcher = Dispatcher(nc, self.fast_path)
         self.metrics = metrics = metrics or NodeMetrics()

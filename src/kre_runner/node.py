@@ -22,6 +22,7 @@ from .handler import UserCode, load_user_code
 from .health import DRAINING, INIT, READY, Health
 from .logs import RateLimitedLog, TrackingFilter
 from .metrics import NodeMetrics, metrics_registry
+from .natsfast import probe
 from .services import Services, open_services
 
 __all__ = ["StartupError", "run_node"]
@@ -181,7 +182,10 @@ async def _run_connected(settings: Settings, stop: asyncio.Event, logger: loggin
         record = None
         if services.influx is not None and settings.elapsed_metrics:
             record = ElapsedRecorder(settings, services.influx.add)
-        consumer = Consumer(settings, code, nc, ctx, logger, record_elapsed=record, metrics=metrics, failures=failures)
+        # Once connected, before the consumer: a message through each fast path (at most a few seconds).
+        fast_path = await _unless_stopped(probe(nc), stop)
+        consumer = Consumer(settings, code, nc, ctx, logger, record_elapsed=record, metrics=metrics, failures=failures,
+                            fast_path=fast_path)
         tracking.current = consumer.current_tracking_id
         holder.append(consumer)
         await _unless_stopped(consumer.setup(), stop)

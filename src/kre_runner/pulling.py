@@ -61,7 +61,7 @@ class PullLink:
         self.bound = False  # the durable consumer exists and is pulled from (readiness)
         self.consumer_info: ConsumerInfo | None = None  # refreshed by :meth:`look`
         self.last_seen = time.monotonic()  # the last message on the inbox: an input or a status
-        self._ack_floor: int | None = None  # the consumer's ack floor (stream seq) when last looked at
+        self.ack_floor: int | None = None  # the consumer's ack floor (stream seq) when last looked at
         self._recovering: asyncio.Task[None] | None = None
         self._rebinding: asyncio.Task[None] | None = None
 
@@ -189,7 +189,7 @@ class PullLink:
         self._metrics.consumer_pending = info.num_pending
         self._metrics.consumer_ack_pending = info.num_ack_pending
         if info.ack_floor is not None:
-            self._ack_floor = info.ack_floor.stream_seq
+            self.ack_floor = info.ack_floor.stream_seq
 
     def _consumer_lost(self, why: str) -> None:
         if self._recovering is None and self.pulling:
@@ -201,7 +201,7 @@ class PullLink:
     async def _recover(self) -> None:
         """Recreate the deleted consumer (or wait for its stream), then pull again."""
         js = self._nc.jetstream()
-        start = None if self._ack_floor is None else self._ack_floor + 1
+        start = None if self.ack_floor is None else self.ack_floor + 1
         waited = 0.0
         try:
             while self.pulling:

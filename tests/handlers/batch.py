@@ -2,7 +2,7 @@
 
 ``handler_batch`` is sync (run in a thread), ``classify_async`` the same as a coroutine marked with
 the decorator. ``CALLS`` records each call's names and when it started, ``THREADS`` the thread each call ran in
-(for in-process tests).
+(for in-process tests); a test holds every call while ``GATE`` is cleared.
 """
 
 import os
@@ -16,6 +16,9 @@ from kre_runner import Retry, batch_handler
 
 CALLS: list[tuple[float, list[str]]] = []
 THREADS: list[str] = []
+# A test clears it to keep the model busy until it sets it again (sync handler only: it runs in a thread).
+GATE = threading.Event()
+GATE.set()
 
 
 def _item(ctx, name):
@@ -52,6 +55,7 @@ def handler_batch(ctx, batch):
         names.append(request.name)
     CALLS.append((time.time(), names))
     THREADS.append(threading.current_thread().name)
+    GATE.wait(30)
     time.sleep(float(os.environ.get("BATCH_SECONDS", "0")))
     if "raise" in names:
         raise RuntimeError("the model crashed")
