@@ -45,7 +45,7 @@ from procstat import cpu_seconds
 from publisher import FastPublisher
 from servers import EmbeddedNats, pid_of
 
-from kre_runner.envelope import KreNatsMessage, now_iso
+from kre_runner.node.envelope import KreNatsMessage, now_iso
 
 BENCH_DIR = Path(__file__).resolve().parent
 EXAMPLE_DIR = BENCH_DIR.parent / "examples" / "classifier"

@@ -13,7 +13,7 @@ import uuid
 from google.protobuf.any_pb2 import Any as AnyProto
 from greeter_pb2 import Request
 
-from kre_runner.envelope import KreNatsMessage, now_iso
+from kre_runner.node.envelope import KreNatsMessage, now_iso
 
 __all__ = ["make_request", "sent_ns"]
 

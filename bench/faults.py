@@ -57,13 +57,13 @@ from nats.js.api import (  # noqa: E402
 )
 from nats.js.errors import NotFoundError  # noqa: E402
 
-from kre_runner.embedded import (  # noqa: E402
+from kre_runner.dev.embedded import (  # noqa: E402
     EmbeddedMongo,
     EmbeddedNats,
     EmbeddedNatsCluster,
     EmbeddedVictoriaMetrics,
 )
-from kre_runner.envelope import KreNatsMessage, decode  # noqa: E402
+from kre_runner.node.envelope import KreNatsMessage, decode  # noqa: E402
 
 __all__ = ["SCENARIOS", "Row", "main", "run_scenarios"]
 

@@ -88,11 +88,11 @@ async def _feed(target: str, count: int) -> None:
         inbox, prefix = node._inbox, node._prefix
     else:
         from kre_runner.config import Settings
-        from kre_runner.consumer import Consumer
         from kre_runner.context import Context
-        from kre_runner.elapsed import ElapsedRecorder
         from kre_runner.handler import load_user_code
-        from kre_runner.sinks.influx import Measurement
+        from kre_runner.node.consumer import Consumer
+        from kre_runner.ops.elapsed import ElapsedRecorder
+        from kre_runner.services.influx import Measurement
 
         measured = target == "kre-runner-measured"
         env = kre_env("nats://localhost:4222", "handler_measured" if measured else "handler")

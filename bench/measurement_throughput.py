@@ -21,8 +21,8 @@ import urllib.request
 import uuid
 from typing import Any
 
-from kre_runner.embedded import EmbeddedVictoriaMetrics
-from kre_runner.sinks.influx import InfluxSink, Measurement
+from kre_runner.dev.embedded import EmbeddedVictoriaMetrics
+from kre_runner.services.influx import InfluxSink, Measurement
 
 
 def _count_samples(url: str, metric: str) -> int:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from jetstream import CONSUMER, ENTRYPOINT, INPUT, NODE, OUTPUT, STREAM, VERSION
 
-from kre_runner.embedded import free_port
+from kre_runner.dev.embedded import free_port
 
 __all__ = ["NodeProcess", "NodeSpec", "kre_env"]
 

@@ -25,7 +25,7 @@ from greeter_pb2 import Request, Response
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
-from kre_runner.envelope import KreNatsMessage, TrackingClock
+from kre_runner.node.envelope import KreNatsMessage, TrackingClock
 
 _ACK = b"+ACK"
 _NAK = b"-NAK"

@@ -7,7 +7,7 @@ kre-runner's InfluxSink speaks.
 
 from __future__ import annotations
 
-from kre_runner.embedded import EmbeddedNats, EmbeddedVictoriaMetrics, find_victoria_metrics
+from kre_runner.dev.embedded import EmbeddedNats, EmbeddedVictoriaMetrics, find_victoria_metrics
 
 __all__ = ["EmbeddedNats", "EmbeddedVictoriaMetrics", "pid_of", "victoria_metrics_available"]
 

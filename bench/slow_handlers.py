@@ -31,7 +31,7 @@ from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, RetentionPolicy, StreamConfig
 from nats.js.errors import NotFoundError
 
-from kre_runner.envelope import KreNatsMessage, decode
+from kre_runner.node.envelope import KreNatsMessage, decode
 
 BENCH_DIR = Path(__file__).resolve().parent
 STREAM = "slow"

@@ -25,7 +25,7 @@ from typing import Any
 
 import pytest
 
-from kre_runner.embedded import (
+from kre_runner.dev.embedded import (
     EmbeddedMongo,
     EmbeddedVictoriaMetrics,
     find_nx_27017,

@@ -20,9 +20,9 @@ from nats.js.api import AckPolicy, ConsumerConfig, ConsumerInfo, DeliverPolicy
 from nats.js.errors import NotFoundError
 
 from kre_runner.config import Settings
-from kre_runner.consumer import Consumer
-from kre_runner.envelope import KreNatsMessage, decode
-from kre_runner.node import run_node
+from kre_runner.node.consumer import Consumer
+from kre_runner.node.envelope import KreNatsMessage, decode
+from kre_runner.run import run_node
 
 HANDLERS = Path(__file__).parent / "handlers"
 # The test handlers use the example workflow's protobufs (greeter_pb2: Request{name}, Response{greeting}).

@@ -23,7 +23,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from kre_runner.embedded import EmbeddedNats, find_nats_server
+from kre_runner.dev.embedded import EmbeddedNats, find_nats_server
 
 
 class ConfiguredNats(EmbeddedNats):

@@ -10,7 +10,7 @@ from nats.aio.client import Client
 from nats.js import JetStreamContext
 from nats.js.api import RetentionPolicy, StreamConfig
 
-from kre_runner.embedded import EmbeddedNats
+from kre_runner.dev.embedded import EmbeddedNats
 
 
 @pytest.fixture

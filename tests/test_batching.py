@@ -27,8 +27,8 @@ from kre_helpers import (
     wait_settled,
 )
 
-from kre_runner.embedded import EmbeddedNats, find_nats_server
-from kre_runner.envelope import iso_to_unix, now_iso
+from kre_runner.dev.embedded import EmbeddedNats, find_nats_server
+from kre_runner.node.envelope import iso_to_unix, now_iso
 
 pytestmark = pytest.mark.integration
 

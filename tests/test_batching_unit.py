@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 from kre_helpers import services_settings
 
-from kre_runner.batching import _check, current_tracking_ids, in_batch_handler
 from kre_runner.config import ConfigError
 from kre_runner.context import Context
 from kre_runner.handler import load_user_code
+from kre_runner.node.batching import _check, current_tracking_ids, in_batch_handler
 
 
 def test_batch_settings_default_and_parse():
@@ -64,11 +64,11 @@ async def test_each_output_of_a_batch_gets_its_own_elapsed_time_point_spanning_t
 
     from kre_helpers import Response, request_envelope
 
-    from kre_runner.batching import Batcher
-    from kre_runner.credits import Credits
-    from kre_runner.envelope import TrackingClock
-    from kre_runner.outcome import Outcomes
-    from kre_runner.settlement import Job
+    from kre_runner.node.batching import Batcher
+    from kre_runner.node.credits import Credits
+    from kre_runner.node.envelope import TrackingClock
+    from kre_runner.node.outcome import Outcomes
+    from kre_runner.node.settlement import Job
 
     (tmp_path / "model.py").write_text("async def handler_batch(ctx, batch):\n"
                                        "    return [RESULTS.pop(0) for _ in batch]\n")

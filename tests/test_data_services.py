@@ -25,11 +25,11 @@ from kre_helpers import services_settings as settings
 from nats.aio.client import Client
 
 from kre_runner.config import Settings
-from kre_runner.embedded import EmbeddedNats
-from kre_runner.mongo_writer import WriterSettings, serve
+from kre_runner.dev.embedded import EmbeddedNats
 from kre_runner.services import Services, open_services
-from kre_runner.sinks.influx import InfluxSink, Measurement
-from kre_runner.sinks.mongo import DatabaseError
+from kre_runner.services.influx import InfluxSink, Measurement
+from kre_runner.services.mongo import DatabaseError
+from kre_runner.services.mongo_writer import WriterSettings, serve
 
 pytestmark = pytest.mark.integration
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
@@ -393,7 +393,7 @@ async def test_services_example_node_end_to_end(nats_server: EmbeddedNats, js: A
     """examples/services run by the real node loop: documents, predictions and points all arrive."""
     from kre_helpers import Collector, node_env, request_envelope, running_node
 
-    from kre_runner.envelope import KreNatsMessage
+    from kre_runner.node.envelope import KreNatsMessage
 
     examples = EXAMPLES / "services"
     node = unique("svc")

@@ -14,10 +14,9 @@ from kre_helpers import services_settings as settings
 
 from kre_runner.config import ConfigError
 from kre_runner.context import ServiceNotConfigured
-from kre_runner.mongo_writer import WriterSettings
 from kre_runner.services import open_services
-from kre_runner.sinks.influx import InfluxSink, Measurement, escape_field_str, escape_measurement, escape_tag
-from kre_runner.sinks.mongo import (
+from kre_runner.services.influx import InfluxSink, Measurement, escape_field_str, escape_measurement, escape_tag
+from kre_runner.services.mongo import (
     DatabaseError,
     DirectWriter,
     MongoConnection,
@@ -26,7 +25,8 @@ from kre_runner.sinks.mongo import (
     decode_writer_payload,
     encode_writer_request,
 )
-from kre_runner.sinks.prediction import ERR_NEW_LABELS, Prediction
+from kre_runner.services.mongo_writer import WriterSettings
+from kre_runner.services.prediction import ERR_NEW_LABELS, Prediction
 
 
 def unreachable_db() -> MongoDB:

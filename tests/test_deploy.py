@@ -195,7 +195,7 @@ def test_the_image_steps_and_the_derived_image_recipe_work_as_a_non_root_user():
         check = subprocess.run([str(venv / "bin" / "kre-runner"), "--version"], env=env, capture_output=True,
                                text=True, timeout=60, **_as_user(uid))
         assert check.returncode == 0 and check.stdout.startswith("kre-runner "), check.stderr
-        imports = subprocess.run([str(venv / "bin" / "python"), "-c", "import six, kre_runner.node, nkeys"],
+        imports = subprocess.run([str(venv / "bin" / "python"), "-c", "import six, kre_runner.run, nkeys"],
                                  env=env, capture_output=True, text=True, timeout=60, **_as_user(uid))
         assert imports.returncode == 0, imports.stderr
         # Production installs leave the demo's nats-server out.

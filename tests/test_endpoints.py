@@ -19,8 +19,8 @@ from kre_helpers import STREAM, Collector, node_env, request_envelope, start_pro
 from prometheus_client.parser import text_string_to_metric_families
 
 from kre_runner.config import Settings
-from kre_runner.embedded import EmbeddedNats, free_port
-from kre_runner.node import run_node
+from kre_runner.dev.embedded import EmbeddedNats, free_port
+from kre_runner.run import run_node
 
 pytestmark = pytest.mark.integration
 

@@ -31,9 +31,9 @@ from kre_helpers import (
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, DiscardPolicy, RetentionPolicy, StreamConfig
 from nats.js.errors import NotFoundError
 
-from kre_runner.embedded import free_port
-from kre_runner.jetstream import SetupError
-from kre_runner.pulling import PullLink
+from kre_runner.dev.embedded import free_port
+from kre_runner.errors import SetupError
+from kre_runner.node.pulling import PullLink
 
 pytestmark = pytest.mark.integration
 

@@ -21,10 +21,10 @@ from kre_helpers import STREAM, node_env, request_envelope
 from standin import Publish, StandIn, parse_writes
 
 from kre_runner.config import Settings
-from kre_runner.consumer import Consumer
 from kre_runner.context import Context
-from kre_runner.envelope import EnvelopeError, KreNatsMessage, decode
 from kre_runner.handler import load_user_code
+from kre_runner.node.consumer import Consumer
+from kre_runner.node.envelope import EnvelopeError, KreNatsMessage, decode
 
 OUTCOMES = ["value", "any", "none", "raise", "retry", "wrong", "unserialisable"]
 MODES = {"inline": ("handler", "0"), "threaded": ("handler", "2"), "async": ("handler_async", "0")}

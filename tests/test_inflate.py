@@ -21,7 +21,7 @@ from kre_helpers import (
     wait_settled,
 )
 
-from kre_runner.consumer import Consumer
+from kre_runner.node.consumer import Consumer
 
 pytestmark = pytest.mark.integration
 

@@ -15,9 +15,9 @@ from kre_helpers import STREAM, node_env
 from standin import StandIn, parse_writes
 
 from kre_runner.config import Settings
-from kre_runner.consumer import Consumer
 from kre_runner.context import Context
 from kre_runner.handler import load_user_code
+from kre_runner.node.consumer import Consumer
 
 PULL = f"$JS.API.CONSUMER.MSG.NEXT.{STREAM}.v1-greeter"
 ADVISORY = f"$JS.EVENT.ADVISORY.CONSUMER.LEADER_ELECTED.{STREAM}.v1-greeter"
@@ -66,7 +66,7 @@ async def test_after_a_reconnect_the_node_pulls_once_the_consumer_has_a_leader(m
             return answer
 
     monkeypatch.setattr(nc, "jetstream", lambda **_: JetStream())
-    monkeypatch.setattr("kre_runner.pulling._LEADERLESS_POLL", 0.01)
+    monkeypatch.setattr("kre_runner.node.pulling._LEADERLESS_POLL", 0.01)
     await consumer.on_reconnect()
     await asyncio.sleep(0)
     assert _pulls(nc) == 0  # not into the void while the consumer is leaderless

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from kre_helpers import HANDLERS, PROTOS, STREAM, node_env, running_node
 
-from kre_runner.up import state_file
+from kre_runner.dev.up import state_file
 
 pytestmark = pytest.mark.integration
 

@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 from kre_helpers import HANDLERS, PROTOS
 
-from kre_runner.messages import MessageTypeError, find_message_type, from_json, parse_json_inputs, to_json
-from kre_runner.streams import subject_in
+from kre_runner.dev.messages import MessageTypeError, find_message_type, from_json, parse_json_inputs, to_json
+from kre_runner.dev.workflow import WorkflowError, load_workflow
+from kre_runner.nats.streams import subject_in
 from kre_runner.testing import MemoryDB
-from kre_runner.workflow import WorkflowError, load_workflow
 
 
 def _yaml(tmp_path: Path, text: str) -> Path:
@@ -142,8 +142,8 @@ async def _run_once(handler: str, *names: str) -> tuple[int, list[str], str]:
 
     from greeter_pb2 import Request
 
+    from kre_runner.dev.run_once import run_once
     from kre_runner.handler import load_user_code
-    from kre_runner.run_once import run_once
 
     code = load_user_code(HANDLERS, handler)
     out, err = io.StringIO(), io.StringIO()

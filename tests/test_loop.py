@@ -22,11 +22,10 @@ from kre_helpers import (
     wait_settled,
 )
 
-from kre_runner.connection import StartupError
-from kre_runner.consumer import Consumer
-from kre_runner.envelope import KreNatsMessage
+from kre_runner.errors import SetupError, StartupError
 from kre_runner.handler import HandlerLoadError
-from kre_runner.jetstream import SetupError
+from kre_runner.node.consumer import Consumer
+from kre_runner.node.envelope import KreNatsMessage
 
 pytestmark = pytest.mark.integration
 

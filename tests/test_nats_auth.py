@@ -22,8 +22,8 @@ from nats.js.api import RetentionPolicy, StreamConfig
 from nats_auth import Certificates, ConfiguredNats, Operator, new_seed, public_key
 
 from kre_runner.config import NatsAuth
-from kre_runner.connection import nats_options
-from kre_runner.embedded import free_port
+from kre_runner.dev.embedded import free_port
+from kre_runner.nats.connection import nats_options
 
 pytestmark = pytest.mark.integration
 

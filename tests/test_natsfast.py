@@ -10,9 +10,9 @@ import nats
 import pytest
 from kre_helpers import STREAM, Collector, greeting, node_env, request_envelope, running_node, wait_settled
 
-import kre_runner.node
-from kre_runner.connection import connect
-from kre_runner.natsfast import Dispatcher, FastPath, Wire, check, describe, probe
+import kre_runner.run
+from kre_runner.nats.connection import connect
+from kre_runner.nats.fast import Dispatcher, FastPath, Wire, check, describe, probe
 
 pytestmark = pytest.mark.integration
 
@@ -319,7 +319,7 @@ async def test_with_an_internal_changed_the_node_runs_on_the_public_api(nats_ser
         break_it(client)
         return client
 
-    monkeypatch.setattr(kre_runner.node, "connect", connect_then_break)
+    monkeypatch.setattr(kre_runner.run, "connect", connect_then_break)
     out = await Collector(js, f"{STREAM}.out").start()
     with caplog.at_level(logging.INFO, logger="kre_runner"):
         async with running_node(node_env(nats_server.url, "greet.py"), js):

@@ -12,9 +12,11 @@ from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from kre_runner.config import ConfigError, redacted_settings
-from kre_runner.health import DRAINING, INIT, READY, Health
-from kre_runner.logs import JsonFormatter, RateLimitedLog, TrackingFilter
-from kre_runner.metrics import DurationHistogram, NodeMetrics, metrics_registry
+from kre_runner.node.counters import DurationHistogram, NodeMetrics
+from kre_runner.node.failures import RateLimitedLog
+from kre_runner.ops.health import DRAINING, INIT, READY, Health
+from kre_runner.ops.logs import JsonFormatter, TrackingFilter
+from kre_runner.ops.metrics import metrics_registry
 
 
 class _Clock:
@@ -80,7 +82,7 @@ def test_redacted_settings_hide_every_secret(tmp_path):
 
 
 def test_the_mongo_writers_settings_keep_their_secrets_out_of_repr():
-    from kre_runner.mongo_writer import WriterSettings
+    from kre_runner.services.mongo_writer import WriterSettings
 
     s = WriterSettings.from_env({"KRT_NATS_SERVER": "nats://a:n-SECRET@h:4222", "KRT_NATS_MONGO_WRITER": "w.demo",
                                  "KRT_MONGO_URI": "mongodb://u:m-SECRET@db:27017", "KRT_RUNTIME_ID": "demo"})
@@ -274,7 +276,7 @@ def test_json_lines_carry_node_workflow_tracking_id_seq_and_traceback():
 
 @pytest.mark.parametrize("fmt", ["text", "json"])
 def test_handler_lines_get_the_tracking_id_of_the_current_message(fmt):
-    from kre_runner.logs import _TextFormatter
+    from kre_runner.ops.logs import _TextFormatter
 
     stream = io.StringIO()
     handler = logging.StreamHandler(stream)
@@ -315,7 +317,8 @@ def test_rate_limited_tracebacks_count_the_rest_in_one_line(caplog):
 
 
 def test_the_demo_says_in_one_line_what_it_needs_when_nats_server_is_missing(monkeypatch, capsys):
-    from kre_runner import cli, embedded
+    from kre_runner import cli
+    from kre_runner.dev import embedded
 
     find = embedded._find_script
     monkeypatch.setattr(embedded, "_find_script", lambda name, hint: find(f"no-such-{name}", hint))

@@ -24,8 +24,8 @@ from kre_helpers import (
     wait_settled,
 )
 
-from kre_runner.embedded import EmbeddedNats, find_nats_server
-from kre_runner.envelope import KreNatsMessage
+from kre_runner.dev.embedded import EmbeddedNats, find_nats_server
+from kre_runner.node.envelope import KreNatsMessage
 
 pytestmark = pytest.mark.integration
 

@@ -6,8 +6,8 @@ import logging
 
 import pytest
 
-from kre_runner.credits import Credits
-from kre_runner.settlement import Job, Settlement
+from kre_runner.node.credits import Credits
+from kre_runner.node.settlement import Job, Settlement
 
 ACK = "$JS.ACK.s.c.{delivered}.{seq}.{seq}.1763700000000000000.0"
 
@@ -261,7 +261,7 @@ class _FakeNats:
 
 async def _puback_outcome(data: bytes, headers: dict[str, str] | None = None) -> str | None:
     """What the publisher reports for a publish answered by ``data`` (None: stored)."""
-    from kre_runner.publisher import PubAckPublisher
+    from kre_runner.node.publisher import PubAckPublisher
 
     reported: list[str | None] = []
 
@@ -306,7 +306,7 @@ async def test_a_failed_or_unreadable_pub_ack_says_why(data, headers, expected):
     ("never settled", "never_settled"),
 ])
 async def test_failures_of_the_node_itself_are_not_counted_as_publish_failures(error, counter):
-    from kre_runner.metrics import NodeMetrics
+    from kre_runner.node.counters import NodeMetrics
 
     metrics = NodeMetrics()
     settlement = Settlement(_Wire(), logging.getLogger("test.settlement"), ack_wait=30, publish_timeout=5,
@@ -319,8 +319,8 @@ async def test_failures_of_the_node_itself_are_not_counted_as_publish_failures(e
 
 
 async def test_a_failed_or_timed_out_publish_counts_as_a_publish_failure():
-    from kre_runner.metrics import NodeMetrics
-    from kre_runner.publisher import PubAckPublisher
+    from kre_runner.node.counters import NodeMetrics
+    from kre_runner.node.publisher import PubAckPublisher
 
     metrics = NodeMetrics()
 
@@ -352,7 +352,7 @@ class _DeadLetters:
 
 
 def _dead_lettering(wire: _Wire) -> tuple[Settlement, _DeadLetters]:
-    from kre_runner.metrics import NodeMetrics
+    from kre_runner.node.counters import NodeMetrics
 
     letters = _DeadLetters()
     settlement = Settlement(wire, logging.getLogger("test.settlement"), ack_wait=30, publish_timeout=5,  # type: ignore[arg-type]
@@ -363,7 +363,7 @@ def _dead_lettering(wire: _Wire) -> tuple[Settlement, _DeadLetters]:
 async def test_a_refused_dead_letter_is_held_alive_and_retried_and_the_entrypoint_told_only_once_stored():
     import time
 
-    from kre_runner.settlement import DEAD_LETTER_COPY, DEAD_LETTER_TELL
+    from kre_runner.node.settlement import DEAD_LETTER_COPY, DEAD_LETTER_TELL
 
     wire = _Wire()
     settlement, letters = _dead_lettering(wire)

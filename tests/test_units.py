@@ -13,11 +13,11 @@ from kre_helpers import request_envelope
 
 from kre_runner.cli import main as cli_main
 from kre_runner.config import VARIABLES, ConfigError, Settings, consumer_name, redact_url
-from kre_runner.elapsed import ElapsedRecorder
-from kre_runner.envelope import EnvelopeError, KreNatsMessage, decode, encode, parse_iso
 from kre_runner.handler import HandlerLoadError, load_user_code
-from kre_runner.jetstream import subject_in
-from kre_runner.settlement import parse_ack_subject
+from kre_runner.nats.streams import subject_in
+from kre_runner.node.envelope import EnvelopeError, KreNatsMessage, decode, encode, parse_iso
+from kre_runner.node.settlement import parse_ack_subject
+from kre_runner.ops.elapsed import ElapsedRecorder
 
 BASE_ENV = {
     "KRT_WORKFLOW_NAME": "wf",
@@ -265,7 +265,7 @@ def test_readme_documents_every_variable():
 def test_tracking_clock_matches_the_original_timestamp_format():
     from datetime import timezone as tz
 
-    from kre_runner.envelope import TrackingClock
+    from kre_runner.node.envelope import TrackingClock
 
     clock = TrackingClock()
     ts, text = clock.now()
@@ -283,8 +283,8 @@ def test_tracking_clock_matches_the_original_timestamp_format():
     [1_767_225_600.5, 1_767_225_630.75],  # a jump ahead
 ])
 def test_tracking_clock_is_exact_across_seconds_and_clock_steps(monkeypatch, times):
-    from kre_runner import envelope as envelope_module
-    from kre_runner.envelope import TrackingClock
+    from kre_runner.node import envelope as envelope_module
+    from kre_runner.node.envelope import TrackingClock
 
     clock = TrackingClock()
     for ts in times:

@@ -19,7 +19,7 @@ if _GREETER not in sys.path:
 from greeter_pb2 import Request  # noqa: E402
 
 from kre_runner.context import ServiceNotConfigured  # noqa: E402
-from kre_runner.sinks.mongo import DatabaseError  # noqa: E402
+from kre_runner.services.mongo import DatabaseError  # noqa: E402
 
 
 def init(ctx):

@@ -2,12 +2,13 @@
 
 from typing import TYPE_CHECKING, Any
 
-from .config import ConfigError, Settings
+from .config import Settings
+from .errors import ConfigError
 
 if TYPE_CHECKING:
     from .context import Context, Retry, ServiceNotConfigured
     from .handler import batch_handler
-    from .sinks.mongo import DatabaseError
+    from .services.mongo import DatabaseError
 
 __all__ = ["ConfigError", "Context", "DatabaseError", "Retry", "ServiceNotConfigured", "Settings", "__version__",
            "batch_handler"]
@@ -16,7 +17,7 @@ __version__ = "0.1.0"
 # Imported on first use: the pytest plugin (kre_runner.testing) loads this package in every pytest
 # run, which must not pay for nats-py, motor and protobuf.
 _LAZY = {"Context": ".context", "Retry": ".context", "ServiceNotConfigured": ".context",
-         "DatabaseError": ".sinks.mongo", "batch_handler": ".handler"}
+         "DatabaseError": ".services.mongo", "batch_handler": ".handler"}
 
 
 def __getattr__(name: str) -> Any:

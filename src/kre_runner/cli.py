@@ -17,12 +17,10 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
 from . import __version__
-from .config import VARIABLES, ConfigError, Settings
-from .connection import StartupError
-from .consumer import SetupError
-from .handler import HandlerLoadError
-from .logs import configure_logging
-from .node import run_node
+from .config import VARIABLES, Settings
+from .errors import ConfigError, HandlerLoadError, SetupError, StartupError
+from .ops.logs import configure_logging
+from .run import run_node
 
 __all__ = ["main"]
 
@@ -160,7 +158,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "run":
         return _serve("run", Settings.from_env, run_node)
     if args.command == "demo":
-        from .demo import run_demo
+        from .dev.demo import run_demo
 
         return _tool("demo", run_demo(args.requests, args.examples, services=not args.no_services))
     if args.command == "up":
@@ -180,7 +178,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "stored":
         return _tool("stored", _stored(args))
     if args.command == "mongo-writer":
-        from .mongo_writer import WriterSettings, run_writer
+        from .services.mongo_writer import WriterSettings, run_writer
 
         return _serve("mongo-writer", WriterSettings.from_env, run_writer)
     _parser().print_help()
@@ -231,10 +229,10 @@ def _add_input_options(parser: argparse.ArgumentParser) -> None:
 
 def _tool(command: str, work: Awaitable[int]) -> int:
     """Run a local tool's coroutine; turn its errors into one line and the exit code."""
-    from .calling import CallError
-    from .messages import MessageTypeError
-    from .up import UpError
-    from .workflow import WorkflowError
+    from .dev.calling import CallError
+    from .dev.messages import MessageTypeError
+    from .dev.up import UpError
+    from .dev.workflow import WorkflowError
 
     try:
         return asyncio.run(work)  # type: ignore[arg-type]
@@ -250,7 +248,7 @@ def _tool(command: str, work: Awaitable[int]) -> int:
 
 
 def _read_inputs(args: argparse.Namespace) -> list[Any]:
-    from .messages import parse_json_inputs
+    from .dev.messages import parse_json_inputs
 
     if (args.json is None) == (args.file is None):
         raise _UsageError("give the request with --json '{...}' or --file FILE (JSON or JSON lines)")
@@ -264,7 +262,7 @@ def _read_inputs(args: argparse.Namespace) -> list[Any]:
 
 
 def _messages(type_name: str | None, values: list[Any], directories: list[Any]) -> list[Any]:
-    from .messages import find_message_type, from_json
+    from .dev.messages import find_message_type, from_json
 
     if not type_name:
         raise _UsageError("--type is required: the request's message, e.g. --type Request")
@@ -276,10 +274,10 @@ async def _call(args: argparse.Namespace) -> int:
     import uuid
     from pathlib import Path
 
-    from .calling import call_workflow
-    from .messages import to_json
-    from .up import read_endpoint
-    from .workflow import load_workflow
+    from .dev.calling import call_workflow
+    from .dev.messages import to_json
+    from .dev.up import read_endpoint
+    from .dev.workflow import load_workflow
 
     deployed = [args.nats, args.stream, args.subject]
     if args.workflow and any(deployed):
@@ -340,8 +338,8 @@ async def _run_handler_once(args: argparse.Namespace) -> int:
     import contextlib
     from pathlib import Path
 
+    from .dev.run_once import run_once
     from .handler import load_user_code
-    from .run_once import run_once
 
     values = _read_inputs(args)  # bad input is reported before the handler is imported
     asked = os.environ.get("KRT_LOG_LEVEL", "").strip().upper()
@@ -361,7 +359,7 @@ async def _run_handler_once(args: argparse.Namespace) -> int:
     messages = _messages(args.type_name, values, [code.path.parent])
     with contextlib.ExitStack() as stack:
         if args.services:
-            from .up import start_local_services
+            from .dev.up import start_local_services
 
             def skipped(text: str) -> None:  # only what could not start: the stored data is printed at the end
                 if "SKIPPED" in text:
@@ -372,7 +370,7 @@ async def _run_handler_once(args: argparse.Namespace) -> int:
             env.update(local)
         status = await run_once(code, messages, sys.stdout, sys.stderr, env=env)
         if args.services:
-            from .stored import stored
+            from .dev.stored import stored
 
             db = env.get("KRT_MONGO_DB") or f"{env.get('KRT_RUNTIME_ID') or 'local'}-data"
             for line in await stored(env.get("KRT_MONGO_URI"), db, env.get("KRT_INFLUX_URI")):
@@ -381,7 +379,7 @@ async def _run_handler_once(args: argparse.Namespace) -> int:
 
 
 async def _check() -> int:
-    from .check import run_checks
+    from .dev.check import run_checks
 
     findings = await run_checks(os.environ)
     for finding in findings:
@@ -391,7 +389,7 @@ async def _check() -> int:
 
 async def _stream_create(args: argparse.Namespace) -> int:
 
-    from .streams import ensure_stream
+    from .nats.streams import ensure_stream
 
     url = args.nats or os.environ.get("KRT_NATS_SERVER", "").strip()
     stream = args.stream or os.environ.get("KRT_NATS_STREAM", "").strip()
@@ -416,7 +414,7 @@ async def _stream_create(args: argparse.Namespace) -> int:
 
 async def _connect(url: str) -> Any:
     """A short-lived connection for a command: one try, and one line when it fails."""
-    from .connection import connect_once
+    from .nats.connection import connect_once
 
     try:
         return await connect_once(url)
@@ -429,7 +427,7 @@ async def _dead_letter(args: argparse.Namespace) -> int:
 
     from nats.js.errors import NotFoundError
 
-    from . import deadletter
+    from .dev import deadletters as deadletter
 
     url = args.nats or os.environ.get("KRT_NATS_SERVER", "").strip()
     workflow_stream = os.environ.get("KRT_NATS_STREAM", "").strip()
@@ -488,8 +486,8 @@ async def _dead_letter(args: argparse.Namespace) -> int:
 
 def _workflow_server(path: str, nats_url: str | None) -> tuple[Any, str]:
     """A workflow YAML and its NATS server: --nats (deployed), else the one its running ``up`` uses."""
-    from .up import read_endpoint
-    from .workflow import load_workflow
+    from .dev.up import read_endpoint
+    from .dev.workflow import load_workflow
 
     workflow = load_workflow(path)
     if nats_url:
@@ -504,8 +502,8 @@ def _workflow_server(path: str, nats_url: str | None) -> tuple[Any, str]:
 async def _trace(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from .trace import trace
-    from .up import read_endpoint
+    from .dev.trace import trace
+    from .dev.up import read_endpoint
 
     workflow, url = _workflow_server(args.workflow, args.nats)
     endpoint = None if args.nats else read_endpoint(workflow.path)
@@ -521,15 +519,15 @@ async def _trace(args: argparse.Namespace) -> int:
 
 
 async def _stored(args: argparse.Namespace) -> int:
-    from .stored import stored
-    from .up import read_endpoint
+    from .dev.stored import stored
+    from .dev.up import read_endpoint
 
     mongo = args.mongo or os.environ.get("KRT_MONGO_URI", "").strip()
     influx = args.influx or os.environ.get("KRT_INFLUX_URI", "").strip()
     runtime = os.environ.get("KRT_RUNTIME_ID", "").strip()
     db = args.db or os.environ.get("KRT_MONGO_DB", "").strip() or (f"{runtime}-data" if runtime else "")
     if args.workflow:
-        from .workflow import load_workflow
+        from .dev.workflow import load_workflow
 
         workflow = load_workflow(args.workflow)
         endpoint = read_endpoint(workflow.path)
@@ -549,7 +547,7 @@ async def _stored(args: argparse.Namespace) -> int:
 def _up(args: argparse.Namespace) -> int:
     import contextlib
 
-    from .workflow import WorkflowError, load_workflow
+    from .dev.workflow import WorkflowError, load_workflow
 
     try:
         workflow = load_workflow(args.workflow)
@@ -562,7 +560,7 @@ def _up(args: argparse.Namespace) -> int:
 async def _run_up(workflow: Any, nats_url: str | None, reload: bool, services: bool, stack: Any) -> int:
     import time
 
-    from .up import LocalWorkflow, how_to_call, start_local_services
+    from .dev.up import LocalWorkflow, how_to_call, start_local_services
 
     started = time.monotonic()
     stop = asyncio.Event()

@@ -14,6 +14,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
+from .errors import ConfigError
+
 __all__ = ["SECRET_VARIABLES", "VARIABLES", "ConfigError", "NatsAuth", "Settings", "consumer_name", "redact_url",
            "redacted_settings", "secret_field", "shown_fields", "url_field"]
 
@@ -110,14 +112,6 @@ _SCHEME_START_RE = re.compile(r",(?=\s*[A-Za-z][A-Za-z0-9+.-]*://)")  # a comma 
 _HOST_RE = re.compile(r"^[A-Za-z0-9.:%-]+$")
 _SUBJECT_RE = re.compile(r"^[^\s*>.]+(\.[^\s*>.]+)*$")
 _NAME_UNSAFE_RE = re.compile(r"[^A-Za-z0-9_-]")
-
-
-class ConfigError(ValueError):
-    """The environment does not describe a runnable node; ``problems`` lists every reason."""
-
-    def __init__(self, problems: list[str]) -> None:
-        self.problems = problems
-        super().__init__("invalid configuration:\n  " + "\n  ".join(problems))
 
 
 # How /info, errors and repr() may show a settings field (its metadata["show"]). A field marked SECRET or URL

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+from .errors import HandlerLoadError
+
 __all__ = ["HandlerLoadError", "UserCode", "batch_handler", "load_user_code"]
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -25,10 +27,6 @@ def batch_handler(func: F) -> F:
     """
     setattr(func, _BATCH_MARK, True)
     return func
-
-
-class HandlerLoadError(RuntimeError):
-    """The handler file cannot be turned into a runnable node."""
 
 
 @dataclass(frozen=True)

