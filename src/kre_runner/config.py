@@ -30,7 +30,10 @@ VARIABLES: tuple[tuple[str, bool, str, str], ...] = (
     ("KRT_NODE_NAME", True, "this node's name (tracking, consumer name)", "greeter"),
     ("KRT_NATS_SERVER", True, "NATS server URL(s), comma separated", "nats://localhost:4222"),
     ("KRT_NATS_STREAM", True, "JetStream stream holding the workflow's subjects", "demo-v1-greeter"),
-    ("KRT_NATS_INPUT", True, "subject this node consumes", "demo-v1-greeter.greeter"),
+    ("KRT_NATS_INPUT", True, "KRE v2: subject this node consumes (a KRE 3.x node sets KRT_NATS_INPUTS instead)",
+     "demo-v1-greeter.greeter"),
+    ("KRT_NATS_INPUTS", False, "KRE 3.x: subjects this node consumes, comma separated; set instead of "
+     "KRT_NATS_INPUT, it makes the node speak KRE 3.x", "demo-v1-greeter.entrypoint,demo-v1-greeter.nodeA"),
     ("KRT_NATS_OUTPUT", True, "subject this node publishes its results to", "demo-v1-greeter.next"),
     ("KRT_HANDLER_PATH", True, "handler file relative to KRT_BASE_PATH, or path/to/file.py:func",
      "src/handler.py"),
@@ -78,6 +81,10 @@ VARIABLES: tuple[tuple[str, bool, str, str], ...] = (
      "true); false refuses to start instead", "true"),
     ("KRT_DELIVER_POLICY", False, "where a new consumer starts: new (as the original) or all (default new)",
      "new"),
+    ("KRT_NATS_MAX_ACK_PENDING", False, "KRE 3.x: max_ack_pending of the node's consumer (default -1: unbounded; "
+     "each replica bounds itself with KRT_MAX_INFLIGHT)", "-1"),
+    ("KRT_JS_REQUEST_TIMEOUT", False, "milliseconds a JetStream API request may take at start (default 30000 in "
+     "KRE 3.x, 5000 in v2)", "30000"),
     ("KRT_DB_TIMEOUT", False, "seconds a ctx.db / ctx.prediction call may take (default 5)", "5"),
     ("KRT_LOG_LEVEL", False, "DEBUG, INFO, WARNING (or WARN) or ERROR (default INFO)", "INFO"),
     ("KRT_LOG_FORMAT", False, "text (the original runner's lines) or json (one object a line) (default text)",
@@ -172,9 +179,13 @@ class Settings:
     node_name: str
     nats_servers: tuple[str, ...] = url_field()
     stream: str
-    input_subject: str
+    input_subject: str  # KRE 3.x: the inputs comma-joined (logs, dead-letter headers); input_subjects has each
     output_subject: str
     handler_path: str
+    generation: str = "v2"  # "v2" or "v3": which KRE runner's contract the node speaks (see generation_reason)
+    input_subjects: tuple[str, ...] = ()
+    max_ack_pending: int = -1
+    js_request_timeout: float = 5.0  # seconds
     base_path: Path = Path(".")
     is_last_node: bool = False
     entrypoint_subject: str | None = None
@@ -210,9 +221,20 @@ class Settings:
     health_reconnect_grace: float = 60.0
     nats_auth: NatsAuth = field(default_factory=NatsAuth)
 
+    def __post_init__(self) -> None:
+        if not self.input_subjects and self.input_subject:  # built in code (tests, tools) with one input
+            object.__setattr__(self, "input_subjects", tuple(self.input_subject.split(",")))
+
     @property
     def consumer_name(self) -> str:
         return consumer_name(self.version, self.node_name)
+
+    @property
+    def generation_reason(self) -> str:
+        """One line: which generation the node speaks, and the variable that decided it (check, /info)."""
+        if self.generation == "v3":
+            return "KRE 3.x: KRT_NATS_INPUTS is set (and KRT_NATS_INPUT is not), as the 3.x manager sets it"
+        return "KRE v2: KRT_NATS_INPUT is set (and KRT_NATS_INPUTS is not), as the v2 manager sets it"
 
     def inflated_limit(self, max_payload: int) -> int:
         """The most a compressed input may inflate to: KRT_MAX_INFLATED_BYTES, else 4 × the server's max_payload.
@@ -232,6 +254,8 @@ class Settings:
         """Build settings from ``env`` (usually ``os.environ``) or raise :class:`ConfigError`."""
         reader = _Reader(env)
         runtime_id = reader.required("KRT_RUNTIME_ID")
+        generation, inputs = _read_inputs(reader)
+        v3 = generation == "v3"
         settings = cls(
             workflow_name=reader.required("KRT_WORKFLOW_NAME"),
             runtime_id=runtime_id,
@@ -240,13 +264,21 @@ class Settings:
             node_name=reader.required("KRT_NODE_NAME"),
             nats_servers=reader.required("KRT_NATS_SERVER", _parse_servers, "a nats:// URL"),
             stream=reader.required("KRT_NATS_STREAM", _parse_stream, "a stream name without . * > or spaces"),
-            input_subject=reader.required("KRT_NATS_INPUT", _parse_subject, "a subject without wildcards"),
+            input_subject=",".join(inputs) if inputs else None,  # type: ignore[arg-type]  # None: from_env raises
             output_subject=reader.required("KRT_NATS_OUTPUT", _parse_subject, "a subject without wildcards"),
             handler_path=reader.required("KRT_HANDLER_PATH"),
+            generation=generation,
+            input_subjects=inputs,
+            max_ack_pending=reader.optional("KRT_NATS_MAX_ACK_PENDING", -1, _max_ack_pending,
+                                            "-1 (unbounded) or an integer ≥ 1"),
+            js_request_timeout=reader.optional("KRT_JS_REQUEST_TIMEOUT", 30.0 if v3 else 5.0, _positive_milliseconds,
+                                               "milliseconds > 0"),
             base_path=Path(reader.optional("KRT_BASE_PATH", ".")),
-            is_last_node=reader.optional("KRT_IS_LAST_NODE", False, _parse_bool, "true or false"),
-            entrypoint_subject=reader.optional("KRT_NATS_ENTRYPOINT_SUBJECT", None, _parse_subject,
-                                               "a subject without wildcards"),
+            # The v2 manager's variables: a 3.x node has no entrypoint subject (errors go to its output) and
+            # no last node (any node may answer); set in a 3.x node they are ignored, with no effect.
+            is_last_node=False if v3 else reader.optional("KRT_IS_LAST_NODE", False, _parse_bool, "true or false"),
+            entrypoint_subject=None if v3 else reader.optional("KRT_NATS_ENTRYPOINT_SUBJECT", None, _parse_subject,
+                                                               "a subject without wildcards"),
             mongo_writer_subject=reader.optional("KRT_NATS_MONGO_WRITER", None, _parse_subject,
                                                  "a subject without wildcards"),
             mongo_uri=reader.optional("KRT_MONGO_URI", None, _parse_mongo_uri, "a mongodb:// URI"),
@@ -297,6 +329,37 @@ class Settings:
         if reader.problems:
             raise ConfigError(reader.problems)
         return settings
+
+
+def _read_inputs(reader: _Reader) -> tuple[str, tuple[str, ...]]:
+    """The generation and the input subjects: ``KRT_NATS_INPUT`` (v2 manager) or ``KRT_NATS_INPUTS`` (3.x manager).
+
+    Each manager sets only its own, so exactly one must be set; either alone decides the generation.
+    """
+    single = reader.env.get("KRT_NATS_INPUT", "").strip()
+    several = reader.env.get("KRT_NATS_INPUTS", "").strip()
+    if single and several:
+        reader.problems.append("KRT_NATS_INPUT and KRT_NATS_INPUTS are both set: KRT_NATS_INPUT makes a KRE v2 node, "
+                               "KRT_NATS_INPUTS (comma separated) a KRE 3.x node; unset the one of the other "
+                               "generation")
+        return "v2", ()
+    if several:
+        subjects = tuple(part.strip() for part in several.split(","))
+        if not all(subjects) or not all(_SUBJECT_RE.match(subject) for subject in subjects):
+            reader.problems.append(f"KRT_NATS_INPUTS={several!r} is invalid: expected subjects without wildcards, "
+                                   f"comma separated, e.g. KRT_NATS_INPUTS={_EXAMPLES['KRT_NATS_INPUTS']}")
+            return "v3", ()
+        if len(set(subjects)) != len(subjects):
+            reader.problems.append(f"KRT_NATS_INPUTS={several!r} names a subject twice: list each input once")
+            return "v3", ()
+        return "v3", subjects
+    if not single:
+        reader.problems.append("KRT_NATS_INPUT is not set: expected a subject without wildcards (a KRE v2 node; a KRE "
+                               "3.x node sets KRT_NATS_INPUTS instead, comma separated), "
+                               f"e.g. KRT_NATS_INPUT={_EXAMPLES['KRT_NATS_INPUT']}")
+        return "v2", ()
+    subject = reader.required("KRT_NATS_INPUT", _parse_subject, "a subject without wildcards")
+    return "v2", (subject,) if subject else ()
 
 
 def read_nats_auth(reader: _Reader) -> NatsAuth:
@@ -500,6 +563,18 @@ def _positive_float(raw: str) -> float:
     return value
 
 
+def _max_ack_pending(raw: str) -> int:
+    value = int(raw)
+    if value != -1 and value < 1:
+        raise ValueError(raw)
+    return value
+
+
+def _positive_milliseconds(raw: str) -> float:
+    """Milliseconds > 0, as seconds."""
+    return _positive_float(raw) / 1000
+
+
 def _milliseconds(raw: str) -> float:
     """Milliseconds ≥ 0, as seconds."""
     value = float(raw)
@@ -567,7 +642,8 @@ _SHOWN: dict[type, frozenset[str]] = {
     NatsAuth: frozenset({"creds", "nkey_seed", "user", "tls_ca", "tls_cert", "tls_key"}),
     Settings: frozenset({
         "workflow_name", "runtime_id", "version_id", "version", "node_name", "stream", "input_subject",
-        "output_subject", "handler_path", "base_path", "is_last_node", "entrypoint_subject", "mongo_writer_subject",
+        "output_subject", "handler_path", "generation", "input_subjects", "max_ack_pending", "js_request_timeout",
+        "base_path", "is_last_node", "entrypoint_subject", "mongo_writer_subject",
         "mongo_db", "influx_org", "influx_bucket", "influx_batch_size", "influx_flush_interval", "influx_buffer",
         "elapsed_metrics", "max_inflight", "handler_threads", "batch_size", "batch_wait", "ack_wait",
         "publish_timeout", "shutdown_grace", "deliver_policy", "max_deliver", "dead_letter_stream",

@@ -9,7 +9,7 @@ from typing import Any
 
 from google.protobuf.message import Message
 
-__all__ = ["Context", "Retry", "ServiceNotConfigured"]
+__all__ = ["Context", "ContextV3", "Retry", "ServiceNotConfigured"]
 
 
 class ServiceNotConfigured(RuntimeError):
@@ -109,3 +109,88 @@ class Context:
         if self._batch_tracking_ids is None:
             raise RuntimeError("batch_tracking_ids is only available while a batch is being handled")
         return self._batch_tracking_ids()
+
+
+class ContextV3:
+    """The ctx of a KRE 3.x node (kre-py 3.4.1's API): one per node, shared by ``init`` and every handler call.
+
+    ``send_*``, ``get_request_id`` and ``is_message_*`` act on the input whose handler runs now; called
+    outside it (after the handler returned, from a thread it started) they raise ``RuntimeError``.
+    ``configuration`` and ``object_store`` are set by the data services when their variables are set.
+    """
+
+    def __init__(
+        self,
+        *,
+        base_path: Path,
+        logger: logging.Logger,
+        send: Callable[..., Awaitable[None]],
+        current_input: Callable[[str], Any],
+        db: Any = None,
+        measurement: Any = None,
+        prediction: Any = None,
+        configuration: Any = None,
+        object_store: Any = None,
+    ) -> None:
+        self.base_path = base_path
+        self.logger = logger
+        self.db = db or _Unconfigured("db", "set KRT_MONGO_URI (and optionally KRT_NATS_MONGO_WRITER)")
+        self.measurement = measurement or _Unconfigured("measurement", "set KRT_INFLUX_URI")
+        self.prediction = prediction or _Unconfigured("prediction", "set KRT_MONGO_URI or KRT_NATS_MONGO_WRITER")
+        self.configuration = configuration  # ctx.configuration (live key-value configuration), None until set
+        self.object_store = object_store  # ctx.object_store (KRT_NATS_OBJECT_STORE), None until set
+        self._send = send  # (what, message_type, message, channel, forward) -> awaitable
+        self._input = current_input  # (what) -> the running input's envelope
+        self._values: dict[str, Any] = {}
+
+    def path(self, relative: str) -> str:
+        """``KRT_BASE_PATH`` joined with ``relative`` (where model files live)."""
+        return str(self.base_path / relative)
+
+    def get(self, key: str, default: Any = None) -> Any:
+        """kre-py 3.0–3.2's in-memory values (dropped in 3.3), kept for handlers written for them."""
+        return self._values.get(key, default)
+
+    def set(self, key: str, value: Any) -> None:
+        self._values[key] = value
+
+    def send_output(self, response: Message, channel: str = "") -> Awaitable[None]:
+        """Publish ``response`` (packed in the envelope's ``Any``) to ``KRT_NATS_OUTPUT`` or ``{output}.{channel}``.
+
+        Zero or more per input; the input is acked only once every send is stored. Awaiting is
+        optional (a sync handler may leave the result alone).
+        """
+        return self._send("send_output", _OK, response, channel, False)
+
+    def send_any(self, response: Message, channel: str = "") -> Awaitable[None]:
+        """As :meth:`send_output`, with a ``google.protobuf.Any`` forwarded unchanged."""
+        return self._send("send_any", _OK, response, channel, True)
+
+    def send_early_reply(self, response: Message, channel: str = "") -> Awaitable[None]:
+        """As :meth:`send_output`, with ``message_type = EARLY_REPLY``."""
+        return self._send("send_early_reply", _EARLY_REPLY, response, channel, False)
+
+    def send_early_exit(self, response: Message, channel: str = "") -> Awaitable[None]:
+        """As :meth:`send_output`, with ``message_type = EARLY_EXIT``."""
+        return self._send("send_early_exit", _EARLY_EXIT, response, channel, False)
+
+    def get_request_id(self) -> str:
+        """The running input's ``request_id`` (set by the entrypoint, copied by every node)."""
+        return str(self._input("get_request_id()").request_id)
+
+    def is_message_ok(self) -> bool:
+        return bool(self._input("is_message_ok()").message_type == _OK)
+
+    def is_message_error(self) -> bool:
+        """The input is an upstream node's error envelope (empty payload, ``error`` set)."""
+        return bool(self._input("is_message_error()").message_type == _ERROR)
+
+    def is_message_early_reply(self) -> bool:
+        return bool(self._input("is_message_early_reply()").message_type == _EARLY_REPLY)
+
+    def is_message_early_exit(self) -> bool:
+        return bool(self._input("is_message_early_exit()").message_type == _EARLY_EXIT)
+
+
+# The 3.x envelope's MessageType values (kre_nats_msg_v3.proto), without importing the node's modules here.
+_OK, _ERROR, _EARLY_REPLY, _EARLY_EXIT = 1, 2, 3, 4

@@ -13,7 +13,7 @@ import nats.aio.client
 from google.protobuf.message import Message
 
 from .config import Settings, redact_url
-from .context import Context
+from .context import Context, ContextV3
 from .errors import StartupError
 from .handler import UserCode, load_user_code
 from .nats.connection import check_jetstream, connect
@@ -21,7 +21,7 @@ from .nats.fast import probe
 from .node.consumer import Consumer
 from .node.counters import NodeMetrics
 from .node.failures import RateLimitedLog
-from .ops.elapsed import ElapsedRecorder
+from .ops.elapsed import ElapsedRecorder, ElapsedRecorderV3
 from .ops.endpoints import Endpoints, info_document
 from .ops.health import DRAINING, INIT, READY, Health
 from .ops.logs import TrackingFilter
@@ -121,7 +121,8 @@ async def _run_node(settings: Settings, stop: asyncio.Event, logger: logging.Log
         await endpoints.start()
     try:
         # Off the loop: a handler importing torch takes seconds, and liveness must answer meanwhile.
-        code = await _unless_stopped(_off_loop(load_user_code, settings.base_path, settings.handler_path), stop)
+        code = await _unless_stopped(_off_loop(load_user_code, settings.base_path, settings.handler_path,
+                                                 settings.generation), stop)
         loaded.append(code)
         logger.info("loaded handler %s (%s%s)", code.path, "async" if code.handler_is_async else "sync",
                     " batch" if code.batch else "")
@@ -172,19 +173,34 @@ async def _run_connected(settings: Settings, stop: asyncio.Event, logger: loggin
         def batch_tracking_ids() -> list[str]:
             return consumer.current.batch_tracking_ids()
 
-        ctx = Context(
-            base_path=settings.base_path,
-            logger=handler_logger,
-            db=services.db,
-            measurement=services.measurement,
-            prediction=services.prediction,
-            early_reply=early_reply,
-            early_exit=early_exit,
-            batch_tracking_ids=batch_tracking_ids if code.batch else None,
-        )
+        ctx: Context | ContextV3
+        if settings.generation == "v3":
+            def send(what: str, message_type: int, message: Message, channel: str, forward: bool) -> Awaitable[None]:
+                assert consumer.sends is not None  # a 3.x consumer has them
+                return consumer.sends.send(what, message_type, message, channel, forward)
+
+            def current_input(what: str) -> Any:
+                assert consumer.sends is not None
+                return consumer.sends.envelope(what)
+
+            ctx = ContextV3(base_path=settings.base_path, logger=handler_logger, send=send,
+                            current_input=current_input, db=services.db, measurement=services.measurement,
+                            prediction=services.prediction)
+        else:
+            ctx = Context(
+                base_path=settings.base_path,
+                logger=handler_logger,
+                db=services.db,
+                measurement=services.measurement,
+                prediction=services.prediction,
+                early_reply=early_reply,
+                early_exit=early_exit,
+                batch_tracking_ids=batch_tracking_ids if code.batch else None,
+            )
         record = None
         if services.influx is not None and settings.elapsed_metrics:
-            record = ElapsedRecorder(settings, services.influx.add)
+            record = (ElapsedRecorderV3 if settings.generation == "v3" else ElapsedRecorder)(settings,
+                                                                                              services.influx.add)
         # Once connected, before the consumer: a message through each fast path (at most a few seconds).
         fast_path = await _unless_stopped(probe(nc), stop)
         consumer = Consumer(settings, code, nc, ctx, logger, record_elapsed=record, metrics=metrics, failures=failures,

@@ -47,7 +47,7 @@ from .counters import NodeMetrics
 from .credits import Credits
 from .current import Current
 from .deadletter import DeadLetters
-from .envelope import KreNatsMessage, TrackingClock
+from .envelope import TrackingClock
 from .failures import RateLimitedLog
 from .maintenance import Maintenance
 from .outcome import Outcomes
@@ -56,6 +56,7 @@ from .publisher import PubAckPublisher
 from .pulling import PullLink
 from .settlement import Job, Settlement, parse_ack_subject
 from .setup import prepare
+from .v3 import OutcomesV3, PipelineV3, Sends
 
 __all__ = ["Consumer"]
 
@@ -64,7 +65,7 @@ class Consumer:
     """Consumes the node's input until ``stop`` is set, then drains in-flight work and returns."""
 
     def __init__(self, settings: Settings, code: UserCode, nc: Client, ctx: Context, logger: logging.Logger, *,
-                 record_elapsed: Callable[[KreNatsMessage, float, float], None] | None = None,
+                 record_elapsed: Callable[..., None] | None = None,
                  metrics: NodeMetrics | None = None, failures: RateLimitedLog | None = None,
                  fast_path: FastPath | None = None) -> None:
         self._s = settings
@@ -84,7 +85,9 @@ class Consumer:
         clock = TrackingClock()
         self._publisher = PubAckPublisher(nc, dispatcher, wire, settings.publish_timeout, self._release_publish,
                                           metrics=metrics)
-        self._outcomes = Outcomes(settings, clock, logger, failures)
+        # The generation (v3.py): the 3.x envelope, routing and sends plug into the same pipeline.
+        v3 = settings.generation == "v3"
+        self._outcomes = (OutcomesV3 if v3 else Outcomes)(settings, clock, logger, failures)
         self._credits = credits = Credits(settings.max_inflight, settings.max_inflight_bytes,
                                           ack_wait=settings.ack_wait)
         self._settlement = Settlement(wire, logger, ack_wait=settings.ack_wait,
@@ -97,11 +100,14 @@ class Consumer:
         self._pool = ThreadPoolExecutor(settings.handler_threads, "kre-handler") if settings.handler_threads else None
         self.link = PullLink(settings, nc, wire, dispatcher, credits, metrics, logger, held=self._held)
         self.current = Current(settings, self._outcomes, self._publisher, one_at_a_time=self._one_at_a_time)
-        self._pipeline = Pipeline(settings, code, ctx, logger, clock=clock, outcomes=self._outcomes,
-                                  publisher=self._publisher, settlement=self._settlement, credits=credits,
-                                  current=self.current, metrics=metrics, pool=self._pool,
-                                  record_elapsed=record_elapsed, on_settled=self._settled, pull=self.link.pull)
+        self._pipeline = (PipelineV3 if v3 else Pipeline)(
+            settings, code, ctx, logger, clock=clock, outcomes=self._outcomes, publisher=self._publisher,
+            settlement=self._settlement, credits=credits, current=self.current, metrics=metrics, pool=self._pool,
+            record_elapsed=record_elapsed, on_settled=self._settled, pull=self.link.pull)
         self._on_loop = self._pipeline.on_loop
+        # KRE 3.x: ctx.send_* and the input queries (None in v2).
+        self.sends = Sends(self._outcomes, self._publisher, self.current) if isinstance(self._outcomes, OutcomesV3) \
+            else None
         self._maintenance = Maintenance(ack_wait=settings.ack_wait, publisher=self._publisher,
                                         settlement=self._settlement, link=self.link, credits=credits,
                                         metrics=metrics, failures=failures, paced=self._on_loop,

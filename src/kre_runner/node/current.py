@@ -13,7 +13,8 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import threading
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Coroutine
+from typing import Any
 
 from google.protobuf.message import Message
 
@@ -21,7 +22,7 @@ from ..config import Settings
 from .batching import current_tracking_ids, in_batch_handler
 from .outcome import Outcomes
 from .publisher import PubAckPublisher
-from .settlement import Job
+from .settlement import Job, request_id
 
 __all__ = ["Current"]
 
@@ -68,9 +69,9 @@ class Current:
     def tracking_id(self) -> str | None:
         """The running input's tracking id (``ctx.logger`` lines carry it)."""
         job = self.running()
-        if job is None or job.envelope is None:
+        if job is None:
             return None
-        return job.envelope.tracking_id
+        return request_id(job.envelope)
 
     def batch_tracking_ids(self) -> list[str]:
         """``ctx.batch_tracking_ids()``: the running batch's, or with ``KRT_BATCH_SIZE=1`` the input's."""
@@ -104,7 +105,10 @@ class Current:
         data = self._outcomes.early_reply(job, response)  # raises (to the handler) when it cannot be sent
         job.replied = True
         job.refs += 1  # taken now, so the input cannot be settled before the reply is published
-        send = self._publisher.publish(self._s.entrypoint_subject or "", data, f"{job.msg_id}:reply", job)
+        return self.submit(self._publisher.publish(self._s.entrypoint_subject or "", data, f"{job.msg_id}:reply", job))
+
+    def submit(self, send: Coroutine[Any, Any, None]) -> Awaitable[None]:
+        """Run a publish of the running input on the event loop, from its thread or a handler thread."""
         if threading.get_ident() == self._loop_thread:
             return asyncio.ensure_future(send)
         # From a handler thread (KRT_HANDLER_THREADS): onto the event loop, which runs this before it

@@ -20,7 +20,7 @@ from nats.js.api import RetentionPolicy, StorageType, StreamConfig
 from nats.js.errors import NotFoundError
 
 from ..config import Settings
-from .envelope import EnvelopeError, KreNatsMessage, decode
+from .envelope import EnvelopeError
 from .outcome import Outcomes
 from .publisher import PubAckPublisher
 from .settlement import DEAD_LETTER_COPY, Job, parse_ack_subject
@@ -63,9 +63,9 @@ class DeadLetters:
         envelope = job.envelope
         if envelope is None:
             try:
-                envelope = decode(job.data, self._outcomes.max_inflated)
+                envelope = self._outcomes.decode(job.data)
             except EnvelopeError:
-                envelope = KreNatsMessage()
+                envelope = self._outcomes.envelope_type()
         error = self._outcomes.error(job, envelope, f"dead-lettered after {delivered} deliveries: {reason}",
                                      self._outcomes.now())
         if error is not None:

@@ -13,13 +13,16 @@ import zlib
 from datetime import datetime, timezone
 
 from ..proto.kre_nats_msg_pb2 import KreNatsMessage
+from ..proto.kre_nats_msg_v3_pb2 import KreNatsMessage as KreNatsMessageV3
 
 __all__ = [
     "GZIP_MAGIC",
     "EnvelopeError",
     "KreNatsMessage",
+    "KreNatsMessageV3",
     "TrackingClock",
     "decode",
+    "decode_v3",
     "encode",
     "iso_to_unix",
     "now_iso",
@@ -49,7 +52,19 @@ def decode(data: bytes, max_inflated: int = MAX_INFLATED_SIZE) -> KreNatsMessage
     return envelope
 
 
-def encode(envelope: KreNatsMessage, limit: int) -> bytes:
+def decode_v3(data: bytes, max_inflated: int = MAX_INFLATED_SIZE) -> KreNatsMessageV3:
+    """A KRE 3.x envelope, with the same gzip rule and bound as :func:`decode` (the framing is the same)."""
+    if data[:2] == GZIP_MAGIC:
+        data = _gunzip(data, max_inflated)
+    envelope = KreNatsMessageV3()
+    try:
+        envelope.ParseFromString(data)
+    except Exception as exc:  # protobuf raises DecodeError, upb may raise others on garbage
+        raise EnvelopeError(f"not a KRE 3.x KreNatsMessage ({len(data)} bytes): {exc}") from None
+    return envelope
+
+
+def encode(envelope: KreNatsMessage | KreNatsMessageV3, limit: int) -> bytes:
     """Serialize ``envelope``, gzip-compressed when it is larger than ``limit`` bytes."""
     data = envelope.SerializeToString()
     if len(data) <= limit:

@@ -27,7 +27,7 @@ from google.protobuf.any_pb2 import Any as AnyProto
 from google.protobuf.message import Message
 
 from ..config import Settings
-from .envelope import EnvelopeError, KreNatsMessage, TrackingClock, encode
+from .envelope import EnvelopeError, KreNatsMessage, TrackingClock, decode, encode
 from .failures import RateLimitedLog
 from .settlement import Job
 
@@ -42,6 +42,8 @@ _RUNNER_DIRS = (os.path.dirname(os.path.dirname(os.path.abspath(__file__))), sys
 
 class Outcomes:
     """Builds outcomes for one node. ``limit``: the largest envelope it may publish (set at setup)."""
+
+    envelope_type: type = KreNatsMessage  # the generation's envelope (v3.py's OutcomesV3: the 3.x one)
 
     def __init__(self, settings: Settings, clock: TrackingClock, logger: logging.Logger,
                  failures: RateLimitedLog | None = None) -> None:
@@ -60,6 +62,10 @@ class Outcomes:
         self.max_inflated = settings.inflated_limit(1024 * 1024)
         self.errors = 0  # error envelopes built for this node's own failures
         self.passed_errors = 0  # inputs that already carried an error
+
+    def decode(self, data: bytes) -> Any:
+        """An input of this generation (for a dead letter whose envelope was never decoded)."""
+        return decode(data, self.max_inflated)
 
     def now(self) -> str:
         """The current time as a tracking timestamp."""

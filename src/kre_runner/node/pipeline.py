@@ -42,7 +42,7 @@ class Pipeline:
     def __init__(self, settings: Settings, code: UserCode, ctx: Context, logger: logging.Logger, *,
                  clock: TrackingClock, outcomes: Outcomes, publisher: PubAckPublisher, settlement: Settlement,
                  credits: Credits, current: Current, metrics: NodeMetrics, pool: ThreadPoolExecutor | None,
-                 record_elapsed: Callable[[KreNatsMessage, float, float], None] | None,
+                 record_elapsed: Callable[..., None] | None,
                  on_settled: Callable[[], bool], pull: Callable[[], Awaitable[None]]) -> None:
         self._code = code
         self._handler = code.handler
@@ -66,6 +66,7 @@ class Pipeline:
         self.on_loop = not code.handler_is_async and pool is None
         self.max_inflated = outcomes.max_inflated  # decode's bound (KRT_MAX_INFLATED_BYTES), set at setup
         self._warned_slow = False
+        self._envelope_type: type = KreNatsMessage  # what ``open`` returns for an input a handler sees (v3.py: 3.x's)
 
     async def run_init(self, pool: ThreadPoolExecutor | None) -> None:
         """The user's ``init(ctx)``; a sync one on the thread the handlers use: the event loop's by default
@@ -86,7 +87,7 @@ class Pipeline:
         error: str | None = INTERRUPTED
         try:
             opened = self.open(job, data)
-            if type(opened) is not KreNatsMessage:
+            if type(opened) is not self._envelope_type:
                 outcome: Outcome = opened  # type: ignore[assignment]  # no handler sees this input
             elif self.on_loop:
                 outcome = self._call_in_place(job, opened)

@@ -41,10 +41,23 @@ from collections.abc import Awaitable, Callable, Iterable
 from ..nats.fast import Wire
 from .counters import NodeMetrics
 from .credits import Credits
-from .envelope import KreNatsMessage
+from .envelope import KreNatsMessage, KreNatsMessageV3
 
-__all__ = ["DEAD_LETTER_COPY", "DEAD_LETTER_DELIVERIES", "DEAD_LETTER_TELL", "INTERNAL_ERROR", "INTERRUPTED",
-           "NEVER_SETTLED", "Job", "Settlement", "hold_inflated", "nak_delay", "parse_ack_subject", "retry_later"]
+__all__ = [
+    "DEAD_LETTER_COPY",
+    "DEAD_LETTER_DELIVERIES",
+    "DEAD_LETTER_TELL",
+    "INTERNAL_ERROR",
+    "INTERRUPTED",
+    "NEVER_SETTLED",
+    "Job",
+    "Settlement",
+    "hold_inflated",
+    "nak_delay",
+    "parse_ack_subject",
+    "request_id",
+    "retry_later",
+]
 
 # Why a job's own part failed when no publish did (the publisher counts failed publishes itself); each is
 # counted under its own name when released, so kre_publish_failures counts only publishes.
@@ -91,7 +104,7 @@ class Job:
     """One input message from delivery to settlement."""
 
     __slots__ = ("ack_subject", "data", "dead_letter", "done", "early_exit", "envelope", "failed", "handling",
-                 "inflated", "kind", "msg_id", "refs", "replied", "retry_delay", "settled", "task", "touched")
+                 "inflated", "kind", "msg_id", "refs", "replied", "retry_delay", "sends", "settled", "task", "touched")
 
     def __init__(self, ack_subject: str, msg_id: str, now: float, data: bytes = b"") -> None:
         self.ack_subject = ack_subject
@@ -103,7 +116,7 @@ class Job:
         self.retry_delay: float | None = None  # the handler's Retry(delay=...)
         self.dead_letter = 0  # being dead-lettered: DEAD_LETTER_COPY, then DEAD_LETTER_TELL
         self.kind: str | None = None  # what its outcome was, for the metrics: None (ok), error, invalid, filtered
-        self.envelope: KreNatsMessage | None = None
+        self.envelope: KreNatsMessage | KreNatsMessageV3 | None = None
         self.replied = False  # ctx.early_reply succeeded
         self.early_exit = False  # ctx.early_exit() was called
         self.handling = False  # its handler runs now (awaited by a worker): ctx.early_reply may act on it
@@ -111,6 +124,8 @@ class Job:
         self.done = 0.0  # when its handler's part was over (0: still running or waiting)
         self.settled = False
         self.task: asyncio.Task[None] | None = None
+        # ``sends`` (KRE 3.x: ctx.send_* calls so far, each its own Nats-Msg-Id) is left unset here: the v2
+        # path never reads it, and a 3.x input reads it with getattr(job, "sends", 0).
 
     @property
     def seq(self) -> int:
@@ -123,7 +138,7 @@ class Job:
 
     def log_fields(self) -> dict[str, object]:
         """``extra=`` for a log line about this input (JSON logs carry them as fields)."""
-        return {"tracking_id": self.envelope.tracking_id if self.envelope is not None else None, "seq": self.seq}
+        return {"tracking_id": request_id(self.envelope), "seq": self.seq}
 
 
 class Settlement:
@@ -351,6 +366,13 @@ class Settlement:
     def _lost(self, job: Job, command: bytes, exc: Exception) -> None:
         self._log.warning("could not send %s for input seq %d (redelivered after the ack wait; its output is "
                           "not duplicated): %s", command[:4].decode(), job.seq, exc)
+
+
+def request_id(envelope: KreNatsMessage | KreNatsMessageV3 | None) -> str | None:
+    """What identifies the request an input belongs to in logs: v2's ``tracking_id``, 3.x's ``request_id``."""
+    if envelope is None:
+        return None
+    return envelope.tracking_id if type(envelope) is KreNatsMessage else envelope.request_id  # type: ignore[union-attr]
 
 
 def hold_inflated(job: Job, envelope: KreNatsMessage, credits: Credits) -> None:

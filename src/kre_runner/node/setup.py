@@ -36,8 +36,9 @@ async def prepare(nc: Client, settings: Settings, logger: logging.Logger) -> int
     """Check the stream, create or reuse the durable consumer; return the largest message the node may publish."""
     from .deadletter import ensure_dead_letter_stream  # deadletter.py builds on the modules that build on this one
 
-    js = nc.jetstream()
+    js = nc.jetstream(timeout=settings.js_request_timeout)
     try:
+        _check_server_version(nc, settings)
         stream = await _stream_info(js, settings)
         limit = await _publish_limit(nc, js, stream, settings, logger)
         await _ensure_consumer(js, settings, logger)
@@ -63,11 +64,42 @@ async def _stream_info(js: JetStreamContext, s: Settings) -> StreamInfo:
         raise SetupError(f"stream {s.stream!r} does not exist (KRT_NATS_STREAM): create it, "
                          f"e.g. subjects [{s.stream}.*], before starting the node") from None
     subjects = stream.config.subjects or []
+    if s.generation == "v3":
+        # The 3.x manager's stream captures every input, the output and its channels ({output}.{channel}).
+        missing = [subject for subject in s.input_subjects if not subject_in(subject, subjects)]
+        uncaptured = [name for name, subject in (("KRT_NATS_OUTPUT", s.output_subject),
+                                                 ("channels", f"{s.output_subject}.channel"))
+                      if not subject_in(subject, subjects)]
+        if missing or uncaptured:
+            what = "; ".join(
+                ([f"KRT_NATS_INPUTS subject(s) {', '.join(missing)}"] if missing else [])
+                + [f"{name} ({s.output_subject if name == 'KRT_NATS_OUTPUT' else s.output_subject + '.*'})"
+                   for name in uncaptured])
+            raise SetupError(f"stream {s.stream!r} (KRT_NATS_STREAM) does not capture {what} (its subjects: "
+                             f"{', '.join(subjects) or 'none'}): fix the variables, or add the subjects to the stream "
+                             f"(as the 3.x manager does: {s.stream}.* and {s.stream}.*.*)")
+        return stream
     if not subject_in(s.input_subject, subjects):
         raise SetupError(f"stream {s.stream!r} (KRT_NATS_STREAM) does not capture KRT_NATS_INPUT={s.input_subject} "
                          f"(its subjects: {', '.join(subjects) or 'none'}): fix either variable, or add the "
                          f"subject to the stream")
     return stream
+
+
+# A consumer over several subjects (filter_subjects) needs this nats-server.
+MIN_SERVER_FOR_INPUTS = (2, 10, 0)
+
+
+def _check_server_version(nc: Client, s: Settings) -> None:
+    """Several inputs share one consumer through ``filter_subjects``: refuse, in one line, a server without it."""
+    if len(s.input_subjects) < 2:
+        return
+    version = str(nc._server_info.get("version", ""))  # the INFO the server sent on connect
+    parts = tuple(int(p) if p.isdigit() else 0 for p in version.split("-")[0].split(".")[:3])
+    if version and parts < MIN_SERVER_FOR_INPUTS:
+        raise SetupError(f"nats-server {version} cannot give one consumer several subjects (KRT_NATS_INPUTS has "
+                         f"{len(s.input_subjects)}): it needs nats-server 2.10.0 or later (filter_subjects); upgrade "
+                         f"the server")
 
 
 async def _publish_limit(nc: Client, js: JetStreamContext, stream: StreamInfo, s: Settings,
@@ -106,16 +138,19 @@ def consumer_config(s: Settings, *, start_seq: int | None = None) -> ConsumerCon
         deliver, opt_start = DeliverPolicy.BY_START_SEQUENCE, start_seq
     else:
         deliver, opt_start = (DeliverPolicy.ALL if s.deliver_policy == "all" else DeliverPolicy.NEW), None
+    several = len(s.input_subjects) > 1  # one input: filter_subject, which any server takes
     return ConsumerConfig(
         durable_name=s.consumer_name,
-        filter_subject=s.input_subject,
+        filter_subject=None if several else s.input_subjects[0],
+        filter_subjects=list(s.input_subjects) if several else None,
         ack_policy=AckPolicy.EXPLICIT,
         deliver_policy=deliver,
         opt_start_seq=opt_start,
         ack_wait=s.ack_wait,
         max_deliver=s.max_deliver + _DEAD_LETTER_DELIVERIES,
-        # Each replica bounds itself with KRT_MAX_INFLIGHT; the consumer must not cap the sum.
-        max_ack_pending=-1,
+        # Each replica bounds itself with KRT_MAX_INFLIGHT; the consumer must not cap the sum (unless
+        # KRT_NATS_MAX_ACK_PENDING says so).
+        max_ack_pending=s.max_ack_pending,
         max_waiting=512,
     )
 
@@ -164,10 +199,12 @@ async def _reconcile(js: JetStreamContext, s: Settings, existing: ConsumerInfo, 
                          f"delete it once its messages are processed (nats consumer rm {s.stream} {s.consumer_name}) "
                          f"and start the node again")
     updatable = {
-        "filter_subject": (have.filter_subject, want.filter_subject, "KRT_NATS_INPUT"),
+        "filter_subject": (_filters(have), _filters(want), "KRT_NATS_INPUTS" if s.generation == "v3"
+                           else "KRT_NATS_INPUT"),
         "ack_wait": (have.ack_wait, want.ack_wait, "KRT_ACK_WAIT"),
         "max_deliver": (have.max_deliver, want.max_deliver, f"KRT_MAX_DELIVER + {_DEAD_LETTER_DELIVERIES}"),
-        "max_ack_pending": (have.max_ack_pending, want.max_ack_pending, "unbounded: replicas bound themselves"),
+        "max_ack_pending": (have.max_ack_pending, want.max_ack_pending,
+                            "KRT_NATS_MAX_ACK_PENDING; -1: unbounded, replicas bound themselves"),
     }
     changes = {name: triple for name, triple in updatable.items() if _norm(triple[0]) != _norm(triple[1])}
     if want.max_waiting != have.max_waiting:
@@ -185,6 +222,11 @@ async def _reconcile(js: JetStreamContext, s: Settings, existing: ConsumerInfo, 
     for name, (old, new, why) in changes.items():
         logger.info("updated consumer %s: %s %s -> %s (%s)", s.consumer_name, name, old, new, why)
     return info
+
+
+def _filters(config: ConsumerConfig) -> tuple[str, ...]:
+    """A consumer's subjects, whether in ``filter_subject`` or ``filter_subjects``."""
+    return tuple(config.filter_subjects or ([config.filter_subject] if config.filter_subject else []))
 
 
 def _norm(value: object) -> object:

@@ -13,11 +13,11 @@ import time
 from collections.abc import Callable
 
 from ..config import Settings
-from ..node.envelope import KreNatsMessage
+from ..node.envelope import KreNatsMessage, KreNatsMessageV3
 from ..node.timing import TimestampParser
 from ..services.influx import escape_field_str, escape_tag
 
-__all__ = ["ElapsedRecorder"]
+__all__ = ["ElapsedRecorder", "ElapsedRecorderV3"]
 
 
 class ElapsedRecorder:
@@ -62,3 +62,25 @@ class ElapsedRecorder:
             first_start = self._unix(tracking[0].start)
             if first_start is not None:
                 self._add(self._workflow_line % ((ended - first_start) * 1000.0, tracking_id, ns))
+
+
+class ElapsedRecorderV3:
+    """KRE 3.x's ``node_elapsed_time`` point: tags ``from_node``, ``version``, ``workflow``, ``node``; fields
+    ``elapsed_ms`` and ``success``; once per input, whether its handler returned or raised."""
+
+    def __init__(self, settings: Settings, add_line: Callable[[str], None]) -> None:
+        self._add = add_line
+        node = escape_tag(settings.node_name).replace("%", "%%")
+        version, workflow = escape_tag(settings.version), escape_tag(settings.workflow_name)
+        base = f"version={version},workflow={workflow}".replace("%", "%%")
+        self._line = f"node_elapsed_time,from_node=%s,node={node},{base} elapsed_ms=%.3f,success=%s %d"
+        self._tags: dict[str, str] = {}  # from_node -> its escaped tag value (few upstream nodes)
+
+    def __call__(self, envelope: KreNatsMessageV3, started: float, ended: float, success: bool) -> None:
+        from_node = envelope.from_node
+        tag = self._tags.get(from_node)
+        if tag is None:
+            tag = escape_tag(from_node) or "unknown"  # an empty tag value is invalid line protocol
+            if len(self._tags) < 1024:
+                self._tags[from_node] = tag
+        self._add(self._line % (tag, (ended - started) * 1000.0, "true" if success else "false", time.time_ns()))

@@ -1,0 +1,229 @@
+"""The KRE 3.x generation: its envelope, handler routing, sends and error envelope, plugged into the one pipeline.
+
+A 3.x node runs through the same consumer, settlement, publisher, dead letters, metrics and fast
+paths as a v2 node; only these steps differ, so only they are overridden here (the v2 path keeps
+its own code, untouched by 3.x):
+
+* decode: the 3.x ``KreNatsMessage`` (same gzip framing and inflate bound); an input that is not one
+  gets a 3.x error envelope on the output subject;
+* route: **every** input reaches a handler, ERROR and early inputs too: the handler named by the
+  input's ``from_node`` in ``custom_handlers``, else ``default_handler``;
+* outputs: zero or more ``ctx.send_*`` while the handler runs, each published at once with its own
+  ``Nats-Msg-Id`` ``{node}:{stream}:{seq}:{send index}`` and holding a reference on the input, so the
+  input is acked after the PubAck of every send; a redelivered input sends the same ids, and the
+  stream drops what its first attempt stored. What the handler returns is not an output (warned once);
+* failure: the handler raised → ``KreNatsMessage{request_id, error, from_node, ERROR}`` on the output
+  subject (no channel), with the input's own ``Nats-Msg-Id``;
+* timing: ``node_elapsed_time`` with ``from_node`` and ``success`` (ops/elapsed.py's 3.x recorder).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import inspect
+import logging
+import re
+from collections.abc import Awaitable
+from typing import Any
+
+from google.protobuf.any_pb2 import Any as AnyProto
+from google.protobuf.message import Message
+
+from ..proto.kre_nats_msg_v3_pb2 import MessageType
+from .current import Current
+from .envelope import EnvelopeError, KreNatsMessageV3, decode_v3, encode
+from .outcome import Outcome, Outcomes, _shorten, user_traceback
+from .pipeline import _SLOW_INLINE_S, _WAITING_HANDLER_S, Pipeline
+from .publisher import PubAckPublisher
+from .settlement import Job, hold_inflated
+
+__all__ = ["EARLY_EXIT", "EARLY_REPLY", "ERROR", "OK", "OutcomesV3", "PipelineV3", "Sends"]
+
+OK, ERROR, EARLY_REPLY, EARLY_EXIT = MessageType.OK, MessageType.ERROR, MessageType.EARLY_REPLY, MessageType.EARLY_EXIT
+_CHANNEL_RE = re.compile(r"^[^\s*>.]+$")  # one subject token
+_MAX_REASON = 8192
+
+
+class OutcomesV3(Outcomes):
+    """The 3.x outcomes: no output from the return value, error envelopes on the output subject."""
+
+    envelope_type = KreNatsMessageV3
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._warned_return = False
+
+    def decode(self, data: bytes) -> KreNatsMessageV3:
+        return decode_v3(data, self.max_inflated)
+
+    def output(self, job: Job, envelope: Any, result: Any, start: tuple[float, str],  # type: ignore[override]
+               end: tuple[float, str]) -> Outcome:
+        """Outputs went out through ``ctx.send_*`` already; a returned value is not one (warned once)."""
+        if result is not None and not self._warned_return:
+            self._warned_return = True
+            self._log.warning("the handler returned a %s: in KRE 3.x a return value is ignored (as the original "
+                              "runner did); send outputs with await ctx.send_output(msg) (zero or more per input)",
+                              type(result).__name__)
+        return None
+
+    def failed(self, job: Job, envelope: Any, exc: Exception,  # type: ignore[override]
+               start: tuple[float, str]) -> Outcome:
+        """The handler raised: the original's error text, naming this node and the input's ``from_node``."""
+        reason = str(exc) or type(exc).__name__
+        self._failures.log(logging.WARNING, "handler failed on input seq %d (from node %s): %s: %s", job.seq,
+                           envelope.from_node or "?", type(exc).__name__, _shorten(reason),
+                           exc_info=user_traceback(exc), extra=job.log_fields())
+        return self._error(job, envelope, f"Error in node '{self._node_name}' executing handler for node "
+                                          f"'{envelope.from_node}': {reason}")
+
+    def invalid(self, job: Job, exc: EnvelopeError) -> Outcome:
+        self._log.warning("input seq %d is not a valid KRE 3.x envelope: %s", job.seq, exc, extra=job.log_fields())
+        outcome = self._error(job, KreNatsMessageV3(), f"Error in node '{self._node_name}': invalid input message at "
+                                                       f"seq {job.seq}: {exc}")
+        job.kind = "invalid"
+        return outcome
+
+    def error(self, job: Job, envelope: Any, reason: str, start: str) -> Outcome:  # type: ignore[override]
+        """An error envelope of this node's own (dead letters): the 3.x shape, on the output subject."""
+        return self._error(job, envelope, f"Error in node '{self._node_name}': {reason}")
+
+    def _error(self, job: Job, envelope: KreNatsMessageV3, text: str) -> Outcome:
+        self.errors += 1
+        job.kind = "error"
+        error = KreNatsMessageV3(request_id=envelope.request_id, error=_shorten(text, _MAX_REASON),
+                                 from_node=self._node_name, message_type=ERROR)
+        return self._output_subject, encode(error, self.limit)
+
+    def send(self, envelope: KreNatsMessageV3, message_type: int, message: Message, channel: str,
+             forward: bool) -> tuple[str, bytes]:
+        """The envelope of one ``ctx.send_*``; raises (to the handler) what it cannot send."""
+        if channel and not _CHANNEL_RE.match(channel):
+            raise ValueError(f"channel {channel!r} is not a subject token: use letters, digits, - or _ (no dots, "
+                             f"spaces, * or >)")
+        out = KreNatsMessageV3(request_id=envelope.request_id, from_node=self._node_name, message_type=message_type)
+        if forward:
+            if not isinstance(message, AnyProto):
+                raise TypeError(f"ctx.send_any takes a google.protobuf.Any, not {type(message).__name__}")
+            out.payload.CopyFrom(message)
+        elif isinstance(message, Message):
+            self._pack(out.payload, message)
+        else:
+            raise TypeError(f"ctx.send_* takes a protobuf message, not {type(message).__name__}")
+        subject = f"{self._output_subject}.{channel}" if channel else self._output_subject
+        return subject, encode(out, self.limit)
+
+
+class Sends:
+    """``ctx.send_*`` and the input queries of the 3.x ctx: they act on the input whose handler runs now."""
+
+    def __init__(self, outcomes: OutcomesV3, publisher: PubAckPublisher, current: Current) -> None:
+        self._outcomes = outcomes
+        self._publisher = publisher
+        self._current = current
+
+    def _job(self, what: str) -> Job:
+        current = self._current
+        job = current.running()
+        if job is None:
+            raise RuntimeError(f"ctx.{what} must be called from within a handler, while it runs (not from a thread "
+                               f"it started, nor outside a handler)")
+        if not job.handling and job is not current.inline:
+            raise RuntimeError(f"ctx.{what} was called after the handler returned (from a task or thread it "
+                               f"started): its input is settled by then; call it before the handler returns, e.g. "
+                               f"await the task")
+        return job
+
+    def send(self, what: str, message_type: int, message: Message, channel: str = "",
+             forward: bool = False) -> Awaitable[None]:
+        """Publish one output of the running input; the input is acked only after its PubAck."""
+        job = self._job(what)
+        subject, data = self._outcomes.send(job.envelope, message_type, message, channel, forward)  # type: ignore[arg-type]
+        index = getattr(job, "sends", 0)
+        job.sends = index + 1
+        job.refs += 1  # taken now: the input cannot settle before this send is stored
+        return self._current.submit(self._publisher.publish(subject, data, f"{job.msg_id}:{index}", job))
+
+    def envelope(self, what: str) -> KreNatsMessageV3:
+        """The running input's envelope (``get_request_id``, ``is_message_*``)."""
+        return self._job(what).envelope  # type: ignore[return-value]
+
+
+class PipelineV3(Pipeline):
+    """:class:`Pipeline` with the 3.x decode, routing and outcomes; settlement and publishing are shared."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._envelope_type = KreNatsMessageV3
+        self._routes = dict(self._code.custom_handlers)
+        self._async = {h: inspect.iscoroutinefunction(h) for h in (self._handler, *self._routes.values())}
+
+    def open(self, job: Job, data: bytes) -> Any:
+        """Every valid input reaches a handler, whatever its message_type (no pass-through in 3.x)."""
+        try:
+            envelope = job.envelope = decode_v3(data, self.max_inflated)
+        except EnvelopeError as exc:
+            return self._outcomes.invalid(job, exc)
+        if data[:2] == b"\x1f\x8b":
+            hold_inflated(job, envelope, self._credits)  # type: ignore[arg-type]
+        return envelope
+
+    def _route(self, envelope: KreNatsMessageV3) -> Any:
+        return self._routes.get(envelope.from_node, self._handler) if self._routes else self._handler
+
+    def _call_in_place(self, job: Job, envelope: Any) -> Outcome:
+        """Every handler sync, on the loop's thread (``current.inline`` tells the sends which input)."""
+        now = self._clock.now
+        start = now()
+        current = self._current
+        current.inline = job
+        try:
+            result = self._route(envelope)(self._ctx, envelope.payload)
+        except Exception as exc:
+            self._record_v3(envelope, start[0], False)
+            return self._failed(job, envelope, exc, start)
+        finally:
+            current.inline = None
+        end = now()
+        took = end[0] - start[0]
+        self._observe_handler(took)
+        credits = self._credits
+        if took > credits.pace:
+            credits.paced_by(took)
+            if took > _SLOW_INLINE_S and not self._warned_slow:
+                self._warn_slow(took)
+        self._record_v3(envelope, start[0], True, end[0])
+        return self._outcomes.output(job, envelope, result, start, end)
+
+    async def _call(self, job: Job, envelope: Any) -> Outcome:
+        """Awaited: an async handler among them, or sync ones in threads."""
+        now = self._clock.now
+        start = now()
+        token = self._current.enter(job)
+        handler = self._route(envelope)
+        try:
+            if self._async.get(handler, False):
+                result = await handler(self._ctx, envelope.payload)
+            elif self._pool is not None:
+                call = contextvars.copy_context().run
+                result = await asyncio.get_running_loop().run_in_executor(
+                    self._pool, call, handler, self._ctx, envelope.payload)
+            else:  # a sync handler beside async ones: called on the loop, as the original did
+                result = handler(self._ctx, envelope.payload)
+                if inspect.isawaitable(result):
+                    result = await result
+        except Exception as exc:
+            self._record_v3(envelope, start[0], False)
+            return self._failed(job, envelope, exc, start)
+        finally:
+            self._current.leave(job, token)
+        end = now()
+        took = end[0] - start[0]
+        self._observe_handler(took)
+        self._credits.handlers_wait(took > _WAITING_HANDLER_S)
+        self._record_v3(envelope, start[0], True, end[0])
+        return self._outcomes.output(job, envelope, result, start, end)
+
+    def _record_v3(self, envelope: KreNatsMessageV3, started: float, success: bool, ended: float = 0.0) -> None:
+        if self._record_elapsed is not None:
+            self._record_elapsed(envelope, started, ended or self._clock.now()[0], success)
