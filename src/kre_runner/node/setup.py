@@ -68,7 +68,7 @@ async def _stream_info(js: JetStreamContext, s: Settings) -> StreamInfo:
         # The 3.x manager's stream captures every input, the output and its channels ({output}.{channel}).
         missing = [subject for subject in s.input_subjects if not subject_in(subject, subjects)]
         uncaptured = [name for name, subject in (("KRT_NATS_OUTPUT", s.output_subject),
-                                                 ("channels", f"{s.output_subject}.channel"))
+                                                 ("channels", f"{s.output_subject}.*"))
                       if not subject_in(subject, subjects)]
         if missing or uncaptured:
             what = "; ".join(
