@@ -45,8 +45,9 @@ async def run_checks(env: Mapping[str, str]) -> list[Finding]:
                 for problem in exc.problems]
     findings.append(Finding(True, f"configuration: node {s.node_name} of workflow {s.workflow_name} "
                                   f"({s.version}), input {s.input_subject}, output {s.output_subject}"))
+    findings.append(Finding(True, f"generation: {s.generation_reason}"))
     try:
-        code = load_user_code(s.base_path, s.handler_path)
+        code = load_user_code(s.base_path, s.handler_path, s.generation)
         kind = "async" if code.handler_is_async else "sync"
         findings.append(Finding(True, f"handler: {code.path} loads ({kind} handler, "
                                       f"{'with' if code.init else 'no'} init)"))
@@ -82,7 +83,10 @@ async def _stream_checks(js: JetStreamContext, s: Settings) -> list[Finding]:
     subjects = list(info.config.subjects or [])
     findings = [Finding(True, f"stream {s.stream} exists (subjects {', '.join(subjects)}, "
                               f"{info.state.messages} messages, retention {_value(info.config.retention)})")]
-    wanted = [("KRT_NATS_INPUT", s.input_subject), ("KRT_NATS_OUTPUT", s.output_subject)]
+    inputs = "KRT_NATS_INPUTS" if s.generation == "v3" else "KRT_NATS_INPUT"
+    wanted = [(inputs, subject) for subject in s.input_subjects] + [("KRT_NATS_OUTPUT", s.output_subject)]
+    if s.generation == "v3":
+        wanted.append(("KRT_NATS_OUTPUT's channels", f"{s.output_subject}.*"))
     if s.entrypoint_subject:
         wanted.append(("KRT_NATS_ENTRYPOINT_SUBJECT", s.entrypoint_subject))
     for variable, subject in wanted:
@@ -90,7 +94,7 @@ async def _stream_checks(js: JetStreamContext, s: Settings) -> list[Finding]:
             findings.append(Finding(True, f"{variable}={subject} is captured by stream {s.stream}"))
             continue
         other = None
-        if variable != "KRT_NATS_INPUT":
+        if variable not in ("KRT_NATS_INPUT", "KRT_NATS_INPUTS"):
             try:
                 other = await js.find_stream_name_by_subject(subject)
             except Exception:
@@ -124,8 +128,9 @@ async def _consumer_check(js: JetStreamContext, s: Settings) -> Finding:
         return Finding(False, f"consumer {name} has ack policy {_value(c.ack_policy)}: kre-runner needs explicit acks",
                        f"nats consumer rm {s.stream} {name} (the node recreates it)")
     notes = []
-    if c.filter_subject != s.input_subject:
-        notes.append(f"its filter {c.filter_subject or '(none)'} is changed to {s.input_subject} at start")
+    filters = tuple(c.filter_subjects or ([c.filter_subject] if c.filter_subject else []))
+    if sorted(filters) != sorted(s.input_subjects):
+        notes.append(f"its filter {', '.join(filters) or '(none)'} is changed to {s.input_subject} at start")
     if c.ack_wait is not None and abs(c.ack_wait - s.ack_wait) > 1e-6:
         notes.append(f"its ack wait {c.ack_wait:g}s is changed to KRT_ACK_WAIT={s.ack_wait:g}s at start")
     policy = _value(c.deliver_policy)
@@ -133,7 +138,7 @@ async def _consumer_check(js: JetStreamContext, s: Settings) -> Finding:
         notes.append(f"KRT_DELIVER_POLICY={s.deliver_policy} only applies to a new consumer: this one resumes "
                      f"where it stopped")
     text = (f"consumer {name}: durable pull consumer, deliver policy {policy}, ack wait {c.ack_wait:g}s, "
-            f"filter {c.filter_subject or '(none)'}; {info.num_pending} message(s) waiting, "
+            f"filter {', '.join(filters) or '(none)'}; {info.num_pending} message(s) waiting, "
             f"{info.num_ack_pending} unacknowledged")
     return Finding(True, text + ("; " + "; ".join(notes) if notes else ""))
 

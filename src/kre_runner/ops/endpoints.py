@@ -147,6 +147,8 @@ def info_document(settings: Settings, code: list[UserCode], health: Health, metr
         "node": settings.node_name,
         "workflow": settings.workflow_name,
         "workflow_version": settings.version,
+        "generation": settings.generation,
+        "generation_reason": settings.generation_reason,
         "handler": {"spec": settings.handler_path, "path": str(code[0].path),
                     "function": getattr(code[0].handler, "__name__", "handler"), "async": code[0].handler_is_async,
                     "init": code[0].init is not None, "threads": settings.handler_threads} if code else
