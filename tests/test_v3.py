@@ -206,3 +206,24 @@ async def test_start_up_refuses_a_stream_without_the_inputs_or_channels(nats_ser
     with pytest.raises(SetupError, match=r"does not capture channels \(demo-v1-wf.node3.\*\)"):
         async with running_node(v3_env(nats_server.url), js):
             pass
+
+
+async def test_the_originals_push_consumers_are_taken_over_without_a_gap(nats_server, js, v3_stream):
+    # The 3.x original: a durable push consumer per input, named {subject with . -> -}-{node}, deliver group.
+    names = []
+    for subject in (ENTRY, A):
+        name = f"{subject.replace('.', '-')}-{NODE}"
+        names.append(name)
+        await js.add_consumer(STREAM, ConsumerConfig(durable_name=name, deliver_subject=f"push.{name}",
+                                                     deliver_group=name, filter_subject=subject,
+                                                     ack_policy=AckPolicy.EXPLICIT, deliver_policy=DeliverPolicy.NEW))
+    outputs = await Outputs(js).start()
+    # Published while the original held them (nobody acked): interest retention keeps them for its consumers.
+    await js.publish(ENTRY, envelope("Ada", request_id="t-1"))
+    await js.publish(A, envelope("Bob", from_node="nodeA", request_id="t-2"))
+    async with running_node(v3_env(nats_server.url, inputs=(ENTRY, A)), js):
+        got = await outputs.settle(2)
+        await wait_settled(js, CONSUMER)
+        durable = sorted(c.name for c in await js.consumers_info(STREAM) if c.config.durable_name)
+    assert sorted(text(e) for _, e, _ in got) == ["Hello, Ada! request t-1", "from nodeA: Bob"]
+    assert durable == [CONSUMER]  # the push consumers are gone, ours remains

@@ -158,6 +158,8 @@ def consumer_config(s: Settings, *, start_seq: int | None = None) -> ConsumerCon
 async def _ensure_consumer(js: JetStreamContext, s: Settings, logger: logging.Logger) -> ConsumerInfo:
     config = consumer_config(s)
     existing = await _consumer_info(js, s.stream, s.consumer_name)
+    if s.generation == "v3":
+        existing = await _take_over_v3_push_consumers(js, s, existing, logger) or existing
     if existing is None:
         # A take-over from the original's push consumer interrupted between its steps: finish it.
         holder = await _consumer_info(js, s.stream, _migrating_name(s))
@@ -258,6 +260,43 @@ async def _take_over_push_consumer(js: JetStreamContext, s: Settings, push: Cons
     logger.info("deleted push consumer %s (stand-in %s holds the messages from seq %d)", s.consumer_name,
                 holder.durable_name, start)
     return await _finish_take_over(js, s, holder_info, logger)
+
+
+def original_v3_consumer_names(s: Settings) -> list[str]:
+    """The kre-py 3.x runner's push consumers, one per input: ``{subject with . -> -}-{node}``."""
+    return [f"{subject.replace('.', '-')}-{s.node_name}" for subject in s.input_subjects]
+
+
+async def _take_over_v3_push_consumers(js: JetStreamContext, s: Settings, existing: ConsumerInfo | None,
+                                       logger: logging.Logger) -> ConsumerInfo | None:
+    """Replace the 3.x original's push consumers (one per input) by the node's one pull consumer, without a gap.
+
+    Their names differ from ours, so ours is created first, from the lowest of their ack floors, and
+    theirs are deleted after: under interest retention a message is kept while any consumer still
+    wants it. Messages some push consumer had acked past that floor were removed by the stream when
+    every consumer had acked them; what is left is handled, outputs deduplicated by ``Nats-Msg-Id``.
+    """
+    found = [info for name in original_v3_consumer_names(s)
+             if (info := await _consumer_info(js, s.stream, name)) is not None and info.config.deliver_subject]
+    if not found:
+        return None
+    names = ", ".join(info.name for info in found)
+    if not s.migrate_push_consumer:
+        raise SetupError(f"the original 3.x runner's push consumer(s) {names} on stream {s.stream!r} exist and "
+                         f"KRT_MIGRATE_PUSH_CONSUMER=false: delete them once their messages are processed (nats "
+                         f"consumer rm {s.stream} NAME), or set KRT_MIGRATE_PUSH_CONSUMER=true to take them over "
+                         f"without a gap")
+    info = existing
+    if existing is None:
+        start = min((c.ack_floor.stream_seq if c.ack_floor else 0) for c in found) + 1
+        logger.warning("the original 3.x runner's push consumer(s) %s on stream %s: taking them over from seq %d "
+                       "without a gap (KRT_MIGRATE_PUSH_CONSUMER=true)", names, s.stream, start)
+        info = await js.add_consumer(s.stream, consumer_config(s, start_seq=start))
+    for consumer in found:  # ours exists now (or did: an interrupted take-over): theirs can go
+        await js.delete_consumer(s.stream, consumer.name)
+    logger.info("created durable pull consumer %s on stream %s and deleted push consumer(s) %s: take-over done",
+                s.consumer_name, s.stream, names)
+    return info
 
 
 async def _finish_take_over(js: JetStreamContext, s: Settings, holder: ConsumerInfo,
