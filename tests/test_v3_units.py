@@ -168,3 +168,23 @@ def test_the_3x_timing_point():
                             "elapsed_ms=250.000,success=true ")
     assert first.rsplit(" ", 1)[1].isdigit()
     assert "from_node=unknown" in second and "success=false" in second
+
+
+@pytest.mark.parametrize(("version", "inputs", "refused"), [
+    ("2.9.21", INPUTS, True), ("2.10.0", INPUTS, False), ("2.11.3-beta", INPUTS, False),
+    ("2.8.4", "runtime1_greeter-v1_Greet.nodeA", False),  # one input: filter_subject, which 2.8 has
+])
+def test_several_inputs_need_nats_server_2_10(version, inputs, refused):
+    from types import SimpleNamespace
+
+    from kre_runner.errors import SetupError
+    from kre_runner.node.setup import _check_server_version
+
+    s = Settings.from_env({**BASE, "KRT_NATS_INPUTS": inputs})
+    nc = SimpleNamespace(_server_info={"version": version})
+    if refused:
+        with pytest.raises(SetupError, match=r"nats-server 2.9.21 cannot give one consumer several subjects .* it "
+                                             r"needs nats-server 2.10.0 or later"):
+            _check_server_version(nc, s)  # type: ignore[arg-type]
+    else:
+        _check_server_version(nc, s)  # type: ignore[arg-type]
