@@ -227,3 +227,16 @@ async def test_the_originals_push_consumers_are_taken_over_without_a_gap(nats_se
         durable = sorted(c.name for c in await js.consumers_info(STREAM) if c.config.durable_name)
     assert sorted(text(e) for _, e, _ in got) == ["Hello, Ada! request t-1", "from nodeA: Bob"]
     assert durable == [CONSUMER]  # the push consumers are gone, ours remains
+
+
+async def test_check_says_the_generation_and_checks_every_input_and_the_channels(nats_server, js, v3_stream):
+    from kre_runner.dev.check import run_checks
+
+    lines = [finding.line() for finding in await run_checks(v3_env(nats_server.url))]
+    assert "✔ generation: KRE 3.x: KRT_NATS_INPUTS is set (and KRT_NATS_INPUT is not), as the 3.x manager sets it" \
+        in lines
+    assert all(line.startswith("✔") for line in lines), lines
+    for subject in (ENTRY, A, B):
+        assert f"✔ KRT_NATS_INPUTS={subject} is captured by stream {STREAM}" in lines
+    assert f"✔ KRT_NATS_OUTPUT's channels={OUT}.* is captured by stream {STREAM}" in lines
+    assert any(line.startswith("✔ handler:") and "async handler" in line for line in lines)
