@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import subprocess
+import sys
 import time
 
 import nats
@@ -212,3 +215,67 @@ async def test_a_v2_node_reads_configuration_and_saves_an_object(nats_server, js
     assert greeting(first) == "Howdy, Ada!"
     store = await js.object_store("object-store_demo_v1_wf")
     assert (await store.get("greeted.Ada")).data == b"Ada"  # nats-py's own reader: the standard format
+
+
+# ---------------------------------------------------------------- the CLI: stream create, config
+
+
+async def _kre(*args: str, env: dict[str, str]) -> tuple[int, str, str]:
+    base = {k: v for k, v in os.environ.items() if not k.startswith("KRT_")}
+    proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "kre_runner", *args, env={**base, **env},
+                                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    return proc.returncode or 0, out.decode(), err.decode()
+
+
+def _bucket_env(url: str) -> dict[str, str]:
+    return {"KRT_NATS_SERVER": url, "KRT_NATS_STREAM": STREAM,
+            "KRT_NATS_KEY_VALUE_STORE_PROJECT": BUCKETS["project"], "KRT_NATS_KEY_VALUE_STORE_WORKFLOW":
+            BUCKETS["workflow"], "KRT_NATS_KEY_VALUE_STORE_NODE": BUCKETS["node"],
+            "KRT_NATS_OBJECT_STORE": "object-store_demo_v1_wf"}
+
+
+async def test_stream_create_makes_the_buckets_of_a_nodes_environment(nats_server, js):
+    env = _bucket_env(nats_server.url)
+    code, out, err = await _kre("stream", "create", env=env)
+    assert code == 0, err
+    for bucket in BUCKETS.values():
+        assert f"key-value bucket {bucket} created" in out
+        await js.key_value(bucket)
+    assert "object store object-store_demo_v1_wf created (KRT_NATS_OBJECT_STORE)" in out
+    await js.object_store("object-store_demo_v1_wf")
+    code, out, _ = await _kre("stream", "create", env=env)
+    assert code == 0 and out.count("already exists") == 5, out
+
+
+async def test_config_commands_with_the_scopes_of_the_api(nats_server, js):
+    await _buckets(js)
+    env = _bucket_env(nats_server.url)
+    config = await open_configuration(js, BUCKETS, LOGGER)  # a running node's view
+    try:
+        assert (await _kre("config", "set", "greeting", "Hi", "--scope", "project", env=env))[0] == 0
+        assert (await _kre("config", "set", "greeting", "Yo", env=env))[0] == 0  # node scope by default
+        code, out, _ = await _kre("config", "get", "greeting", env=env)
+        assert (code, out) == (0, "Yo\n")
+        code, out, _ = await _kre("config", "get", "greeting", "--scope", "project", env=env)
+        assert (code, out) == (0, "Hi\n")
+        code, out, _ = await _kre("config", "list", env=env)
+        assert (code, out) == (0, "greeting\n")
+
+        async def node_sees_yo() -> bool:
+            return await config.get("greeting") == "Yo"
+
+        await _poll(node_sees_yo, timeout=5.0)
+        assert (await _kre("config", "delete", "greeting", env=env))[0] == 0
+        code, out, _ = await _kre("config", "get", "greeting", env=env)
+        assert (code, out) == (0, "Hi\n")
+        code, _, err = await _kre("config", "get", "absent", env=env)
+        assert code == 1 and "no value found for 'absent'" in err and len(err.splitlines()) == 1, err
+        code, _, err = await _kre("config", "get", "k", "--nats", "nats://127.0.0.1:1", env=env)
+        assert code == 1 and "cannot connect to NATS at nats://127.0.0.1:1" in err and len(err.splitlines()) == 1
+        code, _, err = await _kre("config", "set", "k", env=env)
+        assert code == 2 and "needs KEY and VALUE" in err
+        code, _, err = await _kre("config", "get", "k", "--node", "absent_bucket", "--scope", "node", env=env)
+        assert code == 1 and "absent_bucket" in err and "kre-runner stream create" in err, err
+    finally:
+        await config.close()
