@@ -279,3 +279,17 @@ async def test_config_commands_with_the_scopes_of_the_api(nats_server, js):
         assert code == 1 and "absent_bucket" in err and "kre-runner stream create" in err, err
     finally:
         await config.close()
+
+
+def test_info_lists_the_bucket_names_not_their_values():
+    from kre_helpers import services_settings
+
+    from kre_runner.node.counters import NodeMetrics
+    from kre_runner.ops.endpoints import info_document
+    from kre_runner.ops.health import Health
+
+    settings = services_settings(KRT_NATS_KEY_VALUE_STORE_PROJECT=BUCKETS["project"],
+                                 KRT_NATS_KEY_VALUE_STORE_NODE=BUCKETS["node"], KRT_NATS_OBJECT_STORE="objects")
+    info = info_document(settings, [], Health(60, stall_limit=60), NodeMetrics(), [])
+    assert info["buckets"] == {"configuration": {"project": BUCKETS["project"], "node": BUCKETS["node"]},
+                               "object_store": "objects"}
