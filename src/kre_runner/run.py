@@ -186,6 +186,8 @@ async def _run_connected(settings: Settings, stop: asyncio.Event, logger: loggin
             db=services.db,
             measurement=services.measurement,
             prediction=services.prediction,
+            configuration=services.configuration,
+            object_store=services.object_store,
             early_reply=early_reply,
             early_exit=early_exit,
             batch_tracking_ids=batch_tracking_ids if code.batch else None,

@@ -154,6 +154,8 @@ def info_document(settings: Settings, code: UserCode | None, health: Health, met
                    {"spec": settings.handler_path},
         "phase": health.phase,
         "uptime_seconds": round(time.monotonic() - health.started, 3),
+        # Names only: what the node reads and writes, never the values.
+        "buckets": {"configuration": settings.configuration_buckets, "object_store": settings.object_store},
         "processed": metrics.processed,
         "errors": metrics.errors,
         "settings": redacted_settings(settings),
