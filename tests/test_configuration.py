@@ -293,6 +293,6 @@ def test_info_lists_the_bucket_names_not_their_values():
 
     settings = services_settings(KRT_NATS_KEY_VALUE_STORE_PROJECT=BUCKETS["project"],
                                  KRT_NATS_KEY_VALUE_STORE_NODE=BUCKETS["node"], KRT_NATS_OBJECT_STORE="objects")
-    info = info_document(settings, [], Health(60, stall_limit=60), NodeMetrics(), [])
+    info = info_document(settings, None, Health(60, stall_limit=60), NodeMetrics(), None)
     assert info["buckets"] == {"configuration": {"project": BUCKETS["project"], "node": BUCKETS["node"]},
                                "object_store": "objects"}
