@@ -3,6 +3,9 @@
 
 Exit codes: 0 done, 1 failed (a handler error, an unreachable server, no answer), 2 usage or
 configuration error (the one-line message names what to fix).
+
+Over 400 lines, deliberately: the argument parsers of every command, and the one place that turns
+errors into exit codes, read best together; each command's work lives in its own module (dev/).
 """
 
 from __future__ import annotations
