@@ -84,7 +84,7 @@ async def test_each_output_of_a_batch_gets_its_own_elapsed_time_point_spanning_t
         jobs: set[Job] = set()  # noqa: RUF012
 
     # The pipeline's steps a batch call uses: its clock, and the elapsed point it records per output.
-    pipeline = SimpleNamespace(clock=clock, open=None, publish=None, release=None, internal_error=None,
+    pipeline = SimpleNamespace(clock=clock, open=None, publish=None, drop_reference=None, internal_error=None,
                                record=lambda envelope, start, end: points.append((envelope.tracking_id, start, end)))
     batcher = Batcher(settings, code, Context(base_path=tmp_path, logger=log), log, pipeline=pipeline,  # type: ignore[arg-type]
                       outcomes=Outcomes(settings, clock, log), settlement=_Settlement(),  # type: ignore[arg-type]

@@ -125,7 +125,7 @@ def test_large_messages_are_bounded_by_the_byte_budget():
     # Less than one largest message left: no request while anything is held, whatever the count allows.
     assert credits.bytes_left() < mib and credits.want(held=11, waiting=0) == 0
     for _ in range(11):
-        credits.settled(700_000)
+        credits.freed(700_000)
     assert credits.held_bytes == 0
 
 
@@ -199,9 +199,9 @@ async def test_acked_when_the_last_reference_goes_and_never_twice():
     job = _job()
     settlement.jobs.add(job)
     job.refs += 1  # a publish
-    assert not await settlement.release(job)  # the handler's part: the publish is still out
-    assert await settlement.release(job)  # its PubAck
-    assert not await settlement.release(job)  # a stray release settles nothing more
+    assert not await settlement.drop_reference(job)  # the handler's part: the publish is still out
+    assert await settlement.drop_reference(job)  # its PubAck
+    assert not await settlement.drop_reference(job)  # a stray release settles nothing more
     await settlement.hand_back(job, "late")
     assert wire.sent == [(job.ack_subject, b"+ACK")]
     assert settlement.jobs == set() and (settlement.acked, settlement.nakked) == (1, 0)
@@ -213,8 +213,8 @@ async def test_a_failed_publish_naks_with_a_delay_growing_with_deliveries(delive
     settlement = _settlement(wire)
     job = _job(delivered=delivered)
     job.refs += 1
-    await settlement.release(job, None)
-    await settlement.release(job, "no PubAck within 5s")
+    await settlement.drop_reference(job, None)
+    await settlement.drop_reference(job, "no PubAck within 5s")
     assert wire.sent == [(job.ack_subject, b'-NAK {"delay": %d}' % delay_ns)]
 
 
@@ -224,7 +224,7 @@ async def test_hand_back_naks_at_once_and_later_releases_do_nothing():
     job = _job()
     settlement.jobs.add(job)
     await settlement.hand_back(job, "shutdown grace over")
-    assert not await settlement.release(job)  # the cancelled handler's finally
+    assert not await settlement.drop_reference(job)  # the cancelled handler's finally
     assert wire.sent == [(job.ack_subject, b"-NAK")] and settlement.jobs == set()
 
 
@@ -232,7 +232,7 @@ async def test_a_lost_ack_is_logged_and_the_input_counts_as_settled(caplog):
     settlement = _settlement(_Wire(fail=True))
     job = _job()
     settlement.jobs.add(job)
-    assert await settlement.release(job)
+    assert await settlement.drop_reference(job)
     assert job.settled and settlement.jobs == set()
     assert "could not send +ACK for input seq 7" in caplog.text
 
@@ -241,7 +241,7 @@ async def test_keep_alive_spares_finished_jobs_and_retries_leaked_ones():
     wire = _Wire()
     settlement = _settlement(wire)
     running, waiting, publishing, leaked = _job(1), _job(2), _job(3), _job(4)
-    publishing.done, leaked.done = 90.0, 80.0  # handlers done 10 s and 20 s ago; publish timeout 5 s
+    publishing.handled_at, leaked.handled_at = 90.0, 80.0  # handlers done 10 s and 20 s ago; publish timeout 5 s
     publishing.refs = leaked.refs = 2
     settlement.jobs.update({running, publishing, leaked})
     stuck = await settlement.keep_alive(100.0, [waiting])
@@ -313,7 +313,7 @@ async def test_failures_of_the_node_itself_are_not_counted_as_publish_failures(e
                             metrics=metrics)  # type: ignore[arg-type]
     job = _job()
     settlement.jobs.add(job)
-    await settlement.release(job, error)
+    await settlement.drop_reference(job, error)
     assert metrics.publish_failures == 0
     assert (getattr(metrics, counter), metrics.retried) == (1, 1)
 
@@ -370,9 +370,9 @@ async def test_a_refused_dead_letter_is_held_alive_and_retried_and_the_entrypoin
     metrics = settlement._metrics
     job = _job(delivered=2)
     settlement.jobs.add(job)
-    assert not await settlement.release(job, "the handler asked for a retry: down")  # out of deliveries
+    assert not await settlement.drop_reference(job, "the handler asked for a retry: down")  # out of deliveries
     assert letters.stages == [DEAD_LETTER_COPY]  # the copy only: no error envelope yet
-    assert not await settlement.release(job, "JetStream error 503: maximum messages exceeded")  # refused
+    assert not await settlement.drop_reference(job, "JetStream error 503: maximum messages exceeded")  # refused
     assert wire.sent == [] and not job.settled and job in settlement.jobs  # held: neither nakked nor acked
     assert (metrics.dead_letter_failures, metrics.dead_letters_held(), metrics.retried) == (1, 1, 0)
     assert "its dead-letter copy: JetStream error 503: maximum messages exceeded" in settlement.cannot_dead_letter()
@@ -380,9 +380,9 @@ async def test_a_refused_dead_letter_is_held_alive_and_retried_and_the_entrypoin
     assert await settlement.keep_alive(later, []) == []  # due: published again, and kept alive
     assert letters.stages == [DEAD_LETTER_COPY, DEAD_LETTER_COPY]
     assert wire.sent == [(job.ack_subject, b"+WPI")]
-    assert not await settlement.release(job, None)  # the copy is stored: now the error envelope
+    assert not await settlement.drop_reference(job, None)  # the copy is stored: now the error envelope
     assert letters.stages[-1] == DEAD_LETTER_TELL
-    assert await settlement.release(job, None)
+    assert await settlement.drop_reference(job, None)
     assert wire.sent[-1] == (job.ack_subject, b"+TERM")
     assert (metrics.dead_lettered, metrics.dead_letters_held(), settlement.cannot_dead_letter()) == (1, 0, None)
 
@@ -393,8 +393,8 @@ async def test_a_held_dead_letter_handed_back_at_shutdown_says_what_becomes_of_i
     settlement, _ = _dead_lettering(wire)
     job = _job(delivered=delivered)
     settlement.jobs.add(job)
-    await settlement.release(job, "the handler ran 2 times")
-    await settlement.release(job, "no JetStream stream captures the subject (503 no responders)")
+    await settlement.drop_reference(job, "the handler ran 2 times")
+    await settlement.drop_reference(job, "no JetStream stream captures the subject (503 no responders)")
     await settlement.hand_back(job, "shutdown grace over")
     assert wire.sent == [(job.ack_subject, b"-NAK")] and settlement.cannot_dead_letter() is None
     assert expected in caplog.text

@@ -1,8 +1,11 @@
 """``kre-runner``: ``run`` (a node's main), the local tools (``up``, ``call``, ``run-once``, ``check``,
-``stream create``, ``demo``) and ``mongo-writer``. The only place that exits.
+``stream create``, ``config``, ``demo``) and ``mongo-writer``. The only place that exits.
 
 Exit codes: 0 done, 1 failed (a handler error, an unreachable server, no answer), 2 usage or
 configuration error (the one-line message names what to fix).
+
+Over 400 lines, deliberately: the argument parsers of every command, and the one place that turns
+errors into exit codes, read best together; each command's work lives in its own module (dev/).
 """
 
 from __future__ import annotations
@@ -107,6 +110,25 @@ def _parser() -> argparse.ArgumentParser:
                         help="the workflow's stream, on the server of its `up` (or --nats)")
     create.add_argument("--nats", metavar="URL", help="NATS server (default KRT_NATS_SERVER)")
     create.add_argument("--stream", help="stream name (default KRT_NATS_STREAM)")
+    create.description = ("Create the stream unless it exists, and the key-value buckets (KRT_NATS_KEY_VALUE_STORE_"
+                          "PROJECT/_WORKFLOW/_NODE) and the object store (KRT_NATS_OBJECT_STORE) whose variables are "
+                          "set. What exists is left as it is.")
+    config = commands.add_parser(
+        "config", help="read and change live configuration (ctx.configuration) in a node's key-value buckets",
+        description="get, set, delete or list configuration values in the buckets named by the node's "
+                    "KRT_NATS_KEY_VALUE_STORE_PROJECT/_WORKFLOW/_NODE (or --project/--workflow/--node), on "
+                    "KRT_NATS_SERVER (or --nats). Scopes as ctx.configuration: get without --scope looks in node, "
+                    "then workflow, then project; set and delete default to the node scope. Running nodes see a "
+                    "change within a second.")
+    config.add_argument("action", choices=["get", "set", "delete", "list"])
+    config.add_argument("key", nargs="?", help="the key (get, set, delete)")
+    config.add_argument("value", nargs="?", help="the value (set)")
+    config.add_argument("--scope", choices=["node", "workflow", "project"],
+                        help="the scope (default: get looks in all three, set/delete use node, list shows all)")
+    config.add_argument("--nats", metavar="URL", help="NATS server (default KRT_NATS_SERVER)")
+    for scope in ("project", "workflow", "node"):
+        config.add_argument(f"--{scope}", metavar="BUCKET",
+                            help=f"the {scope} scope's bucket (default KRT_NATS_KEY_VALUE_STORE_{scope.upper()})")
     dead = commands.add_parser(
         "dead-letter", help="inspect and act on dead-lettered inputs (list, show, replay, purge)",
         description="Inputs that failed on every delivery are kept in the dead-letter stream "
@@ -171,6 +193,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _tool("check", _check())
     if args.command == "stream":
         return _tool("stream create", _stream_create(args))
+    if args.command == "config":
+        return _tool(f"config {args.action}", _config(args))
     if args.command == "dead-letter":
         return _tool("dead-letter", _dead_letter(args))
     if args.command == "trace":
@@ -389,7 +413,7 @@ async def _check() -> int:
 
 async def _stream_create(args: argparse.Namespace) -> int:
 
-    from .nats.streams import ensure_stream
+    from .nats.streams import ensure_key_value, ensure_object_store, ensure_stream
 
     url = args.nats or os.environ.get("KRT_NATS_SERVER", "").strip()
     stream = args.stream or os.environ.get("KRT_NATS_STREAM", "").strip()
@@ -401,14 +425,94 @@ async def _stream_create(args: argparse.Namespace) -> int:
                           "WORKFLOW.yaml), e.g. KRT_NATS_STREAM=demo-v1-greeter")
     if any(c in stream for c in ".*> \t/\\"):
         raise _UsageError(f"stream name {stream!r} is invalid: no . * > / \\ or spaces, e.g. demo-v1-greeter")
+    buckets = {name: os.environ.get(name, "").strip() for name in _BUCKET_VARIABLES} if not args.workflow else {}
+    bad = [f"{name}={bucket!r}" for name, bucket in buckets.items() if bucket and not _valid_bucket(bucket)]
+    if bad:
+        raise _UsageError(f"{', '.join(bad)}: a bucket name is letters, digits, - and _, e.g. key-store_demo_v1")
     nc = await _connect(url)
+    lines = []
     try:
-        created = await ensure_stream(nc.jetstream(), stream)
+        js = nc.jetstream()
+        created = await ensure_stream(js, stream)
+        lines.append(f"stream {stream} {'created' if created else 'already exists'} (subjects {stream}.*, "
+                     f"interest retention)")
+        for name, bucket in buckets.items():
+            if not bucket:
+                continue
+            if name == "KRT_NATS_OBJECT_STORE":
+                made = await ensure_object_store(js, bucket)
+                lines.append(f"object store {bucket} {'created' if made else 'already exists'} ({name})")
+            else:
+                made = await ensure_key_value(js, bucket)
+                lines.append(f"key-value bucket {bucket} {'created' if made else 'already exists'} ({name})")
     except Exception as exc:
         raise _Failure(f"JetStream refused: {type(exc).__name__}: {exc} (is nats-server started with -js?)") from None
     finally:
         await nc.close()
-    print(f"stream {stream} {'created' if created else 'already exists'} (subjects {stream}.*, interest retention)")
+        for line in lines:
+            print(line)
+    return 0
+
+
+_BUCKET_VARIABLES = ("KRT_NATS_KEY_VALUE_STORE_PROJECT", "KRT_NATS_KEY_VALUE_STORE_WORKFLOW",
+                     "KRT_NATS_KEY_VALUE_STORE_NODE", "KRT_NATS_OBJECT_STORE")
+
+
+def _valid_bucket(name: str) -> bool:
+    import re
+
+    return re.fullmatch(r"[A-Za-z0-9_-]+", name) is not None
+
+
+async def _config(args: argparse.Namespace) -> int:
+    from nats.js.errors import InvalidKeyError
+
+    from .services.configuration import (
+        SCOPE_VARIABLES,
+        ConfigurationKeyNotFound,
+        ConfigurationUnavailable,
+        open_configuration,
+    )
+
+    url = args.nats or os.environ.get("KRT_NATS_SERVER", "").strip()
+    buckets = {scope: getattr(args, scope) or os.environ.get(variable, "").strip()
+               for scope, variable in SCOPE_VARIABLES.items()}
+    buckets = {scope: bucket for scope, bucket in buckets.items() if bucket}
+    if not url or not buckets:
+        raise _UsageError("set KRT_NATS_SERVER and KRT_NATS_KEY_VALUE_STORE_PROJECT/_WORKFLOW/_NODE (a node's "
+                          "environment), or pass --nats URL and --project/--workflow/--node BUCKET")
+    bad = [bucket for bucket in buckets.values() if not _valid_bucket(bucket)]
+    if bad:
+        raise _UsageError(f"bucket {bad[0]!r} is invalid: letters, digits, - and _, e.g. key-store_demo_v1")
+    if args.action != "list" and not args.key:
+        raise _UsageError(f"config {args.action} needs a KEY")
+    if (args.action == "set") != (args.value is not None):
+        raise _UsageError("config set needs KEY and VALUE" if args.action == "set" else
+                          f"config {args.action} takes no VALUE")
+    quiet = logging.getLogger("kre_runner.cli.config")
+    quiet.propagate = False  # a missing bucket is this command's one-line error, not a warning too
+    nc = await _connect(url)
+    try:
+        config = await open_configuration(nc.jetstream(), buckets, quiet)
+        try:
+            if args.action == "get":
+                print(await config.get(args.key, args.scope))
+            elif args.action == "set":
+                await config.set(args.key, args.value, args.scope or "node")
+            elif args.action == "delete":
+                await config.delete(args.key, args.scope or "node")
+            else:
+                for key in await config.list(args.scope):
+                    print(key)
+        finally:
+            await config.close()
+    except (ConfigurationKeyNotFound, ConfigurationUnavailable) as exc:
+        raise _Failure(str(exc)) from None
+    except InvalidKeyError:
+        raise _UsageError(f"key {args.key!r} is invalid: letters, digits and - / _ = . "
+                          f"(e.g. model.threshold)") from None
+    finally:
+        await nc.close()
     return 0
 
 

@@ -3,6 +3,9 @@
 The names are those of the original KRE runner so kre-runner can replace it in an existing
 workflow. Every problem is reported with the variable's name, what was expected and an example,
 and all problems are reported at once so a user fixes a manifest in one round trip.
+
+Over 400 lines, deliberately: every variable's name, type, default, validation and help text sit
+in one table here, so none can drift from the others (README's table is checked against it).
 """
 
 from __future__ import annotations
@@ -43,6 +46,13 @@ VARIABLES: tuple[tuple[str, bool, str, str], ...] = (
      "demo-v1-greeter.entrypoint"),
     ("KRT_NATS_MONGO_WRITER", False, "mongo-writer subject; when set ctx.db.save goes through it",
      "mongo_writer_data.demo"),
+    ("KRT_NATS_KEY_VALUE_STORE_PROJECT", False, "key-value bucket of ctx.configuration's project scope",
+     "key-store_demo_v1"),
+    ("KRT_NATS_KEY_VALUE_STORE_WORKFLOW", False, "key-value bucket of ctx.configuration's workflow scope",
+     "key-store_demo_v1_greeter"),
+    ("KRT_NATS_KEY_VALUE_STORE_NODE", False, "key-value bucket of ctx.configuration's node scope",
+     "key-store_demo_v1_greeter_greeter"),
+    ("KRT_NATS_OBJECT_STORE", False, "object store bucket of ctx.object_store", "object-store_demo_v1_greeter"),
     ("KRT_MONGO_URI", False, "MongoDB URI for ctx.db (direct writes and all reads)",
      "mongodb://user:pass@localhost:27017"),
     ("KRT_MONGO_DB", False, "MongoDB database (default {KRT_RUNTIME_ID}-data, as the original writer)",
@@ -119,6 +129,8 @@ _SCHEME_START_RE = re.compile(r",(?=\s*[A-Za-z][A-Za-z0-9+.-]*://)")  # a comma 
 _HOST_RE = re.compile(r"^[A-Za-z0-9.:%-]+$")
 _SUBJECT_RE = re.compile(r"^[^\s*>.]+(\.[^\s*>.]+)*$")
 _NAME_UNSAFE_RE = re.compile(r"[^A-Za-z0-9_-]")
+_BUCKET_RE = re.compile(r"^[A-Za-z0-9_-]+$")
+_BUCKET = "a bucket name of letters, digits, - and _"
 
 
 # How /info, errors and repr() may show a settings field (its metadata["show"]). A field marked SECRET or URL
@@ -190,6 +202,10 @@ class Settings:
     is_last_node: bool = False
     entrypoint_subject: str | None = None
     mongo_writer_subject: str | None = None
+    kv_project: str | None = None
+    kv_workflow: str | None = None
+    kv_node: str | None = None
+    object_store: str | None = None
     mongo_uri: str | None = url_field(None)
     mongo_db: str = ""
     influx_uri: str | None = url_field(None)
@@ -245,6 +261,12 @@ class Settings:
         return self.max_inflated_bytes or 4 * max_payload
 
     @property
+    def configuration_buckets(self) -> dict[str, str]:
+        """ctx.configuration's buckets: scope -> bucket name, for the scopes whose variable is set."""
+        buckets = {"project": self.kv_project, "workflow": self.kv_workflow, "node": self.kv_node}
+        return {scope: name for scope, name in buckets.items() if name}
+
+    @property
     def dead_letter_subject(self) -> str:
         """Where this node's dead letters go: ``{dead-letter stream}.{node}``."""
         return f"{self.dead_letter_stream}.{_NAME_UNSAFE_RE.sub('_', self.node_name)}"
@@ -281,6 +303,10 @@ class Settings:
                                                                "a subject without wildcards"),
             mongo_writer_subject=reader.optional("KRT_NATS_MONGO_WRITER", None, _parse_subject,
                                                  "a subject without wildcards"),
+            kv_project=reader.optional("KRT_NATS_KEY_VALUE_STORE_PROJECT", None, _parse_bucket, _BUCKET),
+            kv_workflow=reader.optional("KRT_NATS_KEY_VALUE_STORE_WORKFLOW", None, _parse_bucket, _BUCKET),
+            kv_node=reader.optional("KRT_NATS_KEY_VALUE_STORE_NODE", None, _parse_bucket, _BUCKET),
+            object_store=reader.optional("KRT_NATS_OBJECT_STORE", None, _parse_bucket, _BUCKET),
             mongo_uri=reader.optional("KRT_MONGO_URI", None, _parse_mongo_uri, "a mongodb:// URI"),
             mongo_db=reader.optional("KRT_MONGO_DB", f"{runtime_id}-data"),
             influx_uri=reader.optional("KRT_INFLUX_URI", None, _parse_http_url, "an http(s):// URL"),
@@ -605,6 +631,13 @@ def _parse_stream(raw: str) -> str:
     return raw
 
 
+def _parse_bucket(raw: str) -> str:
+    """A JetStream key-value or object store bucket name (what nats-py and the server accept)."""
+    if not _BUCKET_RE.match(raw):
+        raise ValueError(raw)
+    return raw
+
+
 def _parse_host(raw: str) -> str:
     """An address or host name to listen on (not a URL: no scheme, port or path)."""
     if not _HOST_RE.match(raw) or raw.count(":") == 1:  # host:port is not a host
@@ -644,6 +677,7 @@ _SHOWN: dict[type, frozenset[str]] = {
         "workflow_name", "runtime_id", "version_id", "version", "node_name", "stream", "input_subject",
         "output_subject", "handler_path", "generation", "input_subjects", "max_ack_pending", "js_request_timeout",
         "base_path", "is_last_node", "entrypoint_subject", "mongo_writer_subject",
+        "kv_project", "kv_workflow", "kv_node", "object_store",
         "mongo_db", "influx_org", "influx_bucket", "influx_batch_size", "influx_flush_interval", "influx_buffer",
         "elapsed_metrics", "max_inflight", "handler_threads", "batch_size", "batch_wait", "ack_wait",
         "publish_timeout", "shutdown_grace", "deliver_policy", "max_deliver", "dead_letter_stream",

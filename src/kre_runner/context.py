@@ -1,4 +1,4 @@
-"""``ctx``: what a handler sees of the runner (paths, shared values, logger, data services)."""
+"""``ctx``: what a handler sees of the runner (paths, shared values, logger, data services, configuration)."""
 
 from __future__ import annotations
 
@@ -43,6 +43,10 @@ class _Unconfigured:
             raise AttributeError(attr)
         raise ServiceNotConfigured(f"ctx.{self._name}.{attr} is not available: {self._hint}")
 
+    def __bool__(self) -> bool:
+        # `if ctx.object_store:` is false, as the original's None was, when the service is not configured.
+        return False
+
 
 class Context:
     """One per node, shared by ``init`` and every handler call.
@@ -60,6 +64,8 @@ class Context:
         db: Any = None,
         measurement: Any = None,
         prediction: Any = None,
+        configuration: Any = None,
+        object_store: Any = None,
         early_reply: Callable[[Message], Awaitable[None]] | None = None,
         early_exit: Callable[[], None] | None = None,
         batch_tracking_ids: Callable[[], list[str]] | None = None,
@@ -69,6 +75,11 @@ class Context:
         self.db = db or _Unconfigured("db", "set KRT_MONGO_URI (and optionally KRT_NATS_MONGO_WRITER)")
         self.measurement = measurement or _Unconfigured("measurement", "set KRT_INFLUX_URI")
         self.prediction = prediction or _Unconfigured("prediction", "set KRT_MONGO_URI or KRT_NATS_MONGO_WRITER")
+        # Live configuration and the object store are kre-py 3.x services, given to v2 handlers as an extension.
+        self.configuration = configuration or _Unconfigured(
+            "configuration", "set KRT_NATS_KEY_VALUE_STORE_PROJECT, KRT_NATS_KEY_VALUE_STORE_WORKFLOW and "
+                             "KRT_NATS_KEY_VALUE_STORE_NODE to its key-value buckets")
+        self.object_store = object_store or _Unconfigured("object_store", "set KRT_NATS_OBJECT_STORE to its bucket")
         self._early_reply = early_reply
         self._early_exit = early_exit
         self._batch_tracking_ids = batch_tracking_ids

@@ -7,6 +7,7 @@ import gc
 import logging
 import threading
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import nats.aio.client
@@ -104,40 +105,47 @@ async def _off_loop(call: Callable[..., T], *args: Any) -> T:
     return await done
 
 
+@dataclass
+class _Started:
+    """What the node has started so far: read by ``/info`` and the reconnect callback, which exist first."""
+
+    code: UserCode | None = None
+    nc: nats.aio.client.Client | None = None
+    consumer: Consumer | None = None
+
+
 async def _run_node(settings: Settings, stop: asyncio.Event, logger: logging.Logger,
                     services_opener: ServicesOpener) -> Consumer:
     health = Health(settings.health_reconnect_grace, stall_limit=settings.ack_wait + 30)
     metrics = NodeMetrics()
-    holder: list[Consumer] = []
-    client: list[nats.aio.client.Client] = []
-    loaded: list[UserCode] = []
+    started = _Started()
     endpoints = None
     if settings.http_port:
         registry = metrics_registry(metrics, node=settings.node_name, workflow=settings.workflow_name,
                                     version=settings.version)
         endpoints = Endpoints(settings.http_port, health, registry,
-                              lambda: info_document(settings, loaded, health, metrics, client), logger,
+                              lambda: info_document(settings, started.code, health, metrics, started.nc), logger,
                               host=settings.http_host)
         await endpoints.start()
     try:
         # Off the loop: a handler importing torch takes seconds, and liveness must answer meanwhile.
         code = await _unless_stopped(_off_loop(load_user_code, settings.base_path, settings.handler_path,
                                                  settings.generation), stop)
-        loaded.append(code)
+        started.code = code
         logger.info("loaded handler %s (%s%s)", code.path, "async" if code.handler_is_async else "sync",
                     " batch" if code.batch else "")
-        return await _run_connected(settings, stop, logger, code, health, metrics, holder, client, services_opener)
+        return await _run_connected(settings, stop, logger, code, health, metrics, started, services_opener)
     finally:
         if endpoints is not None:
             await endpoints.stop()
 
 
 async def _run_connected(settings: Settings, stop: asyncio.Event, logger: logging.Logger, code: UserCode,
-                         health: Health, metrics: NodeMetrics, holder: list[Consumer],
-                         client: list[nats.aio.client.Client], services_opener: ServicesOpener) -> Consumer:
+                         health: Health, metrics: NodeMetrics, started: _Started,
+                         services_opener: ServicesOpener) -> Consumer:
     async def renew_pulls() -> None:
-        if holder:
-            await holder[0].on_reconnect()
+        if started.consumer is not None:
+            await started.consumer.on_reconnect()
 
     def connection_changed(connected: bool) -> None:
         health.connected() if connected else health.disconnected()
@@ -145,7 +153,7 @@ async def _run_connected(settings: Settings, stop: asyncio.Event, logger: loggin
     nc = await _unless_stopped(connect(settings.nats_servers, logger, name=f"kre-runner {settings.node_name}",
                                        auth=settings.nats_auth, on_reconnect=renew_pulls,
                                        on_connection_change=connection_changed), stop)
-    client.append(nc)
+    started.nc = nc
     services = None
     try:
         await _unless_stopped(check_jetstream(nc, ", ".join(redact_url(s) for s in settings.nats_servers)), stop)
@@ -185,7 +193,8 @@ async def _run_connected(settings: Settings, stop: asyncio.Event, logger: loggin
 
             ctx = ContextV3(base_path=settings.base_path, logger=handler_logger, send=send,
                             current_input=current_input, db=services.db, measurement=services.measurement,
-                            prediction=services.prediction)
+                            prediction=services.prediction, configuration=services.configuration,
+                            object_store=services.object_store)
         else:
             ctx = Context(
                 base_path=settings.base_path,
@@ -193,6 +202,8 @@ async def _run_connected(settings: Settings, stop: asyncio.Event, logger: loggin
                 db=services.db,
                 measurement=services.measurement,
                 prediction=services.prediction,
+                configuration=services.configuration,
+                object_store=services.object_store,
                 early_reply=early_reply,
                 early_exit=early_exit,
                 batch_tracking_ids=batch_tracking_ids if code.batch else None,
@@ -206,7 +217,7 @@ async def _run_connected(settings: Settings, stop: asyncio.Event, logger: loggin
         consumer = Consumer(settings, code, nc, ctx, logger, record_elapsed=record, metrics=metrics, failures=failures,
                             fast_path=fast_path)
         tracking.current = consumer.current.tracking_id
-        holder.append(consumer)
+        started.consumer = consumer
         await _unless_stopped(consumer.setup(), stop)
         health.phase = INIT
         try:

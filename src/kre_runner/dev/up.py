@@ -3,7 +3,8 @@
 An embedded JetStream server (or the given one), the stream created as the K8s manager does, each
 node a real ``kre-runner run`` process with the environment of its pod, their log lines prefixed
 with the node's name, restarts when a node's files change (``--reload``), and a state file that
-tells ``kre-runner call`` where the workflow runs.
+tells ``kre-runner call`` where the workflow runs. Over 400 lines, deliberately: one lifecycle
+(start, supervise, reload, stop everything on any signal) that is read best in one place.
 """
 
 from __future__ import annotations

@@ -10,10 +10,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from nats.js import JetStreamContext
-from nats.js.api import RetentionPolicy, StreamConfig
-from nats.js.errors import NotFoundError
+from nats.js.api import KeyValueConfig, ObjectStoreConfig, RetentionPolicy, StorageType, StreamConfig
+from nats.js.errors import BucketNotFoundError, NotFoundError
 
-__all__ = ["ENTRYPOINT_NODE", "StreamLayout", "ensure_stream", "stream_name", "subject_in"]
+__all__ = ["ENTRYPOINT_NODE", "StreamLayout", "ensure_key_value", "ensure_object_store", "ensure_stream",
+           "stream_name", "subject_in"]
 
 ENTRYPOINT_NODE = "entrypoint"
 
@@ -52,6 +53,28 @@ async def ensure_stream(js: JetStreamContext, stream: str) -> bool:
         pass
     layout = StreamLayout(stream)
     await js.add_stream(StreamConfig(name=stream, subjects=layout.subjects, retention=RetentionPolicy.INTEREST))
+    return True
+
+
+async def ensure_key_value(js: JetStreamContext, bucket: str) -> bool:
+    """Create the key-value bucket unless it exists (its values are someone's); True when it was created."""
+    try:
+        await js.key_value(bucket)
+        return False
+    except BucketNotFoundError:
+        pass
+    await js.create_key_value(KeyValueConfig(bucket=bucket, storage=StorageType.FILE))
+    return True
+
+
+async def ensure_object_store(js: JetStreamContext, bucket: str) -> bool:
+    """Create the object store bucket (file storage, as the manager does) unless it exists; True when created."""
+    try:
+        await js.object_store(bucket)
+        return False
+    except NotFoundError:  # BucketNotFoundError, or NotFoundError from nats-py's stream lookup
+        pass
+    await js.create_object_store(bucket, ObjectStoreConfig(bucket=bucket, storage=StorageType.FILE))
     return True
 
 

@@ -129,7 +129,7 @@ class Batcher:
         self._open = pipeline.open
         self._record = pipeline.record
         self._publish = pipeline.publish
-        self._release = pipeline.release
+        self._drop_reference = pipeline.drop_reference
         self._internal_error = pipeline.internal_error
         self._outcomes = outcomes
         self._settlement = settlement
@@ -186,8 +186,8 @@ class Batcher:
             error = self._internal_error(job, exc)
         finally:
             if not queued:
-                job.done = time.monotonic()
-                await self._release(job, error)
+                job.handled_at = time.monotonic()
+                await self._drop_reference(job, error)
 
     def _collect(self, job: Job) -> None:
         self._credits.running += 1
@@ -281,8 +281,8 @@ class Batcher:
                 self._credits.running -= len(batch)
             done = time.monotonic()
             for job, error in zip(batch, errors, strict=True):
-                job.done = done
-                await self._release(job, error)
+                job.handled_at = done
+                await self._drop_reference(job, error)
 
     async def _call(self, batch: list[Job]) -> list[Outcome]:
         """The handler's call and each input's outcome; the user's failures become error envelopes."""

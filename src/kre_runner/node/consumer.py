@@ -18,7 +18,7 @@ The life of an input, and the module that owns each step:
     settle    settlement.Settlement   ack once every publish was stored, else nak, or dead-letter
                                       (deadletter.py); the handler's reference is released in the
                                       pipeline's ``finally``, so the input settles once; the consumer
-                                      hears of it once (``_settled``), to start what waits for the slot
+                                      hears of it once (``_slot_freed``), to start what waits for the slot
     maintain  maintenance.Maintenance PubAck timeouts, keep-alives, missed heartbeats (every second);
                                       a look at the consumer (every few seconds, apart)
     shutdown  ``_shutdown``           stop pulling, finish in-flight inputs within the grace, hand
@@ -83,7 +83,7 @@ class Consumer:
         metrics.inflight = self._inflight
         failures = failures or RateLimitedLog(logger, "handler failures")
         clock = TrackingClock()
-        self._publisher = PubAckPublisher(nc, dispatcher, wire, settings.publish_timeout, self._release_publish,
+        self._publisher = PubAckPublisher(nc, dispatcher, wire, settings.publish_timeout, self._publish_done,
                                           metrics=metrics)
         # The generation (v3.py): the 3.x envelope, routing and sends plug into the same pipeline.
         v3 = settings.generation == "v3"
@@ -103,7 +103,7 @@ class Consumer:
         self._pipeline = (PipelineV3 if v3 else Pipeline)(
             settings, code, ctx, logger, clock=clock, outcomes=self._outcomes, publisher=self._publisher,
             settlement=self._settlement, credits=credits, current=self.current, metrics=metrics, pool=self._pool,
-            record_elapsed=record_elapsed, on_settled=self._settled, pull=self.link.pull)
+            record_elapsed=record_elapsed, on_settled=self._slot_freed, pull=self.link.pull)
         self._on_loop = self._pipeline.on_loop
         # KRE 3.x: ctx.send_* and the input queries (None in v2).
         self.sends = Sends(self._outcomes, self._publisher, self.current) if isinstance(self._outcomes, OutcomesV3) \
@@ -111,7 +111,7 @@ class Consumer:
         self._maintenance = Maintenance(ack_wait=settings.ack_wait, publisher=self._publisher,
                                         settlement=self._settlement, link=self.link, credits=credits,
                                         metrics=metrics, failures=failures, paced=self._on_loop,
-                                        waiting=self._waiting_jobs, on_settled=self._settled, logger=logger)
+                                        waiting=self._waiting_jobs, on_settled=self._slot_freed, logger=logger)
         # Batch handlers (batching.py): delivered inputs go to the batcher instead of the paths below.
         self._batcher = Batcher(settings, code, ctx, logger, pipeline=self._pipeline, outcomes=self._outcomes,
                                 settlement=self._settlement, credits=credits, pull=self.link.pull,
@@ -243,7 +243,7 @@ class Consumer:
             job = Job(reply, f"{self._node_id}:{stream}:{sequence}", now, data)
         if delivered != "1":
             credits.careful = True
-            if await self._settlement.redelivered(job, int(delivered), self._pipeline.release):
+            if await self._settlement.redelivered(job, int(delivered), self._pipeline.drop_reference):
                 delivered = ""  # settled without running the handler
         elif credits.careful:
             credits.careful = False
@@ -299,11 +299,11 @@ class Consumer:
         if credits.want(len(self._jobs), len(self._waiting)):
             await self.link.pull()
 
-    async def _release_publish(self, job: Job, error: str | None) -> None:
+    async def _publish_done(self, job: Job, error: str | None) -> None:
         """A publish of ``job`` was stored (``error`` None) or failed: its reference goes."""
-        await self._pipeline.release(job, error)
+        await self._pipeline.drop_reference(job, error)
 
-    def _settled(self) -> bool:
+    def _slot_freed(self) -> bool:
         """An input was settled: its slot may start a waiting input; True if the freed credit is worth a pull.
 
         Credit is asked for in chunks, so a look every ``chunk`` settlements finds each one as soon
@@ -342,7 +342,7 @@ class Consumer:
             # Inputs waiting for a slot start as slots free up: they are in flight too, and finishing
             # them beats handing them back.
             self._log.info("stopping: waiting up to %.1fs for %d in-flight messages", grace, self._inflight())
-            self._idle.clear()  # set again by _settled when the last job is done
+            self._idle.clear()  # set again by _slot_freed when the last job is done
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._idle.wait(), max(0.0, deadline - time.monotonic()))
         # Out of grace: let another replica take what is left now rather than after the ack wait.

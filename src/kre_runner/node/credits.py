@@ -131,7 +131,7 @@ class Credits:
                 self.requested_bytes -= head[1]
                 self.open.popleft()
 
-    def settled(self, size: int) -> None:
+    def freed(self, size: int) -> None:
         """A message of ``size`` bytes was settled: its bytes are free again."""
         self.held_bytes -= size
 

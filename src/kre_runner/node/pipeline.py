@@ -100,8 +100,8 @@ class Pipeline:
         except Exception as exc:
             error = self.internal_error(job, exc)
         finally:
-            job.done = time.monotonic()
-            await self.release(job, error)
+            job.handled_at = time.monotonic()
+            await self.drop_reference(job, error)
 
     def open(self, job: Job, data: bytes) -> KreNatsMessage | Outcome:
         """The input's envelope, or the outcome of an input no handler sees (not an envelope, an error)."""
@@ -193,9 +193,9 @@ class Pipeline:
             job.refs += 1
             await self._publisher.publish(outcome[0], outcome[1], job.msg_id, job)
 
-    async def release(self, job: Job, error: str | None = None) -> None:
+    async def drop_reference(self, job: Job, error: str | None = None) -> None:
         """Drop a reference of ``job`` (its handler's, or a publish's: ``error`` None when stored)."""
-        if await self._settlement.release(job, error) and self._on_settled():
+        if await self._settlement.drop_reference(job, error) and self._on_settled():
             await self._pull()
 
     def _warn_slow(self, seconds: float) -> None:

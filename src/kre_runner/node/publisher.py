@@ -78,12 +78,12 @@ class PubAckPublisher:
         """Fail every publish whose PubAck is overdue (called about once a second)."""
         now = time.monotonic()
         while self._waiting:
-            token, (deadline, owner, *_) = next(iter(self._waiting.items()))
-            if deadline > now:
+            token, entry = next(iter(self._waiting.items()))
+            if entry[_DEADLINE] > now:
                 break
             del self._waiting[token]
             self._metrics.publish_failures += 1
-            await self._on_stored(owner, f"no PubAck within {self._timeout:g}s")
+            await self._on_stored(entry[_OWNER], f"no PubAck within {self._timeout:g}s")
 
     async def resend(self) -> int:
         """After a reconnect: publish again, at once, everything still waiting for a PubAck.
@@ -119,16 +119,18 @@ class PubAckPublisher:
         # failure starts with {"error":...): one prefix test decides the usual case; anything else is
         # parsed as JSON. Never a substring test: a stream or domain may be named "error".
         if data.startswith(_STORED):
-            await self._on_stored(entry[1], None)
+            await self._on_stored(entry[_OWNER], None)
             return
         error = puback_error(data, headers)
         if error is not None:
             self._metrics.publish_failures += 1
-        await self._on_stored(entry[1], error)
+        await self._on_stored(entry[_OWNER], error)
 
 
-# (deadline, owner, subject, data, Nats-Msg-Id, other headers) of one publish waiting for its PubAck.
+# One publish waiting for its PubAck: (deadline, owner, subject, data, Nats-Msg-Id, other headers). A plain
+# tuple (one is made per publish, on the hot path), read through these names where not unpacked whole.
 _Waiting = tuple[float, Any, str, bytes, str, "dict[str, str] | None"]
+_DEADLINE, _OWNER = 0, 1
 
 
 _STORED = b'{"stream"'

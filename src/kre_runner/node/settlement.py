@@ -103,7 +103,7 @@ class _Letter:
 class Job:
     """One input message from delivery to settlement."""
 
-    __slots__ = ("ack_subject", "data", "dead_letter", "done", "early_exit", "envelope", "failed", "handling",
+    __slots__ = ("ack_subject", "data", "dead_letter", "early_exit", "envelope", "failed", "handled_at", "handling",
                  "inflated", "kind", "msg_id", "refs", "replied", "retry_delay", "sends", "settled", "task", "touched")
 
     def __init__(self, ack_subject: str, msg_id: str, now: float, data: bytes = b"") -> None:
@@ -121,7 +121,7 @@ class Job:
         self.early_exit = False  # ctx.early_exit() was called
         self.handling = False  # its handler runs now (awaited by a worker): ctx.early_reply may act on it
         self.touched = now  # last sign of life sent to JetStream (delivery, or +WPI)
-        self.done = 0.0  # when its handler's part was over (0: still running or waiting)
+        self.handled_at = 0.0  # when its handler's part was over (0: still running or waiting)
         self.settled = False
         self.task: asyncio.Task[None] | None = None
         # ``sends`` (KRE 3.x: ctx.send_* calls so far, each its own Nats-Msg-Id) is left unset here: the v2
@@ -168,7 +168,7 @@ class Settlement:
         """Whether a delivery this late only moves the input to the dead letters (its handler had its chances)."""
         return 0 < self._max_deliver < delivered
 
-    async def release(self, job: Job, error: str | None = None) -> bool:
+    async def drop_reference(self, job: Job, error: str | None = None) -> bool:
         """Drop one reference (``error``: why its part failed, None if it succeeded); True if this settled the input."""
         if error is not None:
             if error == INTERRUPTED:
@@ -232,7 +232,7 @@ class Settlement:
         job.dead_letter = stage
         job.refs = 1  # held here until the publish below has its reference
         await self._dead_letter(job, self._letters[job].reason)
-        return await self.release(job)
+        return await self.drop_reference(job)
 
     def _hold(self, job: Job) -> None:
         """A dead-letter publish of ``job`` was refused: keep the input, unacked and alive, and retry it later."""
@@ -243,7 +243,7 @@ class Settlement:
         letter.refused = f"{what}: {reason}"
         letter.retry_at = time.monotonic() + nak_delay(letter.refusals)
         self._metrics.dead_letter_failures += 1
-        job.done = 0.0  # waiting for no PubAck now: it gets keep-alives like a running handler
+        job.handled_at = 0.0  # waiting for no PubAck now: it gets keep-alives like a running handler
         if not letter.held:
             letter.held = True
             self._log.error("input seq %d: %s was refused (%s): the node holds the input, unacked, and retries "
@@ -277,7 +277,7 @@ class Settlement:
         job.failed = (f"the handler ran {self._max_deliver} times (KRT_MAX_DELIVER) with no outcome: the process "
                       f"died or hung on it, its acks were lost, or its dead letter was refused")
         self.jobs.add(job)
-        job.done = time.monotonic()
+        job.handled_at = time.monotonic()
         await release(job)
         return True
 
@@ -324,7 +324,7 @@ class Settlement:
         """Settle ``job`` with ``command``: the one place an input's ack, nak or termination is sent."""
         job.settled = True
         self.jobs.discard(job)
-        self._credits.held_bytes -= len(job.data) + job.inflated
+        self._credits.freed(len(job.data) + job.inflated)
         try:
             await self._wire.publish(job.ack_subject, command)
         except Exception as exc:
@@ -347,12 +347,12 @@ class Settlement:
             if due and await self._dead_letter_step(job, job.dead_letter):
                 stuck.append(job)
         for job in [*self.jobs, *waiting]:
-            if job.done and now - job.done > self._publish_timeout:
-                if now - job.done > 2 * self._publish_timeout + 1:
+            if job.handled_at and now - job.handled_at > self._publish_timeout:
+                if now - job.handled_at > 2 * self._publish_timeout + 1:
                     self._log.error("input seq %d was never settled (%d references left): retrying it",
                                     job.seq, job.refs)
                     job.refs = 1
-                    await self.release(job, NEVER_SETTLED)
+                    await self.drop_reference(job, NEVER_SETTLED)
                     stuck.append(job)
                 continue
             if now - job.touched > after:

@@ -131,13 +131,14 @@ class Endpoints:
         return web.json_response(self._info(), dumps=lambda obj: json.dumps(obj, indent=2, default=str))
 
 
-def info_document(settings: Settings, code: list[UserCode], health: Health, metrics: NodeMetrics,
-          nc: list[Client]) -> dict[str, Any]:
-    """``/info``: what runs here, in the spirit of KGrid's ``/info``; secrets redacted."""
+def info_document(settings: Settings, code: UserCode | None, health: Health, metrics: NodeMetrics,
+                  nc: Client | None) -> dict[str, Any]:
+    """``/info``: what runs here, in the spirit of KGrid's ``/info``; secrets redacted. ``code`` and ``nc``
+    are None until the handler is loaded and NATS connected."""
     server = None
-    if nc and nc[0].is_connected:
+    if nc is not None and nc.is_connected:
         with contextlib.suppress(Exception):
-            server = str(nc[0].connected_server_version)
+            server = str(nc.connected_server_version)
     return {
         "name": "kre-runner",
         "version": __version__,
@@ -149,12 +150,14 @@ def info_document(settings: Settings, code: list[UserCode], health: Health, metr
         "workflow_version": settings.version,
         "generation": settings.generation,
         "generation_reason": settings.generation_reason,
-        "handler": {"spec": settings.handler_path, "path": str(code[0].path),
-                    "function": getattr(code[0].handler, "__name__", "handler"), "async": code[0].handler_is_async,
-                    "init": code[0].init is not None, "threads": settings.handler_threads} if code else
+        "handler": {"spec": settings.handler_path, "path": str(code.path),
+                    "function": getattr(code.handler, "__name__", "handler"), "async": code.handler_is_async,
+                    "init": code.init is not None, "threads": settings.handler_threads} if code is not None else
                    {"spec": settings.handler_path},
         "phase": health.phase,
         "uptime_seconds": round(time.monotonic() - health.started, 3),
+        # Names only: what the node reads and writes, never the values.
+        "buckets": {"configuration": settings.configuration_buckets, "object_store": settings.object_store},
         "processed": metrics.processed,
         "errors": metrics.errors,
         "settings": redacted_settings(settings),

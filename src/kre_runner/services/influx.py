@@ -1,5 +1,8 @@
 """``ctx.measurement`` and the runner's metrics: line-protocol points buffered and written in batches.
 
+(Over 400 lines, deliberately: the line-protocol escaping, the buffer and its writer, and the
+``ctx.measurement`` API share one set of rules about what a point may hold.)
+
 A handler must never wait on, or fail because of, the time-series database: :meth:`InfluxSink.add`
 only appends to a bounded in-memory buffer (oldest points dropped, and counted, when it is full)
 and a background task writes batches with InfluxDB's ``/api/v2/write`` (InfluxDB 1.8 with
