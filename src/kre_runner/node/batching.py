@@ -49,7 +49,7 @@ from .settlement import INTERRUPTED, Job, Settlement, retry_later
 if TYPE_CHECKING:
     from .pipeline import Pipeline
 
-__all__ = ["Batcher", "current_tracking_ids", "in_batch_handler", "one_at_a_time"]
+__all__ = ["Batcher", "current_tracking_ids", "describe_one_at_a_time", "in_batch_handler", "one_at_a_time"]
 
 
 # The batch whose handler call is running in this task or handler thread (ctx.batch_tracking_ids).
@@ -86,6 +86,13 @@ def one_at_a_time(code: UserCode) -> UserCode:
         def handler(ctx: Context, payload: Any) -> Any:  # type: ignore[misc]
             return _only_result(handle_batch(ctx, [payload]))
     return dataclasses.replace(code, handler=handler, batch=False)
+
+
+def describe_one_at_a_time(code: UserCode, threads: int) -> str:
+    """The start-up line of a batch handler at ``KRT_BATCH_SIZE=1`` (``code`` already adapted)."""
+    where = "as a coroutine" if code.handler_is_async else f"in {threads} thread(s)" if threads else "on the event loop"
+    return (f"batch handler with KRT_BATCH_SIZE=1: called with one input at a time, {where}, as a per-message "
+            f"handler would be")
 
 
 def _only_result(results: Any) -> Any:

@@ -36,13 +36,12 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 from nats.aio.client import Client
-from nats.js.api import ConsumerInfo
 
 from ..config import Settings
 from ..context import Context
 from ..handler import UserCode
 from ..nats.fast import Dispatcher, FastPath, Wire, check, describe
-from .batching import Batcher, one_at_a_time
+from .batching import Batcher, describe_one_at_a_time, one_at_a_time
 from .counters import NodeMetrics
 from .credits import Credits
 from .current import Current
@@ -142,10 +141,6 @@ class Consumer:
         """The durable consumer exists and is pulled from (readiness)."""
         return self.link.bound
 
-    @property
-    def consumer_info(self) -> ConsumerInfo | None:
-        return self.link.consumer_info
-
     def cannot_dead_letter(self) -> str | None:
         """Why inputs wait for the dead-letter stream (for /readyz), None when none does."""
         problem = self._settlement.cannot_dead_letter()
@@ -167,10 +162,7 @@ class Consumer:
         if self._batcher is not None:
             self._log.info(self._batcher.describe())
         elif self._one_at_a_time:
-            where = ("as a coroutine" if self._code.handler_is_async else
-                     f"in {self._s.handler_threads} thread(s)" if self._pool is not None else "on the event loop")
-            self._log.info("batch handler with KRT_BATCH_SIZE=1: called with one input at a time, %s, as a "
-                           "per-message handler would be", where)
+            self._log.info(describe_one_at_a_time(self._code, self._s.handler_threads))
 
     async def run_init(self) -> None:
         """The user's ``init(ctx)``, once, before the first pull, on the thread the handlers use (pipeline.py)."""
