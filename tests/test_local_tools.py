@@ -485,7 +485,7 @@ def test_the_pytest_plugin_in_a_user_project(tmp_path):
 def test_the_examples_own_tests_pass():
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(EXAMPLES)],
                           cwd=EXAMPLES.parent, env=_env(), capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0 and "4 passed" in proc.stdout, proc.stdout[-4000:]
+    assert proc.returncode == 0 and "7 passed" in proc.stdout, proc.stdout[-4000:]
 
 
 @pytest.fixture

@@ -84,6 +84,11 @@ def _parser() -> argparse.ArgumentParser:
                       help="also look for *_pb2 modules here (repeatable; default: the handlers' directories, or .)")
     _add_input_options(call)
     call.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the answers (default 10)")
+    call.add_argument("--all", dest="every", action="store_true",
+                      help="KRE 3.x workflow: print every envelope each node sent for the request (node, channel, "
+                           "message_type, payload), one JSON line each, not only the exitpoint's answer")
+    call.epilog = ("A KRE 3.x workflow (nodes with inputs:) is called as the 3.x entrypoint: the request on "
+                   "{stream}.entrypoint, the answer is the first envelope for it on the exitpoint's output.")
     once = commands.add_parser(
         "run-once", help="run a handler on one input (or JSON lines of inputs) without NATS",
         description="Load HANDLER (file.py or file.py:function), run init(ctx) once, then handler(ctx, data) on each "
@@ -121,8 +126,12 @@ def _parser() -> argparse.ArgumentParser:
                     "then workflow, then project; set and delete default to the node scope. Running nodes see a "
                     "change within a second.")
     config.add_argument("action", choices=["get", "set", "delete", "list"])
-    config.add_argument("key", nargs="?", help="the key (get, set, delete)")
+    config.add_argument("key", nargs="?", help="[WORKFLOW.yaml] the key (get, set, delete)")
     config.add_argument("value", nargs="?", help="the value (set)")
+    config.add_argument("rest", nargs="?", help=argparse.SUPPRESS)  # the value when WORKFLOW.yaml comes first
+    config.epilog = ("With WORKFLOW.yaml first (kre-runner config set WORKFLOW.yaml KEY VALUE --node NODE), the "
+                     "buckets are that workflow's (as `up` made them) on the server of its running `up` (or --nats), "
+                     "and --node names a node of it (without --node: the project and workflow scopes).")
     config.add_argument("--scope", choices=["node", "workflow", "project"],
                         help="the scope (default: get looks in all three, set/delete use node, list shows all)")
     config.add_argument("--nats", metavar="URL", help="NATS server (default KRT_NATS_SERVER)")
@@ -308,6 +317,7 @@ async def _call(args: argparse.Namespace) -> int:
         raise _UsageError("give WORKFLOW.yaml (a workflow started by `kre-runner up`) or --nats/--stream/--subject "
                           "(a deployed one), not both")
     default_type = None
+    workflow = None
     if args.workflow:
         workflow = load_workflow(args.workflow)
         endpoint = read_endpoint(workflow.path)
@@ -325,6 +335,11 @@ async def _call(args: argparse.Namespace) -> int:
         raise _UsageError("give WORKFLOW.yaml, or --nats URL --stream STREAM --subject SUBJECT for a deployed workflow")
     directories += [Path(p) for p in args.proto_path]
     requests = _messages(args.type_name or default_type, _read_inputs(args), directories)
+    if workflow is not None and workflow.generation == "v3":
+        return await _call_v3(url, workflow.stream, requests, args.timeout, args.every)
+    if args.every:
+        raise _UsageError("--all shows every envelope of a KRE 3.x workflow (nodes with inputs:); a v2 request's "
+                          "path is shown by kre-runner trace")
     nc = await _connect(url)
     tracking_ids = [str(uuid.uuid4()) for _ in requests]
     # On stderr before the answers: stdout stays JSON, and a request that gets none can still be traced.
@@ -402,6 +417,43 @@ async def _run_handler_once(args: argparse.Namespace) -> int:
     return status
 
 
+async def _call_v3(url: str, stream: str, requests: list[Any], timeout: float, every: bool) -> int:
+    """Call a 3.x workflow: the exitpoint's first envelope per request as JSON, or with ``every`` each envelope."""
+    import json
+    import uuid
+
+    from .dev.calling import call_workflow_v3
+    from .dev.messages import to_dict, to_json
+    from .proto.kre_nats_msg_v3_pb2 import MessageType
+
+    nc = await _connect(url)
+    request_ids = [str(uuid.uuid4()) for _ in requests]
+    for i, request_id in enumerate(request_ids, 1):
+        print(f"kre-runner call: {f'request {i}: ' if len(requests) > 1 else ''}request id {request_id}",
+              file=sys.stderr, flush=True)
+    try:
+        result = await call_workflow_v3(nc, stream, requests, timeout, request_ids, every=every)
+    finally:
+        await nc.close()
+    failed = sum(1 for answer in result.answers if answer.message_type == MessageType.ERROR)
+    if every:
+        for subject, envelope in result.seen:
+            node, _, channel = subject[len(stream) + 1:].partition(".")
+            line = {"request_id": envelope.request_id, "node": node, "channel": channel,
+                    "message_type": MessageType.Name(envelope.message_type),
+                    "payload": to_dict(envelope.payload) if envelope.payload.type_url else None}
+            if envelope.error:
+                line["error"] = envelope.error
+            print(json.dumps(line, ensure_ascii=False), flush=True)
+        return 1 if failed else 0
+    for answer in result.answers:
+        if answer.message_type == MessageType.ERROR:
+            print(answer.error, file=sys.stderr)
+        else:
+            print(to_json(answer.payload), flush=True)
+    return 1 if failed else 0
+
+
 async def _check() -> int:
     from .dev.check import run_checks
 
@@ -475,8 +527,13 @@ async def _config(args: argparse.Namespace) -> int:
     )
 
     url = args.nats or os.environ.get("KRT_NATS_SERVER", "").strip()
-    buckets = {scope: getattr(args, scope) or os.environ.get(variable, "").strip()
-               for scope, variable in SCOPE_VARIABLES.items()}
+    if args.key and args.key.endswith((".yaml", ".yml")):
+        url, buckets = _workflow_buckets(args)
+    else:
+        if args.rest is not None:
+            raise _UsageError(f"unexpected {args.rest!r}: config {args.action} [WORKFLOW.yaml] KEY [VALUE]")
+        buckets = {scope: getattr(args, scope) or os.environ.get(variable, "").strip()
+                   for scope, variable in SCOPE_VARIABLES.items()}
     buckets = {scope: bucket for scope, bucket in buckets.items() if bucket}
     if not url or not buckets:
         raise _UsageError("set KRT_NATS_SERVER and KRT_NATS_KEY_VALUE_STORE_PROJECT/_WORKFLOW/_NODE (a node's "
@@ -514,6 +571,32 @@ async def _config(args: argparse.Namespace) -> int:
     finally:
         await nc.close()
     return 0
+
+
+def _workflow_buckets(args: argparse.Namespace) -> tuple[str, dict[str, str]]:
+    """``config ACTION WORKFLOW.yaml KEY [VALUE] [--node NODE]``: that workflow's buckets, on its server."""
+    from .services.configuration import SCOPE_VARIABLES
+
+    if args.project or args.workflow:
+        raise _UsageError("with WORKFLOW.yaml the buckets are the workflow's: --node NODE names a node, "
+                          "--project/--workflow BUCKET are for a node's environment")
+    workflow, url = _workflow_server(args.key, args.nats)
+    args.key, args.value, args.rest = args.value, args.rest, None
+    if not workflow.uses_configuration:
+        raise _UsageError(f"{workflow.path.name} has no configuration buckets: add `configuration: true` at its "
+                          f"top (a KRE 3.x workflow always has them) and restart `kre-runner up`")
+    node = None
+    if args.node:
+        try:
+            node = workflow.node(args.node)
+        except KeyError as exc:
+            raise _UsageError(exc.args[0]) from None
+    elif args.scope == "node":
+        raise _UsageError("--scope node needs --node NODE (one of the workflow's nodes)")
+    elif args.action in ("set", "delete") and not args.scope:
+        args.scope = "workflow"  # no node named: the workflow's bucket, which every node reads
+    variables = workflow.buckets(node)
+    return url, {scope: variables[variable] for scope, variable in SCOPE_VARIABLES.items() if variable in variables}
 
 
 async def _connect(url: str) -> Any:

@@ -14,6 +14,23 @@ async def test_greets(kre_node):
 ``ctx.prediction`` and ``ctx.measurement`` are kept in memory (``node.db``, ``node.predictions``,
 ``node.measurements``) unless ``env`` gives ``KRT_MONGO_URI`` / ``KRT_INFLUX_URI``.
 
+A KRE 3.x handler module (one with ``default_handler``; or ``generation="v3"``) starts a 3.x node
+reading ``inputs`` (upstream node names, default ``entrypoint``); ``node.call`` then returns every
+output the node sent for the request, each an :class:`Output` with its channel and message type:
+
+```python
+async def test_splits(kre_node):
+    node = await kre_node.start("splitter.py")              # a 3.x module: inputs=("entrypoint",)
+    await node.set_configuration("prefix", ">> ", scope="workflow")
+    outputs = await node.call(Text(text="a b"), Result)     # every send, in order
+    assert [(o.channel, o.message_type) for o in outputs] == [("", "OK"), ("loud", "OK")]
+    assert outputs[0].message.text == ">> a b"
+    data = await node.get_object("some-key")                  # what ctx.object_store.save stored
+```
+
+Every node has ``ctx.configuration`` (its three key-value buckets) and ``ctx.object_store`` (its
+object store), fresh per node.
+
 Registered through the ``pytest11`` entry point, so it loads in every pytest run of an environment
 where kre-runner is installed: this module imports nothing heavy until a test uses ``kre_node``.
 """
@@ -26,6 +43,7 @@ import copy
 import re
 import uuid
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -36,7 +54,7 @@ if TYPE_CHECKING:
 
     from .dev.embedded import EmbeddedNats
 
-__all__ = ["HandlerError", "KreNode", "KreNodes", "MemoryDB"]
+__all__ = ["HandlerError", "KreNode", "KreNodes", "MemoryDB", "Output"]
 
 M = TypeVar("M")
 
@@ -114,6 +132,18 @@ def _memory_measurement(settings: Any, points: list[dict[str, Any]]) -> Any:
                              node=settings.node_name)
 
 
+@dataclass(frozen=True)
+class Output:
+    """One envelope a KRE 3.x node sent for a request (``ctx.send_*``, or its error envelope)."""
+
+    channel: str  # "" for the node's output subject itself
+    message_type: str  # OK, ERROR, EARLY_REPLY or EARLY_EXIT
+    payload: Any  # the google.protobuf.Any as sent
+    error: str = ""  # an ERROR envelope's text
+    message: Any = None  # the payload unpacked into call's response_type, when it is one
+    request_id: str = ""  # the request's id (objects keyed by it, e.g.)
+
+
 class KreNode:
     """A node started by ``kre_node.start``: call it, and look at what it stored."""
 
@@ -125,6 +155,8 @@ class KreNode:
         self._memory_db: MemoryDB | None = None
         self._real_db: Any = None
         self._points: list[dict[str, Any]] | None = None
+        self._services: Any = None
+        self._outputs: list[tuple[str, Any]] = []  # 3.x: (subject, envelope) of everything on the output subjects
 
     async def _open_services(self, settings: Any, nc: Any, logger: Any) -> Any:
         from .services import Services, open_services
@@ -140,7 +172,31 @@ class KreNode:
         if real.measurement is None:
             self._points = []
             services.measurement = _memory_measurement(settings, self._points)
+        services.configuration, services.object_store = real.configuration, real.object_store
+        self._services = services
         return services
+
+    async def set_configuration(self, key: str, value: str, scope: str = "node") -> None:
+        """Put a live configuration value (as an operator would); the node's next ``ctx.configuration.get`` sees it."""
+        if self._services is None or self._services.configuration is None:
+            raise RuntimeError("the node has no configuration buckets (KRT_NATS_KEY_VALUE_STORE_* unset in env)")
+        await self._services.configuration.set(key, value, scope)
+
+    async def get_configuration(self, key: str, scope: str | None = None) -> str:
+        """A configuration value as ``ctx.configuration.get`` reads it (e.g. one the handler set)."""
+        if self._services is None or self._services.configuration is None:
+            raise RuntimeError("the node has no configuration buckets (KRT_NATS_KEY_VALUE_STORE_* unset in env)")
+        return await self._services.configuration.get(key, scope)
+
+    async def get_object(self, key: str) -> bytes:
+        """The object ``ctx.object_store.save(key, ...)`` stored; nats-py's ObjectNotFoundError when none."""
+        obs = await self._nc.jetstream().object_store(self.settings.object_store)
+        return (await obs.get(key)).data or b""
+
+    async def put_object(self, key: str, data: bytes) -> None:
+        """Store an object for the handler to read with ``ctx.object_store.get(key)``."""
+        obs = await self._nc.jetstream().object_store(self.settings.object_store)
+        await obs.put(key, data)
 
     @property
     def db(self) -> Any:
@@ -167,8 +223,62 @@ class KreNode:
 
         Raises :class:`HandlerError` when the node answers with an error envelope.
         """
+        if self.settings.generation == "v3":
+            return await self.call_v3(request, response_type, timeout=timeout)
         results = await self.call_many([request], response_type, timeout)
         return results[0]
+
+    async def call_v3(self, request: Message | None, response_type: type[M] | None = None, *,
+                      from_node: str = "entrypoint", message_type: str = "OK", error: str = "",
+                      timeout: float = 10.0) -> list[Output]:
+        """KRE 3.x: send ``request`` as ``from_node`` (one of the node's ``inputs``) and return every output the
+        node sent for it, in order, once the node has acked the input (every send is stored by then).
+
+        ``message_type``/``error`` send an ERROR or early input (every input reaches a 3.x handler).
+        """
+        from .node.envelope import KreNatsMessageV3, encode
+        from .proto.kre_nats_msg_v3_pb2 import MessageType
+
+        if self._task.done():
+            self._task.result()
+            raise RuntimeError("the node has stopped")
+        s = self.settings
+        subject = f"{s.stream}.{from_node}"
+        if subject not in s.input_subjects:
+            raise ValueError(f"{from_node!r} is not an input of this node (inputs: "
+                             f"{', '.join(i[len(s.stream) + 1:] for i in s.input_subjects)}): start it with "
+                             f"inputs=[..., {from_node!r}]")
+        envelope = KreNatsMessageV3(request_id=str(uuid.uuid4()), from_node=from_node,
+                                    message_type=MessageType.Value(message_type), error=error)
+        if request is not None:  # an ERROR input carries none
+            envelope.payload.Pack(request)
+        js = self._nc.jetstream()
+        ack = await js.publish(subject, encode(envelope, self._nc.max_payload), timeout=timeout)
+        deadline = asyncio.get_running_loop().time() + timeout
+        while True:  # the input is acked after the PubAck of every send: then all its outputs are stored
+            info = await js.consumer_info(s.stream, s.consumer_name)
+            if info.ack_floor.stream_seq >= ack.seq:
+                break
+            if self._task.done():
+                self._task.result()
+                raise RuntimeError("the node stopped while handling the request")
+            if asyncio.get_running_loop().time() > deadline:
+                raise TimeoutError(f"the node did not finish request {envelope.request_id} within {timeout:g}s")
+            await asyncio.sleep(0.02)
+        await self._nc.flush()  # what the server routed to our subscription before the ack has reached us
+        outputs = []
+        for out_subject, out in self._outputs:
+            if out.request_id != envelope.request_id:
+                continue
+            message = None
+            if response_type is not None and out.payload.type_url:
+                candidate = response_type()
+                if out.payload.Unpack(candidate):  # type: ignore[attr-defined]
+                    message = candidate
+            outputs.append(Output(channel=out_subject[len(s.output_subject) + 1:],
+                                  message_type=MessageType.Name(out.message_type), payload=out.payload,
+                                  error=out.error, message=message, request_id=out.request_id))
+        return outputs
 
     async def call_many(self, requests: Sequence[Message], response_type: type[M] | None = None,
                         timeout: float = 10.0) -> list[M | Any]:
@@ -196,6 +306,18 @@ class KreNode:
                                 f"not a {response_type.__name__}")
             results.append(response)
         return results
+
+    async def _watch_outputs(self) -> None:
+        """Keep every 3.x envelope on the output subject and its channels (core NATS: takes nothing from a stream)."""
+        from .node.envelope import decode_v3
+
+        async def keep(msg: Any) -> None:
+            with contextlib.suppress(ValueError):
+                self._outputs.append((msg.subject, decode_v3(msg.data)))
+
+        out = self.settings.output_subject
+        await self._nc.subscribe(out, cb=keep)
+        await self._nc.subscribe(f"{out}.*", cb=keep)
 
     async def stop(self) -> None:
         """Stop the node as SIGTERM would (also done at the end of the test)."""
@@ -228,34 +350,56 @@ class KreNodes:
         raise FileNotFoundError(f"handler {file_part} not found in {' or '.join(str(p.parent) for p in candidates)}")
 
     async def start(self, handler: str | Path, env: Mapping[str, str] | None = None, *,
+                    generation: str | None = None, inputs: Sequence[str] = ("entrypoint",),
                     timeout: float = 15.0) -> KreNode:
         """Run the handler (``path.py`` or ``path.py:function``, relative to the test file or the current
-        directory) as the last node of a one-node workflow; return once it consumes."""
+        directory) as the last node of a one-node workflow; return once it consumes.
+
+        ``generation``: ``"v3"`` or ``"v2"``; by default v3 when the module defines ``default_handler``
+        (a kre-py 3.x module). A 3.x node reads ``inputs`` (upstream node names; ``call_v3(from_node=...)``).
+        """
         import logging
 
         import nats
         from nats.js.errors import NotFoundError
 
         from .config import Settings
-        from .nats.streams import StreamLayout, ensure_stream
+        from .nats.streams import StreamLayout, ensure_key_value, ensure_object_store, ensure_stream
         from .run import run_node
 
         path, handler_path = self._resolve(handler)
+        if generation not in (None, "v2", "v3"):
+            raise ValueError(f"generation={generation!r}: expected 'v2' or 'v3' (default: from the module)")
+        v3 = generation == "v3" or (generation is None and ":" not in handler_path and _is_v3_module(path))
         node = re.sub(r"[^A-Za-z0-9_-]", "_", path.stem)
-        layout = StreamLayout(f"test-{uuid.uuid4().hex[:12]}")
+        unique = uuid.uuid4().hex[:12]
+        layout = StreamLayout(f"test-{unique}")
         full_env = {
             "KRT_WORKFLOW_NAME": "test", "KRT_RUNTIME_ID": "test", "KRT_VERSION_ID": "v1-id", "KRT_VERSION": "v1",
             "KRT_NODE_NAME": node, "KRT_NATS_SERVER": self._server.url, "KRT_NATS_STREAM": layout.stream,
-            "KRT_NATS_INPUT": layout.node_subject(node), "KRT_NATS_OUTPUT": layout.entrypoint,
-            "KRT_NATS_ENTRYPOINT_SUBJECT": layout.entrypoint, "KRT_IS_LAST_NODE": "true",
             "KRT_BASE_PATH": str(path.parent), "KRT_HANDLER_PATH": handler_path,
             "KRT_SHUTDOWN_GRACE": "5", "KRT_HTTP_PORT": "0",
+            # Fresh buckets per node, named as the manager names them (runtime = a unique id).
+            "KRT_NATS_KEY_VALUE_STORE_PROJECT": f"key-store_{unique}_v1",
+            "KRT_NATS_KEY_VALUE_STORE_WORKFLOW": f"key-store_{unique}_v1_test",
+            "KRT_NATS_KEY_VALUE_STORE_NODE": f"key-store_{unique}_v1_test_{node}",
+            "KRT_NATS_OBJECT_STORE": f"object-store_{unique}_v1_test",
         }
+        if v3:
+            full_env.update({"KRT_NATS_INPUTS": ",".join(layout.node_subject(i) for i in inputs),
+                             "KRT_NATS_OUTPUT": layout.node_subject(node)})
+        else:
+            full_env.update({"KRT_NATS_INPUT": layout.node_subject(node), "KRT_NATS_OUTPUT": layout.entrypoint,
+                             "KRT_NATS_ENTRYPOINT_SUBJECT": layout.entrypoint, "KRT_IS_LAST_NODE": "true"})
         full_env.update(env or {})
         settings = Settings.from_env(full_env)
         nc = await nats.connect(self._server.url)
         js = nc.jetstream()
-        await ensure_stream(js, settings.stream)
+        await ensure_stream(js, settings.stream, [f"{settings.stream}.*", f"{settings.stream}.*.*"] if v3 else None)
+        for scope_bucket in settings.configuration_buckets.values():
+            await ensure_key_value(js, scope_bucket)
+        if settings.object_store:
+            await ensure_object_store(js, settings.object_store)
         stop = asyncio.Event()
         holder: list[KreNode] = []
 
@@ -265,6 +409,8 @@ class KreNodes:
         task = asyncio.create_task(run_node(settings, stop, logging.getLogger(f"kre_runner.testing.{node}"),
                                             services_opener=opener))
         kre = KreNode(settings, nc, task, stop)
+        if settings.generation == "v3":
+            await kre._watch_outputs()
         holder.append(kre)
         self._nodes.append(kre)
         deadline = asyncio.get_running_loop().time() + timeout
@@ -281,6 +427,20 @@ class KreNodes:
 
     async def close(self) -> None:
         await asyncio.gather(*(n.stop() for n in self._nodes), return_exceptions=True)
+
+
+def _is_v3_module(path: Path) -> bool:
+    """Whether the module defines ``default_handler`` at its top (the kre-py 3.x shape), read without importing it."""
+    import ast
+
+    try:
+        tree = ast.parse(path.read_bytes(), str(path))
+    except (OSError, SyntaxError, ValueError):
+        return False  # the node's own start says what is wrong
+    return any(isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Assign)) and
+               ("default_handler" in ([node.name] if not isinstance(node, ast.Assign)
+                                      else [t.id for t in node.targets if isinstance(t, ast.Name)]))
+               for node in tree.body)
 
 
 @pytest.fixture(scope="session")

@@ -28,7 +28,7 @@ from nats.js.errors import NotFoundError
 from ..config import consumer_name, redact_url
 from ..errors import StartupError
 from ..nats.connection import connect_once
-from ..nats.streams import ensure_stream
+from ..nats.streams import ensure_key_value, ensure_object_store, ensure_stream
 from .embedded import EmbeddedMongo, EmbeddedNats, EmbeddedVictoriaMetrics, free_port, stop_with_parent
 from .workflow import NodeSpec, Workflow
 
@@ -60,6 +60,7 @@ class Endpoint:
     mongo_uri: str = ""  # the data services the nodes were given (``stored`` reads them)
     mongo_db: str = ""
     influx_url: str = ""
+    generation: str = "v2"  # v3: requests go to {stream}.entrypoint, answers come on {stream}.exitpoint
 
 
 def state_file(workflow_path: Path) -> Path:
@@ -255,16 +256,34 @@ class LocalWorkflow:
                 old.unlink()  # a new run: trace looks at this one
             self._answers = self._run_dir / "answers.jsonl"
             self._answers.write_text("")
-            await self._nc.subscribe(self.workflow.layout.entrypoint, cb=self._record_answer)
-        created = await ensure_stream(js, self.workflow.stream)
+            if self.workflow.generation == "v2":  # trace follows v2's tracking entries; 3.x envelopes have none
+                await self._nc.subscribe(self.workflow.layout.entrypoint, cb=self._record_answer)
+        created = await ensure_stream(js, self.workflow.stream, self.workflow.stream_subjects)
         self._say(f"stream {self.workflow.stream} ({'created' if created else 'exists'}, subjects "
-                  f"{self.workflow.stream}.*) on {redact_url(self.url)}")
+                  f"{' '.join(self.workflow.stream_subjects)}) on {redact_url(self.url)}")
+        await self._ensure_buckets(js)
         for node in self.workflow.nodes:
             if self._reload:
                 self._watchers[node.name] = _Watcher(node.handler_file, node.directories)
             for i in range(node.replicas):
                 self._replicas.append(await self._spawn(node, i))
         self._supervisor = asyncio.create_task(self._supervise())
+
+    async def _ensure_buckets(self, js: Any) -> None:
+        """The key-value buckets and the object store the nodes' variables name (3.x, or a v2 file asking)."""
+        buckets: dict[str, str] = {}
+        for node in self.workflow.nodes:
+            for variable, bucket in self.workflow.buckets(node).items():
+                buckets.setdefault(bucket, variable)
+        made = []
+        for bucket, variable in buckets.items():
+            if variable == "KRT_NATS_OBJECT_STORE":
+                created = await ensure_object_store(js, bucket)
+            else:
+                created = await ensure_key_value(js, bucket)
+            made.append(f"{bucket}{'' if created else ' (exists)'}")
+        if made:
+            self._say(f"configuration and object store buckets: {', '.join(made)}")
 
     async def close(self) -> None:
         """Stop every node (SIGTERM, as Kubernetes would), the server we started, and forget the state file."""
@@ -319,9 +338,9 @@ class LocalWorkflow:
 
     @property
     def endpoint(self) -> Endpoint:
-        layout = self.workflow.layout
         return Endpoint(nats_url=self.url, stream=self.workflow.stream, input_subject=self.workflow.input_subject,
-                        entrypoint_subject=layout.entrypoint, pid=os.getpid(),
+                        entrypoint_subject=self.workflow.answer_subject, pid=os.getpid(),
+                        generation=self.workflow.generation,
                         run_dir=str(self._run_dir) if self._run_dir is not None else "",
                         mongo_uri=self._extra_env.get("KRT_MONGO_URI", ""),
                         mongo_db=self._extra_env.get("KRT_MONGO_DB", "") or f"{self.workflow.runtime}-data",
@@ -410,7 +429,8 @@ class LocalWorkflow:
                         ready = shown = True
                         self._said_ready.add(label)
                         env = self.workflow.node_env(node, self.url)
-                        line = (f"ready: reads {env['KRT_NATS_INPUT']}, writes {env['KRT_NATS_OUTPUT']}; "
+                        reads = env.get("KRT_NATS_INPUT") or env.get("KRT_NATS_INPUTS", "")
+                        line = (f"ready: reads {reads}, writes {env['KRT_NATS_OUTPUT']}; "
                                 f"http://127.0.0.1:{port}/metrics")
                     else:
                         level = _TEXT_LEVEL.match(line) or _JSON_LEVEL.search(line)
@@ -540,14 +560,23 @@ def how_to_call(workflow: Workflow, endpoint: Endpoint, services: dict[str, str]
     yaml_arg = os.path.relpath(workflow.path) if not os.path.relpath(workflow.path).startswith("..") \
         else str(workflow.path)
     type_arg = workflow.request_type or "<MessageType>"
-    path = " -> ".join(n.name for n in workflow.nodes)
-    lines = [
-        f"workflow {workflow.name} is ready: {endpoint.input_subject} -> {path} -> {endpoint.entrypoint_subject}",
-        f"  call it:   kre-runner call {yaml_arg} --type {type_arg} --json '{workflow.example_json()}'",
-        f"  trace:     kre-runner trace {yaml_arg} TRACKING_ID   (call prints each request's tracking id)",
-        f"  deployed:  kre-runner call --nats {redact_url(endpoint.nats_url)} --stream {endpoint.stream} "
-        f"--subject {endpoint.input_subject} --type {type_arg} --json '...'",
-    ]
+    call = f"  call it:   kre-runner call {yaml_arg} --type {type_arg} --json '{workflow.example_json()}'"
+    if workflow.generation == "v3":
+        graph = "; ".join(f"{n.name} <- {', '.join(n.inputs)}" for n in workflow.nodes)
+        lines = [f"workflow {workflow.name} (KRE 3.x) is ready: {endpoint.input_subject} -> [{graph}] -> "
+                 f"{endpoint.entrypoint_subject}", call,
+                 f"  every output: kre-runner call {yaml_arg} --all ...   (each node's envelopes, per channel)"]
+        if workflow.uses_configuration:
+            lines.append(f"  config:    kre-runner config set {yaml_arg} KEY VALUE [--node NODE] [--scope workflow]")
+    else:
+        path = " -> ".join(n.name for n in workflow.nodes)
+        lines = [
+            f"workflow {workflow.name} is ready: {endpoint.input_subject} -> {path} -> {endpoint.entrypoint_subject}",
+            call,
+            f"  trace:     kre-runner trace {yaml_arg} TRACKING_ID   (call prints each request's tracking id)",
+            f"  deployed:  kre-runner call --nats {redact_url(endpoint.nats_url)} --stream {endpoint.stream} "
+            f"--subject {endpoint.input_subject} --type {type_arg} --json '...'",
+        ]
     if endpoint.run_dir:
         lines.append(f"  logs:      {endpoint.run_dir}/NODE.log (every line, start-up included)")
     for line in services_summary(services or {}, workflow.runtime, yaml_arg):

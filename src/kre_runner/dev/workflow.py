@@ -13,6 +13,21 @@ nodes:                       # in order; the last one answers the entrypoint
     replicas: 2
     base_path: .             # optional: KRT_BASE_PATH (default: the handler file's directory)
 ```
+
+A node with ``inputs:`` makes the file a KRE 3.x workflow (every node then has them): an input names
+an upstream node, ``entrypoint`` or ``node.channel``; the node named ``exitpoint`` answers the caller.
+The stream, subjects and buckets are laid out as the 3.x manager does (``kre-v3-reference.md``):
+
+```yaml
+workflow: greet
+nodes:
+  - {name: nodeA, handler: a.py, inputs: [entrypoint]}
+  - {name: nodeB, handler: b.py, inputs: [nodeA.left]}
+  - {name: exitpoint, handler: exit.py, inputs: [nodeA, nodeB]}
+```
+
+A v2 file gets ``ctx.configuration`` / ``ctx.object_store`` with ``configuration: true`` /
+``object_store: true`` at its top (a 3.x file always has both, as the manager gives them).
 """
 
 from __future__ import annotations
@@ -27,11 +42,12 @@ from typing import Any
 
 from ..nats.streams import StreamLayout, stream_name
 
-__all__ = ["NodeSpec", "Workflow", "WorkflowError", "load_workflow"]
+__all__ = ["EXITPOINT", "NodeSpec", "Workflow", "WorkflowError", "load_workflow"]
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9_-]+$")
-_TOP_KEYS = {"workflow", "runtime", "version", "env", "request", "nodes"}
-_NODE_KEYS = {"name", "handler", "env", "replicas", "base_path"}
+_TOP_KEYS = {"workflow", "runtime", "version", "env", "request", "nodes", "configuration", "object_store"}
+_NODE_KEYS = {"name", "handler", "env", "replicas", "base_path", "inputs"}
+EXITPOINT = "exitpoint"  # the 3.x node whose output answers the caller
 
 
 class WorkflowError(ValueError):
@@ -51,6 +67,7 @@ class NodeSpec:
     base_path: Path  # absolute
     env: Mapping[str, str] = field(default_factory=dict)
     replicas: int = 1
+    inputs: tuple[str, ...] = ()  # KRE 3.x: upstream node names, "entrypoint" or "node.channel"
 
     @property
     def handler_path(self) -> str:
@@ -77,9 +94,18 @@ class Workflow:
     env: Mapping[str, str] = field(default_factory=dict)
     request_type: str | None = None
     request_example: Any = None
+    configuration: bool = False  # the key-value buckets of ctx.configuration (always in 3.x)
+    object_store: bool = False  # the object store of ctx.object_store (always in 3.x)
+
+    @property
+    def generation(self) -> str:
+        """``v3`` when the nodes name their ``inputs:`` (the 3.x manager's fan-in layout), else ``v2``."""
+        return "v3" if self.nodes and self.nodes[0].inputs else "v2"
 
     @property
     def stream(self) -> str:
+        if self.generation == "v3":
+            return f"{self.runtime}_{self.version}_{self.name}"  # as the 3.x manager spells it
         return stream_name(self.runtime, self.version, self.name)
 
     @property
@@ -87,15 +113,67 @@ class Workflow:
         return StreamLayout(self.stream)
 
     @property
+    def stream_subjects(self) -> list[str]:
+        """The stream's subjects: ``{stream}.*``, and in 3.x ``{stream}.{node}.*`` for each node's channels."""
+        subjects = self.layout.subjects
+        if self.generation == "v3":
+            subjects += [f"{self.stream}.{node.name}.*" for node in self.nodes]
+        return subjects
+
+    @property
     def input_subject(self) -> str:
-        """Where the entrypoint sends requests: the first node's input."""
+        """Where the entrypoint sends requests: the first node's input (3.x: ``{stream}.entrypoint``)."""
+        if self.generation == "v3":
+            return self.layout.entrypoint
         return self.layout.node_subject(self.nodes[0].name)
+
+    @property
+    def answer_subject(self) -> str:
+        """Where the answers come: v2 ``{stream}.entrypoint``; 3.x the exitpoint's output ``{stream}.exitpoint``."""
+        return self.layout.node_subject(EXITPOINT) if self.generation == "v3" else self.layout.entrypoint
+
+    def input_subjects(self, node: NodeSpec) -> list[str]:
+        """A 3.x node's ``KRT_NATS_INPUTS``: ``{stream}.{input}`` (``node.channel`` → ``{stream}.node.channel``)."""
+        return [f"{self.stream}.{name}" for name in node.inputs]
+
+    @property
+    def uses_configuration(self) -> bool:
+        return self.configuration or self.generation == "v3"
+
+    @property
+    def uses_object_store(self) -> bool:
+        return self.object_store or self.generation == "v3"
+
+    def buckets(self, node: NodeSpec | None = None) -> dict[str, str]:
+        """The data-store variables the manager sets (key-value per scope, the object store), by variable name.
+
+        ``node`` None: the project and workflow scopes and the object store only (what every node shares).
+        """
+        base = f"{self.runtime}_{self.version}"
+        out: dict[str, str] = {}
+        if self.uses_configuration:
+            out["KRT_NATS_KEY_VALUE_STORE_PROJECT"] = f"key-store_{base}"
+            out["KRT_NATS_KEY_VALUE_STORE_WORKFLOW"] = f"key-store_{base}_{self.name}"
+            if node is not None:
+                out["KRT_NATS_KEY_VALUE_STORE_NODE"] = f"key-store_{base}_{self.name}_{node.name}"
+        if self.uses_object_store:
+            out["KRT_NATS_OBJECT_STORE"] = f"object-store_{base}_{self.name}"
+        return out
+
+    def node(self, name: str) -> NodeSpec:
+        """The node called ``name``; KeyError naming the nodes there are."""
+        for node in self.nodes:
+            if node.name == name:
+                return node
+        raise KeyError(f"no node {name!r} in {self.path.name} (nodes: {', '.join(n.name for n in self.nodes)})")
 
     def example_json(self) -> str:
         return json.dumps(self.request_example if self.request_example is not None else {}, ensure_ascii=False)
 
     def node_env(self, node: NodeSpec, nats_url: str) -> dict[str, str]:
         """The ``KRT_*`` variables the KRE K8s manager would give ``node``'s pod, then the YAML's ``env``."""
+        if self.generation == "v3":
+            return self._node_env_v3(node, nats_url)
         layout = self.layout
         index = self.nodes.index(node)
         last = index == len(self.nodes) - 1
@@ -115,6 +193,28 @@ class Workflow:
             "KRT_IS_LAST_NODE": "true" if last else "false",
             # Local runs stop on Ctrl-C: a pod's 25 s grace would only make the developer wait.
             "KRT_SHUTDOWN_GRACE": "5",
+        }
+        env.update(self.buckets(node))
+        env.update(self.env)
+        env.update(node.env)
+        return env
+
+    def _node_env_v3(self, node: NodeSpec, nats_url: str) -> dict[str, str]:
+        """What the 3.x manager sets: the inputs comma-separated, the output ``{stream}.{node}``, every bucket."""
+        env = {
+            "KRT_WORKFLOW_NAME": self.name,
+            "KRT_RUNTIME_ID": self.runtime,
+            "KRT_VERSION_ID": f"{self.version}-id",
+            "KRT_VERSION": self.version,
+            "KRT_NODE_NAME": node.name,
+            "KRT_NATS_SERVER": nats_url,
+            "KRT_NATS_STREAM": self.stream,
+            "KRT_NATS_INPUTS": ",".join(self.input_subjects(node)),
+            "KRT_NATS_OUTPUT": self.layout.node_subject(node.name),
+            "KRT_BASE_PATH": str(node.base_path),
+            "KRT_HANDLER_PATH": node.handler_path,
+            "KRT_SHUTDOWN_GRACE": "5",
+            **self.buckets(node),
         }
         env.update(self.env)
         env.update(node.env)
@@ -165,10 +265,52 @@ def _parse(file: Path, data: Any) -> Workflow:
         nodes.append(node)
     if "entrypoint" in seen:
         problems.append("a node cannot be called 'entrypoint': that subject is the workflow's answer")
+    _check_inputs(nodes, problems)
+    flags = {key: _flag(data.get(key), key, problems) for key in ("configuration", "object_store")}
     if problems:
         raise WorkflowError(file, problems)
     return Workflow(path=file, name=name, runtime=runtime, version=version, nodes=tuple(nodes), env=env,
-                    request_type=request_type, request_example=example)
+                    request_type=request_type, request_example=example, **flags)
+
+
+def _flag(value: Any, key: str, problems: list[str]) -> bool:
+    if value is None:
+        return False
+    if not isinstance(value, bool):
+        problems.append(f"{key}: {value!r} is invalid: expected true or false")
+        return False
+    return value
+
+
+def _check_inputs(nodes: list[NodeSpec], problems: list[str]) -> None:
+    """A 3.x file: every node has inputs, each naming ``entrypoint``, another node or ``node.channel``."""
+    with_inputs = [n.name for n in nodes if n.inputs]
+    if not with_inputs:
+        return
+    without = [n.name for n in nodes if not n.inputs]
+    if without:
+        problems.append(f"nodes {', '.join(without)} have no inputs: while {', '.join(with_inputs)} have, "
+                        f"which makes this a KRE 3.x workflow (v2 and 3.x nodes cannot mix): give every node "
+                        f"inputs: [entrypoint | NODE | NODE.CHANNEL], or none (a v2 chain in file order)")
+        return
+    names = {n.name for n in nodes}
+    for node in nodes:
+        for name in node.inputs:
+            upstream, _, channel = name.partition(".")
+            if name == "entrypoint":
+                continue
+            if upstream == node.name:
+                problems.append(f"node {node.name!r}: input {name!r} is its own output (a loop)")
+            elif upstream not in names:
+                problems.append(f"node {node.name!r}: input {name!r} names no node (nodes: {', '.join(sorted(names))}; "
+                                f"or entrypoint)")
+            elif "." in channel:
+                problems.append(f"node {node.name!r}: input {name!r} is invalid: expected NODE or NODE.CHANNEL")
+    if EXITPOINT not in names:
+        problems.append(f"no node is called {EXITPOINT!r}: in KRE 3.x the node named exitpoint answers the caller "
+                        f"(add one, e.g. {{name: exitpoint, handler: exit.py, inputs: [{nodes[-1].name}]}})")
+    if not any("entrypoint" in n.inputs for n in nodes):
+        problems.append("no node reads the entrypoint: give the first node inputs: [entrypoint]")
 
 
 def _name(value: Any, key: str, problems: list[str], required: bool = False) -> str:
@@ -237,4 +379,19 @@ def _node(directory: Path, raw: Any, where: str, problems: list[str]) -> NodeSpe
         replicas = 1
     env = _env(raw.get("env"), f"{where}.env", problems)
     return NodeSpec(name=name, handler_file=handler_file, function=function or None, base_path=base_path, env=env,
-                    replicas=replicas)
+                    replicas=replicas, inputs=_inputs(raw.get("inputs"), where, problems))
+
+
+def _inputs(value: Any, where: str, problems: list[str]) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not value or not all(
+            isinstance(v, str) and all(_NAME_RE.match(p) for p in v.split(".")) for v in value):
+        problems.append(f"{where}: inputs: {value!r} is invalid: expected a list of entrypoint, NODE or "
+                        f"NODE.CHANNEL, e.g. inputs: [entrypoint]")
+        return ()
+    if len(set(value)) != len(value):
+        problems.append(f"{where}: inputs: {value!r} names an input twice")
+    return tuple(value)

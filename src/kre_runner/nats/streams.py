@@ -41,9 +41,10 @@ class StreamLayout:
         return f"{self.stream}.{node}"
 
 
-async def ensure_stream(js: JetStreamContext, stream: str) -> bool:
+async def ensure_stream(js: JetStreamContext, stream: str, subjects: list[str] | None = None) -> bool:
     """Create ``stream`` as the manager does unless it exists; True when it was created.
 
+    ``subjects`` default to ``{stream}.*`` (v2); the 3.x manager adds ``{stream}.{node}.*`` for channels.
     An existing stream is left as it is (its messages and consumers are someone's work).
     """
     try:
@@ -52,7 +53,8 @@ async def ensure_stream(js: JetStreamContext, stream: str) -> bool:
     except NotFoundError:
         pass
     layout = StreamLayout(stream)
-    await js.add_stream(StreamConfig(name=stream, subjects=layout.subjects, retention=RetentionPolicy.INTEREST))
+    await js.add_stream(StreamConfig(name=stream, subjects=subjects or layout.subjects,
+                                     retention=RetentionPolicy.INTEREST))
     return True
 
 
