@@ -3,8 +3,10 @@
 The kre-py 3.3+ contract: ``get(key)`` looks in the node's bucket, then the workflow's, then the
 project's; ``get(key, scope)`` in that scope's only; values are UTF-8 strings. Unlike the original,
 which asked the server on every ``get``, reads come from a cache that one KV watch per bucket keeps
-fresh (an ordered push consumer: changes arrive as the server stores them), so a ``get`` in a
-handler costs no round trip. A node's own ``set``/``delete`` is in its cache when the call returns.
+fresh (an ordered push consumer: changes arrive as the server stores them), so a ``get`` of a key
+that has a value costs no round trip. A miss is confirmed with the server (one request per scope),
+since the watch may not yet have delivered a key that the upstream node set just before sending. A
+node's own ``set``/``delete`` is in its cache when the call returns.
 
 A missing bucket does not stop the node (the original failed at start): one start-up line says how
 to create it, and calls on that scope raise :class:`ConfigurationUnavailable` naming the variable and
@@ -85,12 +87,16 @@ class Configuration:
     async def get(self, key: str, scope: str | None = None) -> str:
         """The value of ``key``: in ``scope``, or the first of node, workflow, project that has it.
 
-        Served from the watched cache: no round trip. Raises :class:`ConfigurationKeyNotFound` when
-        there is no value, :class:`ConfigurationUnavailable` when the scope's bucket is missing.
+        Served from the watched cache: no round trip. A key not in the cache is asked of the server (it may
+        have been set an instant ago, by the node that sent this input) before it is reported missing.
+        Raises :class:`ConfigurationKeyNotFound` when there is no value, :class:`ConfigurationUnavailable`
+        when the scope's bucket is missing.
         """
         if scope is not None:
             bucket = await self._bucket(scope)
             value = await self._read(bucket, key)
+            if value is None and bucket.live:
+                value = await self._confirm(bucket, key)
             if value is None:
                 raise ConfigurationKeyNotFound(message=f"{key!r} in the {scope} scope (bucket {bucket.name})")
             return value
@@ -105,6 +111,14 @@ class Configuration:
             value = await self._read(bucket, key)
             if value is not None:
                 return value
+        # Not cached in any scope: a key set just before (by the upstream node that sent this input) may
+        # not have reached the watches yet. Ask the server, in lookup order, before saying it is missing.
+        for name in SCOPES:
+            bucket = self._buckets.get(name)
+            if bucket is not None and bucket.live:
+                value = await self._confirm(bucket, key)
+                if value is not None:
+                    return value
         also = f"; missing bucket(s): {', '.join(missing)}" if missing else ""
         raise ConfigurationKeyNotFound(message=f"no value found for {key!r} in the node, workflow or project "
                                                f"scope{also}")
@@ -188,6 +202,19 @@ class Configuration:
         except KeyNotFoundError:
             return None
         return None if entry.value is None else entry.value.decode()
+
+    async def _confirm(self, bucket: _Bucket, key: str) -> str | None:
+        """A cache miss asked of the server: a put the watch has not delivered yet is found and cached."""
+        assert bucket.kv is not None
+        try:
+            entry = await bucket.kv.get(key)
+        except KeyNotFoundError:
+            return None
+        if entry.value is None:
+            return None
+        value = entry.value.decode(errors="replace")
+        bucket.apply(key, entry.revision or 0, value)
+        return value
 
     async def _reopen(self, bucket: _Bucket) -> bool:
         """A missing bucket is looked up again, at most every few seconds (it may have been created since)."""
