@@ -48,7 +48,25 @@ class _Unconfigured:
         return False
 
 
-class Context:
+class _Base:
+    """What both generations' ctx share: files next to the handler, and values shared by init and handlers."""
+
+    base_path: Path
+    _values: dict[str, Any]
+
+    def path(self, relative: str) -> str:
+        """``KRT_BASE_PATH`` joined with ``relative`` (where model files live)."""
+        return str(self.base_path / relative)
+
+    def get(self, key: str, default: Any = None) -> Any:
+        """A value ``set`` by ``init`` or an earlier call (kre-py 3.0–3.2 had these too; 3.3 dropped them)."""
+        return self._values.get(key, default)
+
+    def set(self, key: str, value: Any) -> None:
+        self._values[key] = value
+
+
+class Context(_Base):
     """One per node, shared by ``init`` and every handler call.
 
     Values stored with :meth:`set` (a model loaded in ``init``, say) are seen by every later call.
@@ -85,16 +103,6 @@ class Context:
         self._batch_tracking_ids = batch_tracking_ids
         self._values: dict[str, Any] = {}
 
-    def path(self, relative: str) -> str:
-        """``KRT_BASE_PATH`` joined with ``relative`` (where model files live)."""
-        return str(self.base_path / relative)
-
-    def get(self, key: str, default: Any = None) -> Any:
-        return self._values.get(key, default)
-
-    def set(self, key: str, value: Any) -> None:
-        self._values[key] = value
-
     def early_reply(self, response: Message) -> Awaitable[None]:
         """Answer the entrypoint now; the workflow goes on with ``replied`` set.
 
@@ -122,7 +130,7 @@ class Context:
         return self._batch_tracking_ids()
 
 
-class ContextV3:
+class ContextV3(_Base):
     """The ctx of a KRE 3.x node (kre-py 3.4.1's API): one per node, shared by ``init`` and every handler call.
 
     ``send_*``, ``get_request_id`` and ``is_message_*`` act on the input whose handler runs now; called
@@ -153,17 +161,6 @@ class ContextV3:
         self._send = send  # (what, message_type, message, channel, forward) -> awaitable
         self._input = current_input  # (what) -> the running input's envelope
         self._values: dict[str, Any] = {}
-
-    def path(self, relative: str) -> str:
-        """``KRT_BASE_PATH`` joined with ``relative`` (where model files live)."""
-        return str(self.base_path / relative)
-
-    def get(self, key: str, default: Any = None) -> Any:
-        """kre-py 3.0–3.2's in-memory values (dropped in 3.3), kept for handlers written for them."""
-        return self._values.get(key, default)
-
-    def set(self, key: str, value: Any) -> None:
-        self._values[key] = value
 
     def send_output(self, response: Message, channel: str = "") -> Awaitable[None]:
         """Publish ``response`` (packed in the envelope's ``Any``) to ``KRT_NATS_OUTPUT`` or ``{output}.{channel}``.

@@ -177,30 +177,23 @@ class Workflow:
         layout = self.layout
         index = self.nodes.index(node)
         last = index == len(self.nodes) - 1
-        env = {
-            "KRT_WORKFLOW_NAME": self.name,
-            "KRT_RUNTIME_ID": self.runtime,
-            "KRT_VERSION_ID": f"{self.version}-id",
-            "KRT_VERSION": self.version,
-            "KRT_NODE_NAME": node.name,
-            "KRT_NATS_SERVER": nats_url,
-            "KRT_NATS_STREAM": self.stream,
+        return self._pod_env(node, nats_url, {
             "KRT_NATS_INPUT": layout.node_subject(node.name),
             "KRT_NATS_OUTPUT": layout.entrypoint if last else layout.node_subject(self.nodes[index + 1].name),
             "KRT_NATS_ENTRYPOINT_SUBJECT": layout.entrypoint,
-            "KRT_BASE_PATH": str(node.base_path),
-            "KRT_HANDLER_PATH": node.handler_path,
             "KRT_IS_LAST_NODE": "true" if last else "false",
-            # Local runs stop on Ctrl-C: a pod's 25 s grace would only make the developer wait.
-            "KRT_SHUTDOWN_GRACE": "5",
-        }
-        env.update(self.buckets(node))
-        env.update(self.env)
-        env.update(node.env)
-        return env
+        })
 
     def _node_env_v3(self, node: NodeSpec, nats_url: str) -> dict[str, str]:
         """What the 3.x manager sets: the inputs comma-separated, the output ``{stream}.{node}``, every bucket."""
+        return self._pod_env(node, nats_url, {
+            "KRT_NATS_INPUTS": ",".join(self.input_subjects(node)),
+            "KRT_NATS_OUTPUT": self.layout.node_subject(node.name),
+        })
+
+    def _pod_env(self, node: NodeSpec, nats_url: str, subjects: dict[str, str]) -> dict[str, str]:
+        """A node's pod environment: what both generations' managers set, its ``subjects``, the buckets, then the
+        workflow's and the node's own ``env`` (which win)."""
         env = {
             "KRT_WORKFLOW_NAME": self.name,
             "KRT_RUNTIME_ID": self.runtime,
@@ -209,10 +202,10 @@ class Workflow:
             "KRT_NODE_NAME": node.name,
             "KRT_NATS_SERVER": nats_url,
             "KRT_NATS_STREAM": self.stream,
-            "KRT_NATS_INPUTS": ",".join(self.input_subjects(node)),
-            "KRT_NATS_OUTPUT": self.layout.node_subject(node.name),
+            **subjects,
             "KRT_BASE_PATH": str(node.base_path),
             "KRT_HANDLER_PATH": node.handler_path,
+            # Local runs stop on Ctrl-C: a pod's 25 s grace would only make the developer wait.
             "KRT_SHUTDOWN_GRACE": "5",
             **self.buckets(node),
         }

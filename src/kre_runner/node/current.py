@@ -81,9 +81,8 @@ class Current:
             raise RuntimeError("ctx.batch_tracking_ids() must be called from within a batch handler")
         return [self.tracking_id() or ""]
 
-    def _acting_on(self, what: str) -> Job:
-        if self._one_at_a_time or in_batch_handler():  # the batch contract, whatever the batch size
-            raise RuntimeError(f"ctx.{what} acts on one message: it is not available in a batch handler")
+    def handled(self, what: str) -> Job:
+        """The input whose handler runs now and may still act on it (``ctx.{what}``), else a RuntimeError."""
         job = self.running()
         if job is None:
             raise RuntimeError(f"ctx.{what} must be called from within the handler itself, while it runs (not "
@@ -92,6 +91,12 @@ class Current:
             raise RuntimeError(f"ctx.{what} was called after the handler returned (from a task or thread it "
                                f"started): its input is settled by then; call it before the handler returns, "
                                f"e.g. await the task")
+        return job
+
+    def _acting_on(self, what: str) -> Job:
+        if self._one_at_a_time or in_batch_handler():  # the batch contract, whatever the batch size
+            raise RuntimeError(f"ctx.{what} acts on one message: it is not available in a batch handler")
+        job = self.handled(what)
         if self._s.entrypoint_subject is None:
             raise RuntimeError(f"ctx.{what} needs KRT_NATS_ENTRYPOINT_SUBJECT")
         return job

@@ -11,6 +11,7 @@ import gzip
 import time
 import zlib
 from datetime import datetime, timezone
+from typing import TypeVar
 
 from ..proto.kre_nats_msg_pb2 import KreNatsMessage
 from ..proto.kre_nats_msg_v3_pb2 import KreNatsMessage as KreNatsMessageV3
@@ -36,32 +37,30 @@ _EPOCH = datetime(1970, 1, 1)
 MAX_INFLATED_SIZE = 256 * 1024 * 1024
 
 
+Envelope = TypeVar("Envelope", KreNatsMessage, KreNatsMessageV3)
+
+
 class EnvelopeError(ValueError):
     """The bytes are not a ``KreNatsMessage`` (or not one that fits the limits)."""
 
 
-def decode(data: bytes, max_inflated: int = MAX_INFLATED_SIZE) -> KreNatsMessage:
-    """Parse an envelope, gunzipping it first when it carries the gzip magic (to ``max_inflated`` bytes at most)."""
+def decode(data: bytes, max_inflated: int = MAX_INFLATED_SIZE, kind: type[Envelope] = KreNatsMessage) -> Envelope:
+    """Parse an envelope (``kind``: v2's, or 3.x's ``KreNatsMessageV3``), gunzipping it first when it carries
+    the gzip magic (to ``max_inflated`` bytes at most): both generations frame the same way."""
     if data[:2] == GZIP_MAGIC:
         data = _gunzip(data, max_inflated)
-    envelope = KreNatsMessage()
+    envelope = kind()
     try:
         envelope.ParseFromString(data)
     except Exception as exc:  # protobuf raises DecodeError, upb may raise others on garbage
-        raise EnvelopeError(f"not a KreNatsMessage ({len(data)} bytes): {exc}") from None
+        what = "KreNatsMessage" if kind is KreNatsMessage else "KRE 3.x KreNatsMessage"
+        raise EnvelopeError(f"not a {what} ({len(data)} bytes): {exc}") from None
     return envelope
 
 
 def decode_v3(data: bytes, max_inflated: int = MAX_INFLATED_SIZE) -> KreNatsMessageV3:
-    """A KRE 3.x envelope, with the same gzip rule and bound as :func:`decode` (the framing is the same)."""
-    if data[:2] == GZIP_MAGIC:
-        data = _gunzip(data, max_inflated)
-    envelope = KreNatsMessageV3()
-    try:
-        envelope.ParseFromString(data)
-    except Exception as exc:  # protobuf raises DecodeError, upb may raise others on garbage
-        raise EnvelopeError(f"not a KRE 3.x KreNatsMessage ({len(data)} bytes): {exc}") from None
-    return envelope
+    """A KRE 3.x envelope (:func:`decode` with its kind)."""
+    return decode(data, max_inflated, KreNatsMessageV3)
 
 
 def encode(envelope: KreNatsMessage | KreNatsMessageV3, limit: int) -> bytes:

@@ -19,8 +19,6 @@ its own code, untouched by 3.x):
 
 from __future__ import annotations
 
-import asyncio
-import contextvars
 import inspect
 import logging
 import re
@@ -32,9 +30,9 @@ from google.protobuf.message import Message
 
 from ..proto.kre_nats_msg_v3_pb2 import MessageType
 from .current import Current
-from .envelope import EnvelopeError, KreNatsMessageV3, decode_v3, encode
+from .envelope import GZIP_MAGIC, EnvelopeError, KreNatsMessageV3, decode_v3, encode
 from .outcome import Outcome, Outcomes, _shorten, user_traceback
-from .pipeline import _SLOW_INLINE_S, _WAITING_HANDLER_S, Pipeline
+from .pipeline import Pipeline
 from .publisher import PubAckPublisher
 from .settlement import Job, hold_inflated
 
@@ -123,16 +121,7 @@ class Sends:
         self._current = current
 
     def _job(self, what: str) -> Job:
-        current = self._current
-        job = current.running()
-        if job is None:
-            raise RuntimeError(f"ctx.{what} must be called from within a handler, while it runs (not from a thread "
-                               f"it started, nor outside a handler)")
-        if not job.handling and job is not current.inline:
-            raise RuntimeError(f"ctx.{what} was called after the handler returned (from a task or thread it "
-                               f"started): its input is settled by then; call it before the handler returns, e.g. "
-                               f"await the task")
-        return job
+        return self._current.handled(what)
 
     def send(self, what: str, message_type: int, message: Message, channel: str = "",
              forward: bool = False) -> Awaitable[None]:
@@ -150,13 +139,19 @@ class Sends:
 
 
 class PipelineV3(Pipeline):
-    """:class:`Pipeline` with the 3.x decode, routing and outcomes; settlement and publishing are shared."""
+    """:class:`Pipeline` with the 3.x decode, routing and failure point; its one ``run`` serves both generations.
+
+    Routing is a handler wrapper: it picks ``custom_handlers[from_node]`` or ``default_handler`` for the
+    input whose call runs now (``current``), so the call itself, the pace, the outcome and the
+    settlement are the pipeline's own code, not a 3.x copy of it.
+    """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._envelope_type = KreNatsMessageV3
-        self._routes = dict(self._code.custom_handlers)
-        self._async = {h: inspect.iscoroutinefunction(h) for h in (self._handler, *self._routes.values())}
+        if self._code.custom_handlers:
+            self._handler = _router(self._handler, dict(self._code.custom_handlers), self._current,
+                                    awaited=self._code.handler_is_async)
 
     def open(self, job: Job, data: bytes) -> Any:
         """Every valid input reaches a handler, whatever its message_type (no pass-through in 3.x)."""
@@ -164,66 +159,36 @@ class PipelineV3(Pipeline):
             envelope = job.envelope = decode_v3(data, self.max_inflated)
         except EnvelopeError as exc:
             return self._outcomes.invalid(job, exc)
-        if data[:2] == b"\x1f\x8b":
+        if data[:2] == GZIP_MAGIC:
             hold_inflated(job, envelope, self._credits)  # type: ignore[arg-type]
         return envelope
 
-    def _route(self, envelope: KreNatsMessageV3) -> Any:
-        return self._routes.get(envelope.from_node, self._handler) if self._routes else self._handler
-
-    def _call_in_place(self, job: Job, envelope: Any) -> Outcome:
-        """Every handler sync, on the loop's thread (``current.inline`` tells the sends which input)."""
-        now = self._clock.now
-        start = now()
-        current = self._current
-        current.inline = job
-        try:
-            result = self._route(envelope)(self._ctx, envelope.payload)
-        except Exception as exc:
-            self._record_v3(envelope, start[0], False)
-            return self._failed(job, envelope, exc, start)
-        finally:
-            current.inline = None
-        end = now()
-        took = end[0] - start[0]
-        self._observe_handler(took)
-        credits = self._credits
-        if took > credits.pace:
-            credits.paced_by(took)
-            if took > _SLOW_INLINE_S and not self._warned_slow:
-                self._warn_slow(took)
-        self._record_v3(envelope, start[0], True, end[0])
-        return self._outcomes.output(job, envelope, result, start, end)
-
-    async def _call(self, job: Job, envelope: Any) -> Outcome:
-        """Awaited: an async handler among them, or sync ones in threads."""
-        now = self._clock.now
-        start = now()
-        token = self._current.enter(job)
-        handler = self._route(envelope)
-        try:
-            if self._async.get(handler, False):
-                result = await handler(self._ctx, envelope.payload)
-            elif self._pool is not None:
-                call = contextvars.copy_context().run
-                result = await asyncio.get_running_loop().run_in_executor(
-                    self._pool, call, handler, self._ctx, envelope.payload)
-            else:  # a sync handler beside async ones: called on the loop, as the original did
-                result = handler(self._ctx, envelope.payload)
-                if inspect.isawaitable(result):
-                    result = await result
-        except Exception as exc:
-            self._record_v3(envelope, start[0], False)
-            return self._failed(job, envelope, exc, start)
-        finally:
-            self._current.leave(job, token)
-        end = now()
-        took = end[0] - start[0]
-        self._observe_handler(took)
-        self._credits.handlers_wait(took > _WAITING_HANDLER_S)
-        self._record_v3(envelope, start[0], True, end[0])
-        return self._outcomes.output(job, envelope, result, start, end)
+    def _failed(self, job: Job, envelope: Any, exc: Exception, start: tuple[float, str]) -> Outcome:
+        """The 3.x timing point is written for a failed call too (``success=false``)."""
+        self._record_v3(envelope, start[0], False)
+        return super()._failed(job, envelope, exc, start)
 
     def _record_v3(self, envelope: KreNatsMessageV3, started: float, success: bool, ended: float = 0.0) -> None:
         if self._record_elapsed is not None:
             self._record_elapsed(envelope, started, ended or self._clock.now()[0], success)
+
+
+def _router(default: Any, routes: dict[str, Any], current: Current, *, awaited: bool) -> Any:
+    """A handler that calls the one the running input's ``from_node`` names (an async one if any is async)."""
+
+    def pick() -> Any:
+        job = current.running()
+        envelope = job.envelope if job is not None else None
+        return routes.get(envelope.from_node, default) if envelope is not None else default
+
+    if awaited:
+        async def route_awaited(ctx: Any, payload: Any) -> Any:
+            result = pick()(ctx, payload)  # a sync handler beside async ones runs on the loop, as the original's
+            return await result if inspect.isawaitable(result) else result
+
+        return route_awaited
+
+    def route(ctx: Any, payload: Any) -> Any:
+        return pick()(ctx, payload)
+
+    return route

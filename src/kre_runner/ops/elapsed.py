@@ -76,7 +76,7 @@ class ElapsedRecorderV3:
         self._line = f"node_elapsed_time,from_node=%s,node={node},{base} elapsed_ms=%.3f,success=%s %d"
         self._tags: dict[str, str] = {}  # from_node -> its escaped tag value (few upstream nodes)
 
-    def __call__(self, envelope: KreNatsMessageV3, started: float, ended: float, success: bool) -> None:
+    def __call__(self, envelope: KreNatsMessageV3, started: float, ended: float, success: bool = True) -> None:
         from_node = envelope.from_node
         tag = self._tags.get(from_node)
         if tag is None:
