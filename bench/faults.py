@@ -668,6 +668,20 @@ async def slow_handlers(quick: bool) -> Row:
     return row
 
 
+async def v3_replicas_killed(quick: bool) -> Row:
+    """A 3.x fan-in node (three inputs, routed handlers): kill -9 of a replica ×3 under live load (v3_faults.py)."""
+    import v3_faults
+
+    return await v3_faults.replicas_killed(quick)
+
+
+async def v3_server_restarted(quick: bool) -> Row:
+    """A 3.x fan-in node: nats-server kill -9 and restart while its inputs flow (v3_faults.py)."""
+    import v3_faults
+
+    return await v3_faults.server_restarted(quick)
+
+
 Scenario = Callable[[bool], Awaitable[Row]]
 
 SCENARIOS: dict[str, Scenario] = {
@@ -683,6 +697,8 @@ SCENARIOS: dict[str, Scenario] = {
     "process-killed": process_killed_by_input,
     "output-stream-full": output_stream_full,
     "slow-handlers": slow_handlers,
+    "v3-replicas-killed": v3_replicas_killed,
+    "v3-server-restarted": v3_server_restarted,
 }
 
 
