@@ -66,6 +66,7 @@ class Pipeline:
         self.on_loop = not code.handler_is_async and pool is None
         self.max_inflated = outcomes.max_inflated  # decode's bound (KRT_MAX_INFLATED_BYTES), set at setup
         self._warned_slow = False
+        self._previous = 0.0  # the last in-place call's duration (a pace needs two slow calls in a row)
         self._envelope_type: type = KreNatsMessage  # what ``open`` returns for an input a handler sees (v3.py: 3.x's)
 
     async def run_init(self, pool: ThreadPoolExecutor | None) -> None:
@@ -132,9 +133,14 @@ class Pipeline:
         self._observe_handler(took)
         credits = self._credits
         if took > credits.pace:
-            credits.paced_by(took)  # fewer inputs asked for ahead of a slower handler (credits.py)
+            # Two slow calls in a row make a pace (the slower of them): one call stretched by the machine
+            # (the process descheduled, a GC pass) is not the handler's speed, and pacing costs a drain.
+            slow = took if took < self._previous else self._previous
+            if slow > credits.pace:
+                credits.paced_by(slow)  # fewer inputs asked for ahead of a slower handler (credits.py)
             if took > _SLOW_INLINE_S and not self._warned_slow:
                 self._warn_slow(took)
+        self._previous = took
         # record(), in place: this runs once a message.
         if self._record_elapsed is not None:
             self._record_elapsed(envelope, start[0], end[0])
