@@ -32,7 +32,10 @@ async def default_handler(ctx, data):
             return
         response = Response()
         data.Unpack(response)
-        back = (await ctx.object_store.get(f"back-{rid}")).decode()
+        # Each of mid's two handlers saves its own object: one key replaced by both at once would race
+        # with this read (a replaced object's chunks are purged), in any object-store client.
+        via = "direct" if response.greeting.startswith("mid direct") else "via"
+        back = (await ctx.object_store.get(f"back-{rid}-{via}")).decode()
         await ctx.send_output(Response(greeting=f"{response.greeting} | back: {back} | exit on {IMPL}"))
         return
     request = Request()
@@ -44,7 +47,7 @@ async def default_handler(ctx, data):
         return
     if request.name == "boom":
         raise ValueError("boom on purpose")
-    await ctx.object_store.save(f"back-{rid}", f"saved by mid on {IMPL}".encode())
+    await ctx.object_store.save(f"back-{rid}-direct", f"saved by mid on {IMPL}".encode())
     await ctx.send_output(Response(greeting=f"mid direct {request.name}"))
 
 
@@ -54,7 +57,7 @@ async def handle_first(ctx, data):
     data.Unpack(request)
     value = await ctx.configuration.get(f"shared-{rid}")
     stored = (await ctx.object_store.get(f"obj-{rid}")).decode()
-    await ctx.object_store.save(f"back-{rid}", f"saved by mid on {IMPL}".encode())  # before the send: exit reads it
+    await ctx.object_store.save(f"back-{rid}-via", f"saved by mid on {IMPL}".encode())  # before the send: exit reads it
     await ctx.send_output(Response(greeting=f"mid via first {request.name}: {value}; {stored}"), channel="")
 
 

@@ -64,8 +64,10 @@ class Configuration:
 class ObjectStore:
     """``ctx.object_store`` on ``KRT_NATS_OBJECT_STORE`` through nats-py's object store."""
 
-    def __init__(self, store: Any) -> None:
+    def __init__(self, store: Any, js: Any, bucket: str) -> None:
         self._store = store
+        self._js = js
+        self._bucket = bucket
 
     async def save(self, key: str, data: bytes) -> None:
         if not data:
@@ -73,7 +75,21 @@ class ObjectStore:
         await self._store.put(key, data)
 
     async def get(self, key: str) -> bytes:
-        return (await self._store.get(key)).data
+        # The object's chunks, read with a pull consumer on its chunk subject (the JetStream object-store
+        # format), bounded in time: a read that races a replace of the same key (its chunks purged) fails
+        # in 5 s instead of waiting forever as nats-py 2.16's reader does.
+        info = await self._store.get_info(key)
+        if not info.chunks:
+            return b""
+        sub = await self._js.pull_subscribe(f"$O.{self._bucket}.C.{info.nuid}", stream=f"OBJ_{self._bucket}")
+        try:
+            data = bytearray()
+            while len(data) < info.size:
+                for msg in await sub.fetch(min(64, info.chunks), timeout=5):
+                    data += msg.data
+            return bytes(data)
+        finally:
+            await sub.unsubscribe()
 
     async def delete(self, key: str) -> None:
         await self._store.delete(key)
@@ -151,7 +167,8 @@ class Node:
         if all(env.get(v) for v in SCOPES.values()):  # the original fails at start when a bucket is missing
             self.configuration = Configuration({s: await self.js.key_value(env[v]) for s, v in SCOPES.items()})
         if env.get("KRT_NATS_OBJECT_STORE"):
-            self.object_store = ObjectStore(await self.js.object_store(env["KRT_NATS_OBJECT_STORE"]))
+            bucket = env["KRT_NATS_OBJECT_STORE"]
+            self.object_store = ObjectStore(await self.js.object_store(bucket), self.js, bucket)
         spec = importlib.util.spec_from_file_location("handler", os.path.join(self.base_path, env["KRT_HANDLER_PATH"]))
         assert spec and spec.loader
         self.module = importlib.util.module_from_spec(spec)
