@@ -54,6 +54,13 @@ class _Base:
     base_path: Path
     _values: dict[str, Any]
 
+    def _stores(self, configuration: Any, object_store: Any) -> None:
+        """ctx.configuration and ctx.object_store; without their variables, a falsy stand-in whose calls name them."""
+        self.configuration = configuration or _Unconfigured(
+            "configuration", "set KRT_NATS_KEY_VALUE_STORE_PROJECT, KRT_NATS_KEY_VALUE_STORE_WORKFLOW and "
+                             "KRT_NATS_KEY_VALUE_STORE_NODE to its key-value buckets")
+        self.object_store = object_store or _Unconfigured("object_store", "set KRT_NATS_OBJECT_STORE to its bucket")
+
     def path(self, relative: str) -> str:
         """``KRT_BASE_PATH`` joined with ``relative`` (where model files live)."""
         return str(self.base_path / relative)
@@ -94,10 +101,7 @@ class Context(_Base):
         self.measurement = measurement or _Unconfigured("measurement", "set KRT_INFLUX_URI")
         self.prediction = prediction or _Unconfigured("prediction", "set KRT_MONGO_URI or KRT_NATS_MONGO_WRITER")
         # Live configuration and the object store are kre-py 3.x services, given to v2 handlers as an extension.
-        self.configuration = configuration or _Unconfigured(
-            "configuration", "set KRT_NATS_KEY_VALUE_STORE_PROJECT, KRT_NATS_KEY_VALUE_STORE_WORKFLOW and "
-                             "KRT_NATS_KEY_VALUE_STORE_NODE to its key-value buckets")
-        self.object_store = object_store or _Unconfigured("object_store", "set KRT_NATS_OBJECT_STORE to its bucket")
+        self._stores(configuration, object_store)
         self._early_reply = early_reply
         self._early_exit = early_exit
         self._batch_tracking_ids = batch_tracking_ids
@@ -156,8 +160,7 @@ class ContextV3(_Base):
         self.db = db or _Unconfigured("db", "set KRT_MONGO_URI (and optionally KRT_NATS_MONGO_WRITER)")
         self.measurement = measurement or _Unconfigured("measurement", "set KRT_INFLUX_URI")
         self.prediction = prediction or _Unconfigured("prediction", "set KRT_MONGO_URI or KRT_NATS_MONGO_WRITER")
-        self.configuration = configuration  # ctx.configuration (live key-value configuration), None until set
-        self.object_store = object_store  # ctx.object_store (KRT_NATS_OBJECT_STORE), None until set
+        self._stores(configuration, object_store)
         self._send = send  # (what, message_type, message, channel, forward) -> awaitable
         self._input = current_input  # (what) -> the running input's envelope
         self._values: dict[str, Any] = {}
