@@ -381,10 +381,12 @@ def _now() -> datetime:
 
 
 @contextlib.asynccontextmanager
-async def _single(**kwargs: object) -> AsyncIterator[tuple[EmbeddedNats, Workflow]]:
+async def _single(flow_class: type[Workflow] | None = None, **kwargs: object
+                  ) -> AsyncIterator[tuple[EmbeddedNats, Workflow]]:
+    """One server and a workflow on it (``flow_class``: v3_faults.py's 3.x one; default v2's)."""
     work = Path(tempfile.mkdtemp(prefix="kre-faults-"))
     server = EmbeddedNats().start()
-    flow = Workflow([server.url], work, **kwargs)  # type: ignore[arg-type]
+    flow = (flow_class or Workflow)([server.url], work, **kwargs)  # type: ignore[arg-type]
     try:
         await flow.open()
         yield server, flow
@@ -406,10 +408,16 @@ def _remove(work: Path) -> None:
 # Each takes ``quick`` (reduced sizes, for CI) and returns its row.
 
 
-async def replicas_killed(quick: bool) -> Row:
-    """kill -9 of node replicas three times under live load; Kubernetes restarts each."""
+def _noted(row: Row, note: str) -> Row:
+    """``note`` after what the tally noted (v3_faults.py's tally notes the misrouted)."""
+    row.note = f"{row.note}; {note}" if row.note else note
+    return row
+
+
+async def replicas_killed(quick: bool, flow_class: type[Workflow] | None = None, what: str = "") -> Row:
+    """kill -9 of node replicas three times under live load; Kubernetes restarts each (``what``: the node)."""
     rate, between = (100, 1.5) if quick else (300, 4.0)
-    async with _single() as (_, flow):
+    async with _single(flow_class) as (_, flow):
         for _ in range(2):
             flow.start_node(flow.env())
         await flow.ready(2)
@@ -419,15 +427,14 @@ async def replicas_killed(quick: bool) -> Row:
                 fault = _now()
                 flow.kill_node(kill % 2)
             await asyncio.sleep(between)
-        row = await flow.tally("kill -9 of a replica ×3 under live load (2 replicas)", fault)
-        row.note = f"{flow.restarts} restarts; a killed replica's inputs come back after KRT_ACK_WAIT (3 s)"
-        return row
+        row = await flow.tally(f"{what}kill -9 of a replica ×3 under live load (2 replicas)", fault)
+        return _noted(row, f"{flow.restarts} restarts; a killed replica's inputs come back after KRT_ACK_WAIT (3 s)")
 
 
-async def server_restarted(quick: bool) -> Row:
-    """nats-server killed (-9) and restarted while many publishes wait for their PubAck."""
+async def server_restarted(quick: bool, flow_class: type[Workflow] | None = None, what: str = "") -> Row:
+    """nats-server killed (-9) and restarted (same port and store) while many publishes wait for their PubAck."""
     rate, count = (150, 300) if quick else (400, 3000)
-    async with _single() as (server, flow):
+    async with _single(flow_class) as (server, flow):
         flow.start_node(flow.env(KRT_PUBLISH_TIMEOUT="30"))
         await flow.ready()
         async with flow.live_load(rate):
@@ -437,9 +444,8 @@ async def server_restarted(quick: bool) -> Row:
             server.start()
             fault_end = _now()
             await asyncio.sleep(2.0)
-        row = await flow.tally("nats-server kill -9 and restart (publishes in flight)", fault_end)
-        row.note = "recovery counted from the restart"
-        return row
+        row = await flow.tally(f"{what}nats-server kill -9 and restart (publishes in flight)", fault_end)
+        return _noted(row, "recovery counted from the restart")
 
 
 async def large_backlog(quick: bool) -> Row:
@@ -672,14 +678,14 @@ async def v3_replicas_killed(quick: bool) -> Row:
     """A 3.x fan-in node (three inputs, routed handlers): kill -9 of a replica ×3 under live load (v3_faults.py)."""
     import v3_faults
 
-    return await v3_faults.replicas_killed(quick)
+    return await replicas_killed(quick, v3_faults.V3Workflow, v3_faults.WHAT)
 
 
 async def v3_server_restarted(quick: bool) -> Row:
     """A 3.x fan-in node: nats-server kill -9 and restart while its inputs flow (v3_faults.py)."""
     import v3_faults
 
-    return await v3_faults.server_restarted(quick)
+    return await server_restarted(quick, v3_faults.V3Workflow, v3_faults.WHAT)
 
 
 Scenario = Callable[[bool], Awaitable[Row]]

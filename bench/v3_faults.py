@@ -19,15 +19,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
-import tempfile
 import time
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator
 from datetime import datetime
 from pathlib import Path
 
-import faults
 import nats
 import nats.errors
 from faults import Row, Workflow
@@ -35,7 +32,6 @@ from google.protobuf.any_pb2 import Any as AnyProto
 from greeter_pb2 import Request, Response
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, RetentionPolicy, StreamConfig
 
-from kre_runner.dev.embedded import EmbeddedNats
 from kre_runner.node.envelope import KreNatsMessageV3, decode_v3
 from kre_runner.proto.kre_nats_msg_v3_pb2 import MessageType
 
@@ -168,52 +164,5 @@ class V3Workflow(Workflow):
         return row, marked if marked is not None else [when for _, when in stored_at]
 
 
-@contextlib.asynccontextmanager
-async def _single() -> AsyncIterator[tuple[EmbeddedNats, V3Workflow]]:
-    work = Path(tempfile.mkdtemp(prefix="kre-faults3-"))
-    server = EmbeddedNats().start()
-    flow = V3Workflow([server.url], work)
-    try:
-        await flow.open()
-        yield server, flow
-    finally:
-        await flow.close()
-        server.cleanup()
-        faults._remove(work)
-
-
-async def replicas_killed(quick: bool) -> Row:
-    """kill -9 of a replica three times under live load on a 3.x fan-in node; each is restarted."""
-    rate, between = (100, 1.5) if quick else (300, 4.0)
-    async with _single() as (_, flow):
-        for _ in range(2):
-            flow.start_node(flow.env())
-        await flow.ready(2)
-        async with flow.live_load(rate):
-            for kill in range(3):
-                await asyncio.sleep(between)
-                fault = faults._now()
-                flow.kill_node(kill % 2)
-            await asyncio.sleep(between)
-        row = await flow.tally("3.x fan-in node: kill -9 of a replica ×3 under live load (2 replicas)", fault)
-        row.note += (f"; {flow.restarts} restarts; a killed replica's inputs come back after KRT_ACK_WAIT (3 s); "
-                     f"recovery counted from the last kill")
-        return row
-
-
-async def server_restarted(quick: bool) -> Row:
-    """nats-server killed (-9) and restarted (same port and store) while a 3.x fan-in node's inputs flow."""
-    rate, count = (150, 300) if quick else (400, 3000)
-    async with _single() as (server, flow):
-        flow.start_node(flow.env(KRT_PUBLISH_TIMEOUT="30"))
-        await flow.ready()
-        async with flow.live_load(rate):
-            await flow.send_many(count)
-            server.kill()
-            await asyncio.sleep(1.0)
-            server.start()
-            fault_end = faults._now()
-            await asyncio.sleep(2.0)
-        row = await flow.tally("3.x fan-in node: nats-server kill -9 and restart (publishes in flight)", fault_end)
-        row.note += "; recovery counted from the restart"
-        return row
+# The scenarios are faults.py's (replicas_killed, server_restarted), run with V3Workflow.
+WHAT = "3.x fan-in node: "
