@@ -10,6 +10,7 @@ import asyncio
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import nats.errors
 import nats.js.errors
@@ -63,23 +64,15 @@ async def call_workflow(nc: Client, input_subject: str, entrypoint_subject: str,
 
     sub = await nc.subscribe(entrypoint_subject, cb=on_answer)
     try:
-        js = nc.jetstream()
         envelopes = []
         for i, request in enumerate(requests):
             envelope = request_envelope(request, tracking_ids[i] if tracking_ids else None)
             waiting[envelope.tracking_id] = loop.create_future()
             envelopes.append(envelope)
-        await nc.flush()  # the subscription is in place before the first request can be answered
-        for envelope in envelopes:
-            await _publish(js, input_subject, encode(envelope, nc.max_payload), timeout)
-        try:
-            return list(await asyncio.wait_for(asyncio.gather(*waiting.values()), timeout))
-        except asyncio.TimeoutError:
-            missing = [t for t, f in waiting.items() if not f.done()]
-            shown = ", ".join(missing[:3]) + (" …" if len(missing) > 3 else "")
-            raise CallError(f"{len(missing)} of {len(waiting)} request(s) got no answer on {entrypoint_subject} "
-                            f"within {timeout:g}s (are the nodes running? a node whose handler returns None answers "
-                            f"nothing; kre-runner trace shows where a request is): tracking id {shown}") from None
+        return await _publish_and_wait(
+            nc, input_subject, envelopes, waiting, timeout, entrypoint_subject, "tracking id",
+            "are the nodes running? a node whose handler returns None answers nothing; kre-runner trace shows "
+            "where a request is")
     finally:
         await sub.unsubscribe()
 
@@ -139,23 +132,14 @@ async def call_workflow_v3(nc: Client, stream: str, requests: Sequence[Message],
 
     sub = await nc.subscribe(f"{stream}.>" if every else answer_subject, cb=on_message)
     try:
-        js = nc.jetstream()
         envelopes = []
         for i, request in enumerate(requests):
             envelope = request_envelope_v3(request, request_ids[i] if request_ids else None)
             waiting[envelope.request_id] = loop.create_future()
             envelopes.append(envelope)
-        await nc.flush()  # the subscription is in place before the first request can be answered
-        for envelope in envelopes:
-            await _publish(js, entry, encode(envelope, nc.max_payload), timeout)
-        try:
-            answers = list(await asyncio.wait_for(asyncio.gather(*waiting.values()), timeout))
-        except asyncio.TimeoutError:
-            missing = [t for t, f in waiting.items() if not f.done()]
-            shown = ", ".join(missing[:3]) + (" …" if len(missing) > 3 else "")
-            raise CallError(f"{len(missing)} of {len(waiting)} request(s) got no answer on {answer_subject} within "
-                            f"{timeout:g}s (are the nodes running? does the exitpoint node send_output for every "
-                            f"request?): request id {shown}") from None
+        answers = await _publish_and_wait(
+            nc, entry, envelopes, waiting, timeout, answer_subject, "request id",
+            "are the nodes running? does the exitpoint node send_output for every request?")
         if every:
             quiet = loop.time() - last_seen[0]
             while quiet < settle:  # each wait ends when the last envelope is `settle` old
@@ -164,6 +148,23 @@ async def call_workflow_v3(nc: Client, stream: str, requests: Sequence[Message],
         return CallV3(answers, seen)
     finally:
         await sub.unsubscribe()
+
+
+async def _publish_and_wait(nc: Client, subject: str, envelopes: Sequence[Any], waiting: dict[str, Any],
+                            timeout: float, answers_on: str, id_name: str, hint: str) -> list[Any]:
+    """Publish ``envelopes`` to ``subject`` (the answers' subscription is in place first) and return their
+    answers, in order, as ``waiting``'s futures resolve; a request with none in ``timeout``: one CallError."""
+    await nc.flush()  # the subscription is in place before the first request can be answered
+    js = nc.jetstream()
+    for envelope in envelopes:
+        await _publish(js, subject, encode(envelope, nc.max_payload), timeout)
+    try:
+        return list(await asyncio.wait_for(asyncio.gather(*waiting.values()), timeout))
+    except asyncio.TimeoutError:
+        missing = [key for key, future in waiting.items() if not future.done()]
+        shown = ", ".join(missing[:3]) + (" …" if len(missing) > 3 else "")
+        raise CallError(f"{len(missing)} of {len(waiting)} request(s) got no answer on {answers_on} within "
+                        f"{timeout:g}s ({hint}): {id_name} {shown}") from None
 
 
 async def _publish(js: JetStreamContext, subject: str, data: bytes, timeout: float) -> None:
