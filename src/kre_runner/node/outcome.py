@@ -44,6 +44,8 @@ class Outcomes:
     """Builds outcomes for one node. ``limit``: the largest envelope it may publish (set at setup)."""
 
     envelope_type: type = KreNatsMessage  # the generation's envelope (v3.py's OutcomesV3: the 3.x one)
+    # v2: an input that already carries an error is passed on without calling the handler (3.x: it is not).
+    passes_errors_on = True
 
     def __init__(self, settings: Settings, clock: TrackingClock, logger: logging.Logger,
                  failures: RateLimitedLog | None = None) -> None:
@@ -65,7 +67,7 @@ class Outcomes:
 
     def decode(self, data: bytes) -> Any:
         """An input of this generation (for a dead letter whose envelope was never decoded)."""
-        return decode(data, self.max_inflated)
+        return decode(data, self.max_inflated, self.envelope_type)
 
     def now(self) -> str:
         """The current time as a tracking timestamp."""

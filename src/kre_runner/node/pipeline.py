@@ -67,7 +67,8 @@ class Pipeline:
         self.max_inflated = outcomes.max_inflated  # decode's bound (KRT_MAX_INFLATED_BYTES), set at setup
         self._warned_slow = False
         self._previous = 0.0  # the last in-place call's duration (a pace needs two slow calls in a row)
-        self._envelope_type: type = KreNatsMessage  # what ``open`` returns for an input a handler sees (v3.py: 3.x's)
+        self._envelope_type: type = outcomes.envelope_type  # what ``open`` returns for an input a handler sees
+        self._passes_errors_on = outcomes.passes_errors_on
 
     async def run_init(self, pool: ThreadPoolExecutor | None) -> None:
         """The user's ``init(ctx)``; a sync one on the thread the handlers use: the event loop's by default
@@ -107,12 +108,12 @@ class Pipeline:
     def open(self, job: Job, data: bytes) -> KreNatsMessage | Outcome:
         """The input's envelope, or the outcome of an input no handler sees (not an envelope, an error)."""
         try:
-            envelope = job.envelope = decode(data, self.max_inflated)
+            envelope = job.envelope = decode(data, self.max_inflated, self._envelope_type)
         except EnvelopeError as exc:
             return self._outcomes.invalid(job, exc)
         if data[:2] == GZIP_MAGIC:
             hold_inflated(job, envelope, self._credits)
-        if envelope.error:
+        if envelope.error and self._passes_errors_on:  # (3.x: every input reaches a handler)
             return self._outcomes.passthrough(job, envelope)
         return envelope
 

@@ -30,11 +30,11 @@ from google.protobuf.message import Message
 
 from ..proto.kre_nats_msg_v3_pb2 import MessageType
 from .current import Current
-from .envelope import GZIP_MAGIC, EnvelopeError, KreNatsMessageV3, decode_v3, encode
+from .envelope import EnvelopeError, KreNatsMessageV3, encode
 from .outcome import Outcome, Outcomes, _shorten, user_traceback
 from .pipeline import Pipeline
 from .publisher import PubAckPublisher
-from .settlement import Job, hold_inflated
+from .settlement import Job
 
 __all__ = ["EARLY_EXIT", "EARLY_REPLY", "ERROR", "OK", "OutcomesV3", "PipelineV3", "Sends"]
 
@@ -47,13 +47,11 @@ class OutcomesV3(Outcomes):
     """The 3.x outcomes: no output from the return value, error envelopes on the output subject."""
 
     envelope_type = KreNatsMessageV3
+    passes_errors_on = False  # every input reaches a handler, ERROR ones too
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._warned_return = False
-
-    def decode(self, data: bytes) -> KreNatsMessageV3:
-        return decode_v3(data, self.max_inflated)
 
     def output(self, job: Job, envelope: Any, result: Any, start: tuple[float, str],  # type: ignore[override]
                end: tuple[float, str]) -> Outcome:
@@ -148,20 +146,9 @@ class PipelineV3(Pipeline):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._envelope_type = KreNatsMessageV3
         if self._code.custom_handlers:
             self._handler = _router(self._handler, dict(self._code.custom_handlers), self._current,
                                     awaited=self._code.handler_is_async)
-
-    def open(self, job: Job, data: bytes) -> Any:
-        """Every valid input reaches a handler, whatever its message_type (no pass-through in 3.x)."""
-        try:
-            envelope = job.envelope = decode_v3(data, self.max_inflated)
-        except EnvelopeError as exc:
-            return self._outcomes.invalid(job, exc)
-        if data[:2] == GZIP_MAGIC:
-            hold_inflated(job, envelope, self._credits)  # type: ignore[arg-type]
-        return envelope
 
     def _failed(self, job: Job, envelope: Any, exc: Exception, start: tuple[float, str]) -> Outcome:
         """The 3.x timing point is written for a failed call too (``success=false``)."""
