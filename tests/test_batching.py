@@ -302,6 +302,9 @@ async def test_sigterm_finishes_the_running_batch_and_hands_back_the_collected_o
     # second batch, nor the shutdown grace (10 s), nor the ack wait (30 s).
     assert stopped_in < held + 3.0
     assert info.ack_floor.consumer_seq == 2 and info.num_ack_pending == 2  # 1, 2 acked; 3, 4 handed back
+    # ... once its subscription was closed: handed back before, JetStream redelivers them at once to the
+    # stopping node's open pull request, and one that arrives after the unsubscribe waits out the ack wait.
+    assert info.delivered.consumer_seq == 4
     monkeypatch.setenv("BATCH_SECONDS", "0")
     # Handed back, not left to the 30 s ack wait: the next node gets them at once.
     async with running_node(node_env(nats_server.url, "greet.py"), js):

@@ -161,6 +161,7 @@ class Batcher:
         self._lingered = False  # the collecting batch's wait is over: it starts as soon as a runner is free
         self._running = 0  # runners (tasks) in progress, each with a batch at a time
         self._stopping = False
+        self._returned: list[Job] = []  # delivered while stopping, not collected
         self._tasks: set[asyncio.Task[None]] = set()
         if settings.batch_size > settings.max_inflight:
             logger.warning("KRT_BATCH_SIZE=%d is larger than KRT_MAX_INFLIGHT=%d: batches hold at most %d inputs",
@@ -175,8 +176,8 @@ class Batcher:
 
     async def add(self, job: Job, data: bytes) -> None:
         """A delivered input: into the batch being collected, or (not an envelope, an error) settled now."""
-        if self._stopping:  # delivered while the subscription drains: another replica takes it now
-            await self._settlement.hand_back(job, "delivered while the node was stopping")
+        if self._stopping:  # delivered while the subscription drains: handed back once it is closed
+            self._returned.append(job)
             return
         self._jobs.add(job)
         queued = False
@@ -218,7 +219,7 @@ class Batcher:
 
     def _linger_over(self) -> None:
         self._timer = None
-        if not self._collecting:
+        if not self._collecting or self._stopping:
             return
         if self._running < self._slots and self._idle_thread():
             self._start(self._take_collecting())
@@ -347,9 +348,16 @@ class Batcher:
 
     # ---------------------------------------------------------------- stopping
 
-    async def stop(self) -> None:
-        """SIGTERM: hand back the inputs collected but not started; running batches go on to finish."""
+    def stopping(self) -> None:
+        """SIGTERM: no batch starts from now on; running batches go on to finish."""
         self._stopping = True
+
+    async def hand_back(self) -> None:
+        """Once the input subscription is closed, hand back the inputs collected but not started.
+
+        Not before: JetStream redelivers a handed-back input at once, to an open pull request of this
+        node's if it has one, and an input delivered to a closed subscription waits out its ack wait.
+        """
         never_started = [job for batch in self._ready for job in batch] + self._take_collecting()
         self._ready.clear()
         self._credits.running -= len(never_started)
@@ -358,6 +366,9 @@ class Batcher:
                 never_started += batch
         for job in never_started:
             await self._settlement.hand_back(job, "collected for a batch that had not started when the node stopped")
+        returned, self._returned = self._returned, []
+        for job in returned:
+            await self._settlement.hand_back(job, "delivered while the node was stopping")
 
     def close(self) -> None:
         if self._pool is not None:

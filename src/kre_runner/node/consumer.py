@@ -328,8 +328,10 @@ class Consumer:
         deadline = time.monotonic() + grace
         self.link.pulling = False
         if self._batcher is not None:
-            await self._batcher.stop()  # inputs collected for batches not started: handed back at once
-        await self.link.stop(grace)
+            self._batcher.stopping()  # no batch starts now; those collected are handed back below
+        await self.link.stop(grace)  # no open pull request is left for a handed-back input to come back to
+        if self._batcher is not None:
+            await self._batcher.hand_back()
         if self._jobs or self._waiting:
             # Inputs waiting for a slot start as slots free up: they are in flight too, and finishing
             # them beats handing them back.

@@ -28,7 +28,7 @@ class DurationHistogram:
     a bisect per message.
     """
 
-    __slots__ = ("_counts", "_folding", "_pending", "_sum", "bounds", "observe", "slowest")
+    __slots__ = ("_counts", "_folding", "_pending", "_sum", "bounds", "observe")
 
     def __init__(self, bounds: tuple[float, ...]) -> None:
         self.bounds = bounds
@@ -36,15 +36,8 @@ class DurationHistogram:
         self._sum = 0.0
         self._pending: list[float] = []
         self.observe = self._pending.append
-        self.slowest = 0.0  # the longest duration folded since :meth:`take_slowest` last looked
         # The consumer's ticker and the HTTP thread's reads both fold: one at a time.
         self._folding = threading.Lock()
-
-    def take_slowest(self) -> float:
-        """The longest duration observed since the last call (0: none); the consumer paces sync handlers by it."""
-        self.fold()
-        slowest, self.slowest = self.slowest, 0.0
-        return slowest
 
     def fold(self) -> None:
         """Move the durations observed since the last fold into the buckets."""
@@ -69,8 +62,6 @@ class DurationHistogram:
             start = end
         self._counts[-1] += len(batch) - start
         self._sum += sum(batch)
-        if batch[-1] > self.slowest:
-            self.slowest = batch[-1]
 
     @property
     def counts(self) -> list[int]:

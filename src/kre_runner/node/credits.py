@@ -32,21 +32,31 @@ The bounds, per replica:
 * pace (sync handlers on the event loop only): while such a handler runs, the loop does nothing
   else, so inputs delivered behind it cannot be kept alive, and one pulled too many waits past its
   ack wait and is delivered again (its handler then runs twice). So at most ``window`` inputs are
-  asked for and not yet started: as many as the slowest recent call lets start within
-  ``START_WITHIN`` of the ack wait. ``paced`` says the window binds (a handler slower than the ack
-  wait over ``cap``): the consumer then queues inputs as jobs, kept alive until they start.
+  asked for and not yet started: as many as the recent calls let start within ``START_WITHIN`` of
+  the ack wait. An input waits for the sum of the calls before it, so the pace is their mean
+  (weighted to the recent ones): one call stretched by the machine moves it little, calls that
+  alternate fast and slow move it by their average. One call of ``AT_ONCE`` of the ack wait or more
+  paces at once: the inputs behind it need keep-alives before the next. ``paced`` says the window
+  binds (calls slower than the ack wait over ``cap``): the consumer then queues inputs as jobs,
+  kept alive until they start.
 """
 
 from __future__ import annotations
 
 from collections import deque
 
-__all__ = ["START_WITHIN", "Credits"]
+__all__ = ["AT_ONCE", "START_WITHIN", "Credits"]
 
 # Inputs asked for must be able to start within this part of the ack wait, at the measured pace.
 START_WITHIN = 0.5
-# A sync handler's pace follows its calls down by at most this factor a look (up: at once): a slow first
-# call (a model warming up) paces the node for a few seconds, not for minutes.
+# One call this part of the ack wait or slower paces at once, whatever the mean.
+AT_ONCE = 0.25
+# The mean call time's weight for the newest call (an exponentially weighted mean).
+_MEAN_WEIGHT = 0.125
+# The mean must pass the pace by this factor to move it up: not a shrink of the window every call.
+_PACE_MARGIN = 1.25
+# A sync handler's pace follows its calls' mean down by at most this factor a look (up: at once): a slow
+# first call (a model warming up) paces the node for a few seconds, not for minutes.
 _PACE_RELAX = 0.5
 
 
@@ -54,8 +64,8 @@ class Credits:
     """Pull-credit bookkeeping for one replica."""
 
     __slots__ = ("ack_wait", "cap", "careful", "chunk", "held_bytes", "largest", "max_bytes", "max_inflight",
-                 "message_bytes", "open", "pace", "paced", "prefetch", "requested", "requested_bytes", "running",
-                 "slots", "window")
+                 "mean", "message_bytes", "open", "pace", "pace_above", "paced", "prefetch", "requested",
+                 "requested_bytes", "running", "slots", "window")
 
     def __init__(self, max_inflight: int, max_bytes: int = 0, message_bytes: int = 1024 * 1024,
                  ack_wait: float = 30.0) -> None:
@@ -67,7 +77,9 @@ class Credits:
         self.running = 0  # handlers running now
         self.prefetch = 0  # messages delivered ahead of a free slot (0, or ``chunk`` while handlers wait)
         self.ack_wait = ack_wait
-        self.pace = 0.0  # the slowest recent call of a sync handler on the event loop (0: none measured)
+        self.pace = 0.0  # the recent calls' time of a sync handler on the event loop (0: none measured)
+        self.mean = 0.0  # its calls' weighted mean
+        self.pace_above = 0.0  # a mean over this (or one call over AT_ONCE of the ack wait) moves the pace
         self.window = self.cap  # inputs that may be asked for and not yet started (see ``paced_by``)
         self.paced = False  # the window binds: inputs are queued as jobs rather than handled as they arrive
         self.max_bytes = max_bytes  # 0: no byte budget
@@ -151,19 +163,25 @@ class Credits:
         """Whether handler calls wait on something (the last call decides): hold messages ahead for them."""
         self.prefetch = self.chunk if waiting else 0
 
-    def paced_by(self, seconds: float) -> None:
-        """A sync handler on the event loop took ``seconds``, longer than ``pace``: the window shrinks at once.
+    def called(self, seconds: float) -> None:
+        """A sync handler on the event loop took ``seconds``: a slower pace shrinks the window at once."""
+        mean = self.mean = self.mean + (seconds - self.mean) * _MEAN_WEIGHT
+        if seconds >= self.ack_wait * AT_ONCE:
+            self.paced_by(max(seconds, mean))
+        elif mean > self.pace_above:
+            self.paced_by(mean)
 
-        The consumer calls this only when a call is slower than ``pace`` (one comparison a message).
-        """
+    def paced_by(self, seconds: float) -> None:
+        """Calls take ``seconds`` now: at most as many inputs asked for as start within ``START_WITHIN``."""
         self.pace = seconds
+        self.pace_above = seconds * _PACE_MARGIN
         window = int(self.ack_wait * START_WITHIN / seconds) if seconds > 0 else self.cap
         self.window = max(1, min(self.cap, window))
         self.paced = self.window < self.cap
         self.slots = 1 if self.paced else self.max_inflight
         self.chunk = max(1, min(self.max_inflight, self.window) // 4)
 
-    def relax(self, slowest: float) -> None:
-        """Once a second: ``slowest``, the slowest call since the last look (0: no call, the pace stays)."""
-        if 0 < slowest < self.pace:
-            self.paced_by(max(slowest, self.pace * _PACE_RELAX))
+    def relax(self) -> None:
+        """Once a second: a pace over the calls' mean (one slow call paced at once) comes down, at most by half."""
+        if self.mean < self.pace:
+            self.paced_by(max(self.mean, self.pace * _PACE_RELAX))

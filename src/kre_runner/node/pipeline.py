@@ -66,7 +66,6 @@ class Pipeline:
         self.on_loop = not code.handler_is_async and pool is None
         self.max_inflated = outcomes.max_inflated  # decode's bound (KRT_MAX_INFLATED_BYTES), set at setup
         self._warned_slow = False
-        self._previous = 0.0  # the last in-place call's duration (a pace needs two slow calls in a row)
         self._envelope_type: type = outcomes.envelope_type  # what ``open`` returns for an input a handler sees
         self._passes_errors_on = outcomes.passes_errors_on
 
@@ -132,16 +131,9 @@ class Pipeline:
         end = now()
         took = end[0] - start[0]
         self._observe_handler(took)
-        credits = self._credits
-        if took > credits.pace:
-            # Two slow calls in a row make a pace (the slower of them): one call stretched by the machine
-            # (the process descheduled, a GC pass) is not the handler's speed, and pacing costs a drain.
-            slow = took if took < self._previous else self._previous
-            if slow > credits.pace:
-                credits.paced_by(slow)  # fewer inputs asked for ahead of a slower handler (credits.py)
-            if took > _SLOW_INLINE_S and not self._warned_slow:
-                self._warn_slow(took)
-        self._previous = took
+        self._credits.called(took)  # fewer inputs asked for ahead of a slower handler (credits.py)
+        if took > _SLOW_INLINE_S and not self._warned_slow:
+            self._warn_slow(took)
         # record(), in place: this runs once a message.
         if self._record_elapsed is not None:
             self._record_elapsed(envelope, start[0], end[0])
