@@ -37,6 +37,7 @@ _TARGETS = {
     "kre-runner-threaded": "kre-runner, KRT_HANDLER_THREADS=1",
     "kre-runner-batch1": "kre-runner, handler_batch, KRT_BATCH_SIZE=1",
     "kre-runner-batch1-threaded": "handler_batch, KRT_BATCH_SIZE=1, 1 thread",
+    "kre-runner-v3": "kre-runner, KRE 3.x (ctx.send_output, one input)",
 }
 _BATCH1 = {"KRT_BATCH_SIZE": "1", "KRT_HANDLER_PATH": "handler.py:handler_batch"}
 _ENV = {"kre-runner-threaded": {"KRT_HANDLER_THREADS": "1"},
@@ -44,6 +45,13 @@ _ENV = {"kre-runner-threaded": {"KRT_HANDLER_THREADS": "1"},
         "kre-runner-batch1-threaded": {**_BATCH1, "KRT_HANDLER_THREADS": "1"}}
 # Targets whose handler runs in a thread: their outputs are published after the call returns to the loop.
 _THREADED = {"kre-runner-threaded", "kre-runner-batch1-threaded"}
+
+
+def _v3_request() -> bytes:
+    """bench/v3.py's 3.x input: the same request, in the 3.x envelope."""
+    from v3 import _v3_request as request
+
+    return request()
 
 
 async def _feed(target: str, count: int) -> None:
@@ -88,17 +96,21 @@ async def _feed(target: str, count: int) -> None:
         inbox, prefix = node._inbox, node._prefix
     else:
         from kre_runner.config import Settings
-        from kre_runner.context import Context
+        from kre_runner.context import Context, ContextV3
         from kre_runner.handler import load_user_code
         from kre_runner.node.consumer import Consumer
-        from kre_runner.ops.elapsed import ElapsedRecorder
+        from kre_runner.ops.elapsed import ElapsedRecorder, ElapsedRecorderV3
         from kre_runner.services.influx import Measurement
 
         measured = target == "kre-runner-measured"
         env = kre_env("nats://localhost:4222", "handler_measured" if measured else "handler")
         # Valgrind slows a call ~50 times: a long ack wait keeps a sync handler on the fast path it takes
         # at full speed (a handler slow against the ack wait is paced instead: credits.py).
+        if target == "kre-runner-v3":  # the 3.x variables: KRT_NATS_INPUTS, no entrypoint subject
+            env = {**{k: v for k, v in env.items() if k not in ("KRT_NATS_INPUT", "KRT_NATS_ENTRYPOINT_SUBJECT")},
+                   "KRT_NATS_INPUTS": env["KRT_NATS_INPUT"], "KRT_HANDLER_PATH": "handler_v3.py"}
         settings = Settings.from_env({**env, "KRT_ACK_WAIT": "86400", **_ENV.get(target, {})})
+        v3 = settings.generation == "v3"
         log = logging.getLogger("bench")
 
         class Sink:  # InfluxSink's hot-path half: lines into a bounded buffer
@@ -107,16 +119,23 @@ async def _feed(target: str, count: int) -> None:
                 self.add = self.points.append
 
         sink = Sink()
-        record = None if target == "kre-runner-no-elapsed" else ElapsedRecorder(settings, sink.add)
+        recorder = ElapsedRecorderV3 if v3 else ElapsedRecorder
+        record = None if target == "kre-runner-no-elapsed" else recorder(settings, sink.add)
         measurement = Measurement(sink, version=settings.version, workflow=settings.workflow_name,  # type: ignore[arg-type]
                                   node=settings.node_name)
-        ctx = Context(base_path=settings.base_path, logger=log, measurement=measurement)
-        consumer = Consumer(settings, load_user_code(settings.base_path, settings.handler_path), nc, ctx, log,
-                            record_elapsed=record)
+        ctx: Context | ContextV3
+        if v3:  # as run.py wires it: the sends of the consumer built below
+            ctx = ContextV3(base_path=settings.base_path, logger=log, measurement=measurement,
+                            send=lambda *args: consumer.sends.send(*args),  # type: ignore[union-attr]
+                            current_input=lambda what: consumer.sends.envelope(what))  # type: ignore[union-attr]
+        else:
+            ctx = Context(base_path=settings.base_path, logger=log, measurement=measurement)
+        consumer = Consumer(settings, load_user_code(settings.base_path, settings.handler_path, settings.generation),
+                            nc, ctx, log, record_elapsed=record)
         inbox = await consumer.attach()
         prefix = consumer.puback_prefix
     sids = {sub.subject: sid for sid, sub in nc._subs.items()}
-    data = make_request()
+    data = _v3_request() if target == "kre-runner-v3" else make_request()
     chunks = []
     for first in range(1, count + 1, _BATCH):
         numbers = range(first, first + _BATCH)

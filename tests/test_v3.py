@@ -191,13 +191,19 @@ async def test_sync_handlers_on_the_loop(nats_server, js, v3_stream):
     async with running_node(v3_env(nats_server.url, "v3_sync.py", inputs=(ENTRY,)), js) as task:
         await js.publish(ENTRY, envelope("Ada", request_id="s"))
         await js.publish(ENTRY, envelope("boom", request_id="s2"))
-        got = await outputs.settle(3)
+        await js.publish(ENTRY, envelope("half", request_id="s3"))
+        got = await outputs.settle(5)
         await wait_settled(js, CONSUMER)
         info = await js.consumer_info(STREAM, CONSUMER)
     assert info.config.filter_subject == ENTRY  # one input: filter_subject, which any server takes
-    assert sorted((s, text(e) or e.error) for s, e, _ in got) == [
+    assert sorted((s, text(e) or e.error) for s, e, _ in got if e.request_id != "s3") == [
         (OUT, "Error in node 'node3' executing handler for node 'entrypoint': sync boom"),
         (OUT, "sync Ada"), (f"{OUT}.copy", "sync Ada again")]
+    # In the stream's order: what it sent before it raised, then its error envelope (each with its own id).
+    (sent, sent_id), (error, error_id) = [(text(e) or e.error, msg_id) for s, e, msg_id in got if e.request_id == "s3"]
+    assert sent == "sync half"
+    assert error == "Error in node 'node3' executing handler for node 'entrypoint': sync half boom"
+    assert sent_id == f"{error_id}:0"  # the input's id with the send's index; the error envelope the input's own
     assert task.done()
 
 

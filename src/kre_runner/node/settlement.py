@@ -104,7 +104,8 @@ class Job:
     """One input message from delivery to settlement."""
 
     __slots__ = ("ack_subject", "data", "dead_letter", "early_exit", "envelope", "failed", "handled_at", "handling",
-                 "inflated", "kind", "msg_id", "refs", "replied", "retry_delay", "sends", "settled", "task", "touched")
+                 "inflated", "kind", "msg_id", "outbox", "refs", "replied", "retry_delay", "sends", "settled", "task",
+                 "touched")
 
     def __init__(self, ack_subject: str, msg_id: str, now: float, data: bytes = b"") -> None:
         self.ack_subject = ack_subject
@@ -124,8 +125,8 @@ class Job:
         self.handled_at = 0.0  # when its handler's part was over (0: still running or waiting)
         self.settled = False
         self.task: asyncio.Task[None] | None = None
-        # ``sends`` (KRE 3.x: ctx.send_* calls so far, each its own Nats-Msg-Id) is left unset here: the v2
-        # path never reads it, and a 3.x input reads it with getattr(job, "sends", 0).
+        self.sends = 0  # KRE 3.x: ctx.send_* calls so far (each its own Nats-Msg-Id)
+        self.outbox: list[tuple[str, bytes, str]] | None = None  # 3.x: sends held until an in-place call returns
 
     @property
     def seq(self) -> int:

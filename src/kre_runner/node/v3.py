@@ -110,6 +110,19 @@ class OutcomesV3(Outcomes):
         return subject, encode(out, self.limit)
 
 
+class _Sent:
+    """What ``ctx.send_*`` returns to a sync handler called in place: done already if awaited (the pipeline
+    publishes the send when the handler returns; the input waits for its PubAck all the same)."""
+
+    __slots__ = ()
+
+    def __await__(self) -> Any:
+        return iter(())
+
+
+_SENT = _Sent()
+
+
 class Sends:
     """``ctx.send_*`` and the input queries of the 3.x ctx: they act on the input whose handler runs now."""
 
@@ -126,10 +139,18 @@ class Sends:
         """Publish one output of the running input; the input is acked only after its PubAck."""
         job = self._job(what)
         subject, data = self._outcomes.send(job.envelope, message_type, message, channel, forward)  # type: ignore[arg-type]
-        index = getattr(job, "sends", 0)
+        index = job.sends
         job.sends = index + 1
         job.refs += 1  # taken now: the input cannot settle before this send is stored
-        return self._current.submit(self._publisher.publish(subject, data, f"{job.msg_id}:{index}", job))
+        msg_id = f"{job.msg_id}:{index}"
+        if job is self._current.inline:
+            # A sync handler called in place, on the loop's thread: its sends go out in order once it
+            # returns (PipelineV3.run), without a task each.
+            if job.outbox is None:
+                job.outbox = []
+            job.outbox.append((subject, data, msg_id))
+            return _SENT
+        return self._current.submit(self._publisher.publish(subject, data, msg_id, job))
 
     def envelope(self, what: str) -> KreNatsMessageV3:
         """The running input's envelope (``get_request_id``, ``is_message_*``)."""
@@ -150,10 +171,29 @@ class PipelineV3(Pipeline):
             self._handler = _router(self._handler, dict(self._code.custom_handlers), self._current,
                                     awaited=self._code.handler_is_async)
 
+    async def run(self, job: Job, data: bytes) -> None:
+        """The pipeline's run, then the sends a sync handler made in place (each holds its reference already)."""
+        try:
+            await super().run(job, data)
+        finally:
+            outbox = job.outbox
+            if outbox:
+                job.outbox = None
+                publish = self._publisher.publish
+                for subject, output, msg_id in outbox:
+                    await publish(subject, output, msg_id, job)
+
     def _failed(self, job: Job, envelope: Any, exc: Exception, start: tuple[float, str]) -> Outcome:
-        """The 3.x timing point is written for a failed call too (``success=false``)."""
+        """The 3.x timing point is written for a failed call too (``success=false``); the error envelope
+        goes out after the sends the handler made before it raised."""
         self._record_v3(envelope, start[0], False)
-        return super()._failed(job, envelope, exc, start)
+        outcome = super()._failed(job, envelope, exc, start)
+        outbox = job.outbox
+        if outcome is None or not outbox:
+            return outcome
+        job.refs += 1
+        outbox.append((outcome[0], outcome[1], job.msg_id))
+        return None
 
     def _record_v3(self, envelope: KreNatsMessageV3, started: float, success: bool, ended: float = 0.0) -> None:
         if self._record_elapsed is not None:
