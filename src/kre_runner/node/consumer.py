@@ -11,14 +11,14 @@ The life of an input, and the module that owns each step:
                                       (``_redelivered``: acked before, or out of deliveries)
     route     ``_on_delivery``        batch handlers: batching.Batcher; a sync handler on the loop:
                                       pipeline.Pipeline.run right there (fastest); others, and a sync
-                                      handler too slow for that (paced, credits.py): a worker
-                                      (``_work``) per free slot, inputs waiting for one kept alive
+                                      handler too slow for that (paced, credits.py): workers.Workers,
+                                      a worker per free slot, inputs waiting for one kept alive
     handle    pipeline.Pipeline       decode, the handler call (current.Current tells ctx which input
                                       it is), the outcome (outcome.Outcomes), the publish (publisher)
     settle    settlement.Settlement   ack once every publish was stored, else nak, or dead-letter
                                       (deadletter.py); the handler's reference is released in the
                                       pipeline's ``finally``, so the input settles once; the consumer
-                                      hears of it once (``_slot_freed``), to start what waits for the slot
+                                      hears of it once (``Workers.freed``), to start what waits for the slot
     maintain  maintenance.Maintenance PubAck timeouts, keep-alives, missed heartbeats (every second);
                                       a look at the consumer (every few seconds, apart)
     shutdown  ``_shutdown``           stop pulling, finish in-flight inputs within the grace, hand
@@ -29,9 +29,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
-from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
@@ -56,6 +56,7 @@ from .pulling import PullLink
 from .settlement import Job, Settlement, parse_ack_subject
 from .setup import prepare
 from .v3 import OutcomesV3, PipelineV3, Sends
+from .workers import Workers
 
 __all__ = ["Consumer"]
 
@@ -79,7 +80,6 @@ class Consumer:
         wire = Wire(nc, self.fast_path)
         dispatcher = Dispatcher(nc, self.fast_path)
         self.metrics = metrics = metrics or NodeMetrics()
-        metrics.inflight = self._inflight
         failures = failures or RateLimitedLog(logger, "handler failures")
         clock = TrackingClock()
         self._publisher = PubAckPublisher(nc, dispatcher, wire, settings.publish_timeout, self._publish_done,
@@ -94,15 +94,16 @@ class Consumer:
                                       credits=credits, metrics=metrics,
                                       dead_letter=DeadLetters(settings, self._publisher, self._outcomes).send)
         self._jobs = self._settlement.jobs  # started and not yet settled (settlement removes them)
-        # Inputs delivered while every slot is busy: they start as slots free up, kept alive meanwhile.
-        self._waiting: deque[tuple[Job, bytes]] = deque()
+        self._workers = workers = Workers(credits, self._jobs)
+        self._waiting = workers.waiting  # delivered while every slot is busy, kept alive until they start
+        metrics.inflight = workers.inflight
         self._pool = ThreadPoolExecutor(settings.handler_threads, "kre-handler") if settings.handler_threads else None
-        self.link = PullLink(settings, nc, wire, dispatcher, credits, metrics, logger, held=self._held)
+        self.link = PullLink(settings, nc, wire, dispatcher, credits, metrics, logger, held=workers.held)
         self.current = Current(settings, self._outcomes, self._publisher, one_at_a_time=self._one_at_a_time)
         self._pipeline = (PipelineV3 if v3 else Pipeline)(
             settings, code, ctx, logger, clock=clock, outcomes=self._outcomes, publisher=self._publisher,
             settlement=self._settlement, credits=credits, current=self.current, metrics=metrics, pool=self._pool,
-            record_elapsed=record_elapsed, on_settled=self._slot_freed, pull=self.link.pull)
+            record_elapsed=record_elapsed, on_settled=workers.freed, pull=self.link.pull)
         self._on_loop = self._pipeline.on_loop
         # KRE 3.x: ctx.send_* and the input queries (None in v2).
         self.sends = Sends(self._outcomes, self._publisher, self.current) if isinstance(self._outcomes, OutcomesV3) \
@@ -110,7 +111,9 @@ class Consumer:
         self._maintenance = Maintenance(ack_wait=settings.ack_wait, publisher=self._publisher,
                                         settlement=self._settlement, link=self.link, credits=credits,
                                         metrics=metrics, failures=failures, paced=self._on_loop,
-                                        waiting=self._waiting_jobs, on_settled=self._slot_freed, logger=logger)
+                                        waiting=workers.waiting_jobs, on_settled=workers.freed, logger=logger)
+        workers.bind(self._pipeline.run, self.link.pull,
+                     functools.partial(self._maintenance.before_blocking, nc) if self._on_loop else None)
         # Batch handlers (batching.py): delivered inputs go to the batcher instead of the paths below.
         self._batcher = Batcher(settings, code, ctx, logger, pipeline=self._pipeline, outcomes=self._outcomes,
                                 settlement=self._settlement, credits=credits, pull=self.link.pull,
@@ -120,9 +123,6 @@ class Consumer:
         self._msg_id_prefix = f"{self._node_id}:{settings.stream}:"
         self._ack_prefix = f"$JS.ACK.{settings.stream}.{settings.consumer_name}."
         self._ack_prefix_len = len(self._ack_prefix)
-        self._idle = asyncio.Event()
-        self._idle.set()
-        self._settled_since_look = 0  # settlements since the credit was last looked at
 
     # ---------------------------------------------------------------- what the node reads
 
@@ -188,7 +188,7 @@ class Consumer:
     @property
     def inflight(self) -> int:
         """Inputs held: being handled or published, or waiting for a slot."""
-        return self._inflight()
+        return self._workers.inflight()
 
     def stop_threads(self) -> None:
         """Wait for the handler threads to finish and end them (a test seam; ``run`` does it on shutdown)."""
@@ -251,75 +251,15 @@ class Consumer:
                 # counts as due for a keep-alive, which the worker sends before its next call.
                 job.touched = 0.0
             if credits.may_start():
-                self._start(job, data)
+                self._workers.start(job, data)
             else:
                 self._waiting.append((job, data))
         if credits.want(len(self._jobs), len(self._waiting)):
             await link.pull()
 
-    # ---------------------------------------------------------------- slots
-
-    def _start(self, job: Job, data: bytes) -> None:
-        """Take a slot and start a worker on this input."""
-        self._credits.running += 1
-        self._jobs.add(job)  # kept alive from now on, though the task may start later
-        job.task = asyncio.create_task(self._work(job, data))
-
-    async def _work(self, job: Job, data: bytes) -> None:
-        """A worker: this input, then those waiting for a slot, until none is left.
-
-        Going straight on to the next input (rather than a task per input) starts its handler as
-        soon as this one's output is sent: when many handlers finish together (their I/O was issued
-        together), each slot turns over without waiting for the whole wave to be sent.
-        """
-        task = job.task
-        credits = self._credits
-        try:
-            while True:
-                job.task = task
-                self._jobs.add(job)
-                if self._on_loop:  # paced: a sync handler on the loop (credits.py)
-                    await self._maintenance.before_blocking(self._nc)
-                await self._pipeline.run(job, data)
-                if credits.want(len(self._jobs), len(self._waiting)):
-                    await self.link.pull()
-                if not self._waiting:
-                    break
-                job, data = self._waiting.popleft()
-        finally:
-            credits.running -= 1
-        if credits.want(len(self._jobs), len(self._waiting)):
-            await self.link.pull()
-
     async def _publish_done(self, job: Job, error: str | None) -> None:
         """A publish of ``job`` was stored (``error`` None) or failed: its reference goes."""
         await self._pipeline.drop_reference(job, error)
-
-    def _slot_freed(self) -> bool:
-        """An input was settled: its slot may start a waiting input; True if the freed credit is worth a pull.
-
-        Credit is asked for in chunks, so a look every ``chunk`` settlements finds each one as soon
-        as it is free (a look at every settlement costs more than the rest of this).
-        """
-        waiting, jobs, credits = self._waiting, self._jobs, self._credits
-        if waiting and credits.may_start():
-            self._start(*waiting.popleft())
-        if not jobs:
-            self._idle.set()
-        self._settled_since_look += 1
-        if self._settled_since_look >= credits.chunk or not jobs:
-            self._settled_since_look = 0
-            return credits.want(len(jobs), len(waiting)) > 0
-        return False
-
-    def _held(self) -> tuple[int, int]:
-        return len(self._jobs), len(self._waiting)
-
-    def _waiting_jobs(self) -> list[Job]:
-        return [job for job, _ in self._waiting]
-
-    def _inflight(self) -> int:
-        return len(self._jobs) + len(self._waiting)
 
     # ---------------------------------------------------------------- stopping
 
@@ -335,14 +275,13 @@ class Consumer:
         if self._jobs or self._waiting:
             # Inputs waiting for a slot start as slots free up: they are in flight too, and finishing
             # them beats handing them back.
-            self._log.info("stopping: waiting up to %.1fs for %d in-flight messages", grace, self._inflight())
-            self._idle.clear()  # set again by _slot_freed when the last job is done
+            self._log.info("stopping: waiting up to %.1fs for %d in-flight messages", grace, self._workers.inflight())
+            idle = self._workers.idle
+            idle.clear()  # set again by Workers.freed when the last job is done
             with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._idle.wait(), max(0.0, deadline - time.monotonic()))
+                await asyncio.wait_for(idle.wait(), max(0.0, deadline - time.monotonic()))
         # Out of grace: let another replica take what is left now rather than after the ack wait.
-        never_started = list(self._waiting)
-        self._waiting.clear()
-        for job, _ in never_started:
+        for job in self._workers.take_waiting():
             await self._settlement.hand_back(job, "never started before the shutdown grace ran out")
         for job in list(self._jobs):
             await self._settlement.hand_back(job, "shutdown grace over")

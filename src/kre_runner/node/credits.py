@@ -51,8 +51,6 @@ __all__ = ["AT_ONCE", "START_WITHIN", "Credits"]
 START_WITHIN = 0.5
 # One call this part of the ack wait or slower paces at once, whatever the mean.
 AT_ONCE = 0.25
-# The mean call time's weight for the newest call (an exponentially weighted mean).
-_MEAN_WEIGHT = 0.125
 # The mean must pass the pace by this factor to move it up: not a shrink of the window every call.
 _PACE_MARGIN = 1.25
 # A sync handler's pace follows its calls' mean down by at most this factor a look (up: at once): a slow
@@ -63,9 +61,9 @@ _PACE_RELAX = 0.5
 class Credits:
     """Pull-credit bookkeeping for one replica."""
 
-    __slots__ = ("ack_wait", "cap", "careful", "chunk", "held_bytes", "largest", "max_bytes", "max_inflight",
-                 "mean", "message_bytes", "open", "pace", "pace_above", "paced", "prefetch", "requested",
-                 "requested_bytes", "running", "slots", "window")
+    __slots__ = ("ack_wait", "at_once", "cap", "careful", "chunk", "held_bytes", "largest", "max_bytes",
+                 "max_inflight", "mean", "message_bytes", "open", "pace", "pace_above", "paced", "prefetch",
+                 "requested", "requested_bytes", "running", "slots", "window")
 
     def __init__(self, max_inflight: int, max_bytes: int = 0, message_bytes: int = 1024 * 1024,
                  ack_wait: float = 30.0) -> None:
@@ -79,7 +77,8 @@ class Credits:
         self.ack_wait = ack_wait
         self.pace = 0.0  # the recent calls' time of a sync handler on the event loop (0: none measured)
         self.mean = 0.0  # its calls' weighted mean
-        self.pace_above = 0.0  # a mean over this (or one call over AT_ONCE of the ack wait) moves the pace
+        self.pace_above = 0.0  # a mean over this (or one call over ``at_once``) moves the pace
+        self.at_once = ack_wait * AT_ONCE
         self.window = self.cap  # inputs that may be asked for and not yet started (see ``paced_by``)
         self.paced = False  # the window binds: inputs are queued as jobs rather than handled as they arrive
         self.max_bytes = max_bytes  # 0: no byte budget
@@ -165,11 +164,10 @@ class Credits:
 
     def called(self, seconds: float) -> None:
         """A sync handler on the event loop took ``seconds``: a slower pace shrinks the window at once."""
-        mean = self.mean = self.mean + (seconds - self.mean) * _MEAN_WEIGHT
-        if seconds >= self.ack_wait * AT_ONCE:
-            self.paced_by(max(seconds, mean))
-        elif mean > self.pace_above:
-            self.paced_by(mean)
+        # Once a message: an exponentially weighted mean (the newest call weighs 1/8), and one comparison.
+        mean = self.mean = self.mean * 0.875 + seconds * 0.125
+        if mean > self.pace_above or seconds >= self.at_once:
+            self.paced_by(seconds if seconds >= self.at_once and seconds > mean else mean)
 
     def paced_by(self, seconds: float) -> None:
         """Calls take ``seconds`` now: at most as many inputs asked for as start within ``START_WITHIN``."""
