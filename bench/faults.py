@@ -653,7 +653,7 @@ async def output_stream_full(quick: bool) -> Row:
 
 
 async def slow_handlers(quick: bool) -> Row:
-    """Handler calls from 1 ms to half the ack wait, on the loop, in a thread, async and in batches: each
+    """Handler calls from 1 ms to ¾ of the ack wait, on the loop, in a thread, async and in batches: each
     input reaches its handler once (slow_handlers.py)."""
     import slow_handlers as grid
 
