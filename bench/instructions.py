@@ -37,7 +37,7 @@ _TARGETS = {
     "kre-runner-threaded": "kre-runner, KRT_HANDLER_THREADS=1",
     "kre-runner-batch1": "kre-runner, handler_batch, KRT_BATCH_SIZE=1",
     "kre-runner-batch1-threaded": "handler_batch, KRT_BATCH_SIZE=1, 1 thread",
-    "kre-runner-v3": "kre-runner, KRE 3.x (ctx.send_output, one input)",
+    "kre-runner-v3": "kre-runner, KRE 3.x, ctx.send_output",
 }
 _BATCH1 = {"KRT_BATCH_SIZE": "1", "KRT_HANDLER_PATH": "handler.py:handler_batch"}
 _ENV = {"kre-runner-threaded": {"KRT_HANDLER_THREADS": "1"},
@@ -205,6 +205,8 @@ def main() -> int:
     print(f"handler_batch at KRT_BATCH_SIZE=1: {batch1 / counts['kre-runner'] - 1:+.1%} over the plain handler on "
           f"the event loop, {threaded / counts['kre-runner-threaded'] - 1:+.1%} over it in a thread (both paths "
           f"the plain handler's; the difference is the one-item list, user code included)")
+    v3 = counts["kre-runner-v3"] / counts["kre-runner"] - 1
+    print(f"KRE 3.x (one input, one ctx.send_output per input): {v3:+.1%} over the v2 plain handler")
     return 0
 
 
