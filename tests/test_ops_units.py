@@ -142,6 +142,17 @@ def test_duration_histogram_buckets_are_cumulative():
     assert h.count == 4 and h.sum == pytest.approx(2.65)
 
 
+def test_duration_histogram_gives_the_mean_since_the_last_look_for_the_pace():
+    h = DurationHistogram((0.1, 1.0))
+    assert h.take_mean() == 0.0  # nothing observed: an idle node keeps its pace
+    h.observe(0.001)
+    h.observe(0.003)
+    h.cumulative()  # a scrape folds too: the mean still covers what it folded
+    h.observe(0.005)
+    assert h.take_mean() == pytest.approx(0.003)
+    assert h.take_mean() == 0.0 and h.count == 3
+
+
 def test_metrics_exposition_parses_with_labels_and_every_family():
     m = NodeMetrics()
     m.ok, m.error, m.invalid, m.filtered, m.retried = 5, 2, 1, 3, 4

@@ -6,7 +6,7 @@ import logging
 
 import pytest
 
-from kre_runner.node.credits import Credits
+from kre_runner.node.credits import START_WITHIN, Credits
 from kre_runner.node.settlement import Job, Settlement
 
 ACK = "$JS.ACK.s.c.{delivered}.{seq}.{seq}.1763700000000000000.0"
@@ -155,15 +155,16 @@ def test_the_pace_follows_slower_calls_at_once_and_faster_ones_gradually():
     for _ in range(40):
         credits.called(1.0)
     assert credits.pace == 1.0 and credits.window == 2
-    credits.relax()  # the calls' mean is the pace: it stays for the next burst, idle or not
+    credits.relax(0.0)  # no call since the last look (idle): the pace stays for the next burst
+    credits.relax(1.0)  # the calls' mean is the pace
     assert credits.pace == pytest.approx(1.0, rel=0.01)
     for _ in range(100):
         credits.called(0.001)  # calls got faster: the pace comes down at most by half a look
     assert credits.pace == pytest.approx(1.0, rel=0.01)
-    credits.relax()
+    credits.relax(0.001)
     assert credits.pace == pytest.approx(0.5, rel=0.01) and credits.window == 4
     for _ in range(12):  # 0.5 × 0.5^n reaches the mean, ~1 ms, after 9 looks
-        credits.relax()
+        credits.relax(0.001)
     assert credits.pace == pytest.approx(0.001, rel=0.01) and not credits.paced and credits.slots == 256
 
 
@@ -191,8 +192,21 @@ def test_one_call_of_a_quarter_of_the_ack_wait_paces_at_once():
     assert credits.paced and credits.window == 2 and credits.slots == 1
     credits.called(0.001)  # one fast call after it: the pace comes down by looks, not at once
     assert credits.window == 2
-    credits.relax()
+    credits.relax(0.006)  # the second's mean: 101 calls, one of them 0.5 s
     assert credits.window == 4
+
+
+def test_calls_under_the_floor_cannot_pace_and_a_seconds_mean_wears_off_a_stretched_call():
+    """The pipeline counts only calls over ``floor``; the ticker's look brings the mean to the true one."""
+    credits = _credits(256, ack_wait=30)
+    assert credits.floor * credits.cap <= 30 * START_WITHIN / 8  # every input held, each under the floor: 1/8
+    credits.called(0.2)  # stretched (a GC pass): a mean of 25 ms, under 30 s / 2 / 512 ≈ 29 ms
+    assert not credits.paced
+    credits.relax(0.0012)  # a second of ~1 ms calls (not counted one by one) and that one
+    credits.called(0.2)  # another, a second later: not two in the mean
+    assert not credits.paced and credits.window == 512
+    credits.called(0.2)  # two in a row: calls that slow now (a mean of ~48 ms)
+    assert credits.paced
 
 
 def test_may_start_is_bounded_by_max_inflight():

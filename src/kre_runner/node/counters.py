@@ -28,16 +28,25 @@ class DurationHistogram:
     a bisect per message.
     """
 
-    __slots__ = ("_counts", "_folding", "_pending", "_sum", "bounds", "observe")
+    __slots__ = ("_counts", "_folding", "_pending", "_recent", "_sum", "bounds", "observe")
 
     def __init__(self, bounds: tuple[float, ...]) -> None:
         self.bounds = bounds
         self._counts = [0] * (len(bounds) + 1)  # the last one is +Inf
         self._sum = 0.0
+        self._recent = [0.0, 0]  # the sum and count of the durations folded since ``take_mean``
         self._pending: list[float] = []
         self.observe = self._pending.append
         # The consumer's ticker and the HTTP thread's reads both fold: one at a time.
         self._folding = threading.Lock()
+
+    def take_mean(self) -> float:
+        """The mean duration observed since the last call (0: none); the consumer paces sync handlers by it."""
+        self.fold()
+        with self._folding:
+            total, count = self._recent
+            self._recent = [0.0, 0]
+        return total / count if count else 0.0
 
     def fold(self) -> None:
         """Move the durations observed since the last fold into the buckets."""
@@ -61,7 +70,10 @@ class DurationHistogram:
             self._counts[i] += end - start
             start = end
         self._counts[-1] += len(batch) - start
-        self._sum += sum(batch)
+        total = sum(batch)
+        self._sum += total
+        self._recent[0] += total
+        self._recent[1] += len(batch)
 
     @property
     def counts(self) -> list[int]:
@@ -141,6 +153,14 @@ class NodeMetrics:
         self.consumer_ack_pending: int | None = None
         self.influx_dropped: Callable[[], int] = _zero
         self.db_errors: Callable[[], int] = _zero
+
+    def take_mean(self) -> float:
+        """The mean duration observed since the last call (0: none); the consumer paces sync handlers by it."""
+        self.fold()
+        with self._folding:
+            total, count = self._recent
+            self._recent = [0.0, 0]
+        return total / count if count else 0.0
 
     def fold(self) -> None:
         """Sort the durations observed lately into their buckets (bounds the memory they hold)."""

@@ -36,7 +36,9 @@ The bounds, per replica:
   the ack wait. An input waits for the sum of the calls before it, so the pace is their mean
   (weighted to the recent ones): one call stretched by the machine moves it little, calls that
   alternate fast and slow move it by their average. One call of ``AT_ONCE`` of the ack wait or more
-  paces at once: the inputs behind it need keep-alives before the next. ``paced`` says the window
+  paces at once: the inputs behind it need keep-alives before the next. Calls under ``floor`` (an
+  eighth of the slowest mean that leaves all ``cap`` inputs unpaced) cannot move the pace and are
+  not counted one by one; once a second the mean comes down to that second's true mean. ``paced`` says the window
   binds (calls slower than the ack wait over ``cap``): the consumer then queues inputs as jobs,
   kept alive until they start.
 """
@@ -61,7 +63,7 @@ _PACE_RELAX = 0.5
 class Credits:
     """Pull-credit bookkeeping for one replica."""
 
-    __slots__ = ("ack_wait", "at_once", "cap", "careful", "chunk", "held_bytes", "largest", "max_bytes",
+    __slots__ = ("ack_wait", "at_once", "cap", "careful", "chunk", "floor", "held_bytes", "largest", "max_bytes",
                  "max_inflight", "mean", "message_bytes", "open", "pace", "pace_above", "paced", "prefetch",
                  "requested", "requested_bytes", "running", "slots", "window")
 
@@ -79,6 +81,7 @@ class Credits:
         self.mean = 0.0  # its calls' weighted mean
         self.pace_above = 0.0  # a mean over this (or one call over ``at_once``) moves the pace
         self.at_once = ack_wait * AT_ONCE
+        self.floor = ack_wait * START_WITHIN / self.cap / 8  # calls under this are left to ``relax``
         self.window = self.cap  # inputs that may be asked for and not yet started (see ``paced_by``)
         self.paced = False  # the window binds: inputs are queued as jobs rather than handled as they arrive
         self.max_bytes = max_bytes  # 0: no byte budget
@@ -163,7 +166,7 @@ class Credits:
         self.prefetch = self.chunk if waiting else 0
 
     def called(self, seconds: float) -> None:
-        """A sync handler on the event loop took ``seconds``: a slower pace shrinks the window at once."""
+        """A sync handler on the event loop took ``seconds`` (over ``floor``): a slower pace shrinks the window."""
         # Once a message: an exponentially weighted mean (the newest call weighs 1/8), and one comparison.
         mean = self.mean = self.mean * 0.875 + seconds * 0.125
         if mean > self.pace_above or seconds >= self.at_once:
@@ -179,7 +182,15 @@ class Credits:
         self.slots = 1 if self.paced else self.max_inflight
         self.chunk = max(1, min(self.max_inflight, self.window) // 4)
 
-    def relax(self) -> None:
-        """Once a second: a pace over the calls' mean (one slow call paced at once) comes down, at most by half."""
+    def relax(self, recent: float) -> None:
+        """Once a second: ``recent``, the mean of the calls since the last look (0: none, the pace stays).
+
+        The mean comes down to it (calls under ``floor`` were not counted, and one slow call weighs
+        little after a second of others); a pace over the mean comes down, at most by half a look.
+        """
+        if recent <= 0:
+            return
+        if recent < self.mean:
+            self.mean = recent
         if self.mean < self.pace:
             self.paced_by(max(self.mean, self.pace * _PACE_RELAX))

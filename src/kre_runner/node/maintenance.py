@@ -87,7 +87,7 @@ class Maintenance:
                 await self.keep_alive()
                 self._metrics.fold()
                 if self._paced:
-                    self._credits.relax()
+                    self._credits.relax(self._metrics.handler_seconds.take_mean())
                 self._settlement.age_memory()
                 now = time.monotonic()
                 if now >= next_flush:

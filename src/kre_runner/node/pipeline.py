@@ -131,7 +131,9 @@ class Pipeline:
         end = now()
         took = end[0] - start[0]
         self._observe_handler(took)
-        self._credits.called(took)  # fewer inputs asked for ahead of a slower handler (credits.py)
+        credits = self._credits
+        if took > credits.floor:
+            credits.called(took)  # fewer inputs asked for ahead of a slower handler (credits.py)
         if took > _SLOW_INLINE_S and not self._warned_slow:
             self._warn_slow(took)
         # record(), in place: this runs once a message.
