@@ -38,9 +38,9 @@ The bounds, per replica:
   alternate fast and slow move it by their average. One call of ``AT_ONCE`` of the ack wait or more
   paces at once: the inputs behind it need keep-alives before the next. Calls under ``floor`` (an
   eighth of the slowest mean that leaves all ``cap`` inputs unpaced) cannot move the pace and are
-  not counted one by one; once a second the mean comes down to that second's true mean. ``paced`` says the window
-  binds (calls slower than the ack wait over ``cap``): the consumer then queues inputs as jobs,
-  kept alive until they start.
+  not counted one by one; once a second the mean comes down to that second's true mean. ``paced``
+  says the window binds (calls slower than the ack wait over ``cap``): the consumer then queues
+  inputs as jobs, kept alive until they start.
 """
 
 from __future__ import annotations
