@@ -154,14 +154,6 @@ class NodeMetrics:
         self.influx_dropped: Callable[[], int] = _zero
         self.db_errors: Callable[[], int] = _zero
 
-    def take_mean(self) -> float:
-        """The mean duration observed since the last call (0: none); the consumer paces sync handlers by it."""
-        self.fold()
-        with self._folding:
-            total, count = self._recent
-            self._recent = [0.0, 0]
-        return total / count if count else 0.0
-
     def fold(self) -> None:
         """Sort the durations observed lately into their buckets (bounds the memory they hold)."""
         self.handler_seconds.fold()
