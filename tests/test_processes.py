@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -177,11 +178,27 @@ def test_mongo_writer_cli_config_error_and_unreachable_nats():
     assert "cannot connect to NATS at nats://127.0.0.1:1" in unreachable.stdout
 
 
+def _output_until(proc: subprocess.Popen[bytes], text: str, timeout: float = 60) -> str:
+    """What ``proc`` printed up to a line holding ``text`` (its start-up may take seconds on a loaded machine)."""
+    assert proc.stdout is not None
+    seen = b""
+    deadline = time.monotonic() + timeout
+    while text.encode() not in seen:
+        left = deadline - time.monotonic()
+        if left <= 0 or proc.poll() is not None:
+            raise AssertionError(f"no {text!r} within {timeout}s:\n{seen.decode(errors='replace')}")
+        ready, _, _ = select.select([proc.stdout], [], [], left)
+        if ready:
+            seen += os.read(proc.stdout.fileno(), 65536)
+    return seen.decode(errors="replace")
+
+
 def test_sigterm_while_starting_stops_at_once():
     proc = start_process(node_env("nats://127.0.0.1:1", "greet.py"))
-    time.sleep(1.5)  # still retrying its first connection
+    # Its handler is loaded (its signal handlers are in place): it now retries its first connection.
+    before = _output_until(proc, "loaded handler")
     started = time.monotonic()
-    out = _stop(proc, timeout=10)
+    out = before + _stop(proc, timeout=10)
     assert proc.returncode == 0, out
     assert time.monotonic() - started < 5
     assert "stopped while starting" in out
