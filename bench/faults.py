@@ -125,6 +125,8 @@ def _envelope(name: str) -> tuple[str, bytes]:
 class Workflow:
     """The servers' streams, the inputs sent, the node processes, and the tally at the end."""
 
+    stream, consumer, label = STREAM, CONSUMER, "the node"  # whose pull requests ``ready`` waits for
+
     def __init__(self, urls: list[str], work_dir: Path, *, replicas: int = 1, output_limits: dict | None = None,
                  input_retention: RetentionPolicy = RetentionPolicy.INTEREST) -> None:
         self.urls = urls
@@ -225,10 +227,10 @@ class Workflow:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             with contextlib.suppress(Exception):
-                if (await self.js.consumer_info(STREAM, CONSUMER)).num_waiting >= replicas:
+                if (await self.js.consumer_info(self.stream, self.consumer)).num_waiting >= replicas:
                     return
             await asyncio.sleep(0.1)
-        raise TimeoutError(f"the node was not consuming within {timeout:.0f}s (logs: {self.dir})")
+        raise TimeoutError(f"{self.label} was not consuming within {timeout:.0f}s (logs: {self.dir})")
 
     async def publish(self, data: bytes, msg_id: str, timeout: float = 60.0) -> int:
         """Publish an input until it is stored (the same Nats-Msg-Id each time: one input)."""

@@ -17,7 +17,6 @@ their supervisor, the live load and the tally's wait are faults.py's ``Workflow`
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import time
 import uuid
@@ -55,6 +54,8 @@ def _envelope(request_id: str, upstream: str, name: str) -> bytes:
 class V3Workflow(Workflow):
     """faults.Workflow for one 3.x fan-in node: its stream, variables, inputs and tally."""
 
+    stream, consumer, label = STREAM, CONSUMER, "the 3.x node"
+
     def __init__(self, urls: list[str], work_dir: Path) -> None:
         super().__init__(urls, work_dir)
         self.upstream: dict[str, str] = {}  # request id -> from_node it was sent with
@@ -76,16 +77,6 @@ class V3Workflow(Workflow):
                           KRT_HANDLER_PATH="fault_handler_v3.py", **overrides)
         del env["KRT_NATS_INPUT"], env["KRT_NATS_ENTRYPOINT_SUBJECT"]  # their presence would mean v2
         return env
-
-    async def ready(self, replicas: int = 1, timeout: float = 30.0) -> None:
-        assert self.js is not None
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            with contextlib.suppress(Exception):
-                if (await self.js.consumer_info(STREAM, CONSUMER)).num_waiting >= replicas:
-                    return
-            await asyncio.sleep(0.1)
-        raise TimeoutError(f"the 3.x node was not consuming within {timeout:.0f}s (logs: {self.dir})")
 
     async def send(self, name: str, mark: bool = False) -> str:
         """One 3.x input, on the next upstream's subject in turn; published until stored (one Nats-Msg-Id)."""
