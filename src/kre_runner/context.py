@@ -54,8 +54,12 @@ class _Base:
     base_path: Path
     _values: dict[str, Any]
 
-    def _stores(self, configuration: Any, object_store: Any) -> None:
-        """ctx.configuration and ctx.object_store; without their variables, a falsy stand-in whose calls name them."""
+    def _services(self, db: Any, measurement: Any, prediction: Any, configuration: Any, object_store: Any) -> None:
+        """ctx's data services; one not configured is a falsy stand-in whose calls name its variables."""
+        self.db = db or _Unconfigured("db", "set KRT_MONGO_URI (and optionally KRT_NATS_MONGO_WRITER)")
+        self.measurement = measurement or _Unconfigured("measurement", "set KRT_INFLUX_URI")
+        self.prediction = prediction or _Unconfigured("prediction", "set KRT_MONGO_URI or KRT_NATS_MONGO_WRITER")
+        # Live configuration and the object store: kre-py 3.x services, given to v2 handlers as an extension.
         self.configuration = configuration or _Unconfigured(
             "configuration", "set KRT_NATS_KEY_VALUE_STORE_PROJECT, KRT_NATS_KEY_VALUE_STORE_WORKFLOW and "
                              "KRT_NATS_KEY_VALUE_STORE_NODE to its key-value buckets")
@@ -97,11 +101,7 @@ class Context(_Base):
     ) -> None:
         self.base_path = base_path
         self.logger = logger
-        self.db = db or _Unconfigured("db", "set KRT_MONGO_URI (and optionally KRT_NATS_MONGO_WRITER)")
-        self.measurement = measurement or _Unconfigured("measurement", "set KRT_INFLUX_URI")
-        self.prediction = prediction or _Unconfigured("prediction", "set KRT_MONGO_URI or KRT_NATS_MONGO_WRITER")
-        # Live configuration and the object store are kre-py 3.x services, given to v2 handlers as an extension.
-        self._stores(configuration, object_store)
+        self._services(db, measurement, prediction, configuration, object_store)
         self._early_reply = early_reply
         self._early_exit = early_exit
         self._batch_tracking_ids = batch_tracking_ids
@@ -157,10 +157,7 @@ class ContextV3(_Base):
     ) -> None:
         self.base_path = base_path
         self.logger = logger
-        self.db = db or _Unconfigured("db", "set KRT_MONGO_URI (and optionally KRT_NATS_MONGO_WRITER)")
-        self.measurement = measurement or _Unconfigured("measurement", "set KRT_INFLUX_URI")
-        self.prediction = prediction or _Unconfigured("prediction", "set KRT_MONGO_URI or KRT_NATS_MONGO_WRITER")
-        self._stores(configuration, object_store)
+        self._services(db, measurement, prediction, configuration, object_store)
         self._send = send  # (what, message_type, message, channel, forward) -> awaitable
         self._input = current_input  # (what) -> the running input's envelope
         self._values: dict[str, Any] = {}
