@@ -534,25 +534,28 @@ def _short(paths: list[str]) -> str:
 
 def start_local_services(stack: contextlib.ExitStack, say: Callable[[str], None]) -> dict[str, str]:
     """MongoDB and a time-series DB for nodes using ctx services: the user's (KRT_*), else local ones, else none."""
-    env: dict[str, str] = {}
-    if os.environ.get("KRT_MONGO_URI"):
-        say(f"ctx.db, ctx.prediction: MongoDB at {redact_url(os.environ['KRT_MONGO_URI'])} (KRT_MONGO_URI)")
-    else:
-        try:
-            env["KRT_MONGO_URI"] = stack.enter_context(EmbeddedMongo()).uri
-            say(f"ctx.db, ctx.prediction: nx-27017 (MongoDB wire protocol) at {env['KRT_MONGO_URI']}")
-        except (FileNotFoundError, RuntimeError, TimeoutError) as exc:
-            say(f"ctx.db, ctx.prediction: SKIPPED ({exc}; or set KRT_MONGO_URI)")
-    if os.environ.get("KRT_INFLUX_URI"):
-        say(f"ctx.measurement: InfluxDB at {redact_url(os.environ['KRT_INFLUX_URI'])} (KRT_INFLUX_URI)")
-    else:
-        try:
-            env["KRT_INFLUX_URI"] = stack.enter_context(EmbeddedVictoriaMetrics()).url
-            say(f"ctx.measurement: VictoriaMetrics (InfluxDB line protocol) at {env['KRT_INFLUX_URI']}")
-        except (FileNotFoundError, RuntimeError, TimeoutError) as exc:
-            say(f"ctx.measurement: SKIPPED ({exc}; or set KRT_INFLUX_URI)")
+    env = _user_or_local(say, "KRT_MONGO_URI", "ctx.db, ctx.prediction", "MongoDB",
+                         lambda: stack.enter_context(EmbeddedMongo()).uri, "nx-27017 (MongoDB wire protocol)")
+    env |= _user_or_local(say, "KRT_INFLUX_URI", "ctx.measurement", "InfluxDB",
+                          lambda: stack.enter_context(EmbeddedVictoriaMetrics()).url,
+                          "VictoriaMetrics (InfluxDB line protocol)")
     env.setdefault("KRT_INFLUX_FLUSH_INTERVAL", "0.2")
     return env
+
+
+def _user_or_local(say: Callable[[str], None], variable: str, uses: str, theirs: str, start: Callable[[], str],
+                   ours: str) -> dict[str, str]:
+    """The user's service if ``variable`` is set; else one started here (``start`` gives its address); else none."""
+    if os.environ.get(variable):
+        say(f"{uses}: {theirs} at {redact_url(os.environ[variable])} ({variable})")
+        return {}
+    try:
+        address = start()
+    except (FileNotFoundError, RuntimeError, TimeoutError) as exc:
+        say(f"{uses}: SKIPPED ({exc}; or set {variable})")
+        return {}
+    say(f"{uses}: {ours} at {address}")
+    return {variable: address}
 
 
 def how_to_call(workflow: Workflow, endpoint: Endpoint, services: dict[str, str] | None = None) -> str:
