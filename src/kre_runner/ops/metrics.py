@@ -48,13 +48,6 @@ class NodeCollector(Collector):
             family = self._family(HistogramMetricFamily, name, doc)
             family.add_metric(labels, histogram.cumulative(), histogram.sum)
             yield family
-        inflight = self._family(GaugeMetricFamily, "kre_inflight_messages", "Messages held by this replica")
-        inflight.add_metric(labels, m.inflight())
-        yield inflight
-        held = self._family(GaugeMetricFamily, "kre_dead_letter_held_messages",
-                            "Inputs held unacked because the dead-letter stream refuses them (retried until stored)")
-        held.add_metric(labels, m.dead_letters_held())
-        yield held
         for name, doc, value in (
             ("kre_publish_failures", "Publishes not stored (refused, no PubAck in time, no stream, ...)",
              m.publish_failures),
@@ -74,13 +67,17 @@ class NodeCollector(Collector):
             counter.add_metric(labels, value)
             yield counter
         for name, doc, gauge_value in (
+            ("kre_inflight_messages", "Messages held by this replica", m.inflight()),
+            ("kre_dead_letter_held_messages",
+             "Inputs held unacked because the dead-letter stream refuses them (retried until stored)",
+             m.dead_letters_held()),
             ("kre_consumer_pending_messages", "Messages in the stream not yet delivered to the node's consumer",
              m.consumer_pending),
             ("kre_consumer_ack_pending_messages", "Messages delivered to the consumer and not yet acked",
              m.consumer_ack_pending),
         ):
             gauge = self._family(GaugeMetricFamily, name, doc)
-            if gauge_value is not None:
+            if gauge_value is not None:  # the consumer's counts are unknown until its first look
                 gauge.add_metric(labels, gauge_value)
             yield gauge
 
