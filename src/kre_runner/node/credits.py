@@ -63,9 +63,9 @@ _PACE_RELAX = 0.5
 class Credits:
     """Pull-credit bookkeeping for one replica."""
 
-    __slots__ = ("ack_wait", "at_once", "cap", "careful", "chunk", "floor", "held_bytes", "largest", "max_bytes",
-                 "max_inflight", "mean", "message_bytes", "open", "pace", "pace_above", "paced", "prefetch",
-                 "requested", "requested_bytes", "running", "slots", "window")
+    __slots__ = ("ack_wait", "cap", "careful", "chunk", "floor", "held_bytes", "largest", "max_bytes", "max_inflight",
+                 "mean", "message_bytes", "open", "pace", "paced", "prefetch", "requested", "requested_bytes",
+                 "running", "slots", "window")
 
     def __init__(self, max_inflight: int, max_bytes: int = 0, message_bytes: int = 1024 * 1024,
                  ack_wait: float = 30.0) -> None:
@@ -79,8 +79,6 @@ class Credits:
         self.ack_wait = ack_wait
         self.pace = 0.0  # the recent calls' time of a sync handler on the event loop (0: none measured)
         self.mean = 0.0  # its calls' weighted mean
-        self.pace_above = 0.0  # a mean over this (or one call over ``at_once``) moves the pace
-        self.at_once = ack_wait * AT_ONCE
         self.floor = ack_wait * START_WITHIN / self.cap / 8  # calls under this are left to ``relax``
         self.window = self.cap  # inputs that may be asked for and not yet started (see ``paced_by``)
         self.paced = False  # the window binds: inputs are queued as jobs rather than handled as they arrive
@@ -167,15 +165,16 @@ class Credits:
 
     def called(self, seconds: float) -> None:
         """A sync handler on the event loop took ``seconds`` (over ``floor``): a slower pace shrinks the window."""
-        # Once a message: an exponentially weighted mean (the newest call weighs 1/8), and one comparison.
+        # An exponentially weighted mean: the newest call weighs 1/8.
         mean = self.mean = self.mean * 0.875 + seconds * 0.125
-        if mean > self.pace_above or seconds >= self.at_once:
-            self.paced_by(seconds if seconds >= self.at_once and seconds > mean else mean)
+        if seconds >= self.ack_wait * AT_ONCE:
+            self.paced_by(max(seconds, mean))
+        elif mean > self.pace * _PACE_MARGIN:
+            self.paced_by(mean)
 
     def paced_by(self, seconds: float) -> None:
         """Calls take ``seconds`` now: at most as many inputs asked for as start within ``START_WITHIN``."""
         self.pace = seconds
-        self.pace_above = seconds * _PACE_MARGIN
         window = int(self.ack_wait * START_WITHIN / seconds) if seconds > 0 else self.cap
         self.window = max(1, min(self.cap, window))
         self.paced = self.window < self.cap
